@@ -1,0 +1,130 @@
+"""Episodes: the batches of patterns that are written into one memory.
+
+An episode holds N patterns; by default N distinct classes with one image each (the
+report's 5-way 1-shot; the paper's 64 distinct Omniglot characters). Image episodes are
+drawn by learn2learn's `TaskDataset` with `NWays`, `KShots` and `LoadData`. learn2learn
+draws from Python's global `random` module, so each `Episodes` keeps its own random state
+and swaps it in only while it samples: the stream depends on the seed alone, not on
+whatever else uses `random`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+from ebmm_cli.data.binary import BinaryStrings
+from ebmm_cli.data.images import LabelledImages
+from ebmm_cli.errors import EbmmError
+
+
+def import_learn2learn() -> ModuleType:
+    """Import learn2learn with its import-time noise (gym's banner, warnings) kept quiet."""
+    sink = io.StringIO()
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(sink),
+        contextlib.redirect_stderr(sink),
+    ):
+        warnings.simplefilter("ignore")
+        import learn2learn
+    return learn2learn
+
+
+class Episodes:
+    """A seeded, endless stream of episodes of `n` patterns from one dataset.
+
+    Args:
+        dataset: labelled images, or `BinaryStrings`.
+        n: patterns per episode.
+        shots: images per class; the episode has n / shots distinct classes. None ignores
+            classes and draws n distinct images uniformly (CIFAR-10 has too few classes
+            for 64-way episodes).
+        seed: the whole stream follows from it.
+
+    Example:
+        >>> episodes = Episodes(omniglot(root, "train", 28), n=5, seed=0)
+        >>> images, labels = episodes.sample()  # (5, 1, 28, 28), (5,)
+    """
+
+    def __init__(
+        self, dataset: LabelledImages | BinaryStrings, n: int, shots: int | None = 1, seed: int = 0
+    ) -> None:
+        if n < 1:
+            raise EbmmError("--batch-size", f"must be at least 1, got {n}")
+        self.dataset = dataset
+        self.n = n
+        self._random = random.Random(seed)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._tasks = None
+        if isinstance(dataset, LabelledImages):
+            self._check(dataset, n, shots)
+            if shots is not None:
+                self._tasks = _task_dataset(dataset, n // shots, shots)
+
+    @staticmethod
+    def _check(dataset: LabelledImages, n: int, shots: int | None) -> None:
+        if shots is None:
+            if n > len(dataset):
+                raise EbmmError("--batch-size", f"{n} is more than the {len(dataset)} images")
+            return
+        if shots < 1 or n % shots:
+            raise EbmmError("--shots", f"{shots} must be at least 1 and divide {n}")
+        classes = dataset.labels_to_indices()
+        usable = sum(len(items) >= shots for items in classes.values())
+        if usable < len(classes):
+            raise EbmmError("--shots", f"some classes have fewer than {shots} images")
+        if n // shots > len(classes):
+            raise EbmmError(
+                "--batch-size",
+                f"{n // shots} distinct classes per episode but the data has {len(classes)}",
+            )
+
+    def state(self) -> dict:
+        """Everything needed to continue the stream exactly (for checkpoints)."""
+        return {"random": self._random.getstate(), "generator": self._generator.get_state()}
+
+    def load_state(self, state: dict) -> None:
+        """Continue the stream from a `state()`."""
+        self._random.setstate(state["random"])
+        self._generator.set_state(state["generator"])
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next episode: patterns (N, C, H, W) or (N, D), and labels (N,)."""
+        if isinstance(self.dataset, BinaryStrings):
+            return self.dataset.sample(self.n, self._generator), torch.arange(self.n)
+        saved = random.getstate()
+        random.setstate(self._random.getstate())
+        try:
+            if self._tasks is not None:
+                images, labels = self._tasks.sample()
+            else:
+                picks = random.sample(range(len(self.dataset)), self.n)
+                images = torch.stack([self.dataset[i][0] for i in picks])
+                labels = torch.tensor([self.dataset.labels[i] for i in picks])
+        finally:
+            self._random.setstate(random.getstate())
+            random.setstate(saved)
+        return images, labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.sample()
+
+
+def _task_dataset(dataset: LabelledImages, ways: int, shots: int):  # -> l2l TaskDataset
+    """learn2learn's N-way K-shot task sampler over `dataset`."""
+    l2l = import_learn2learn()
+    meta = l2l.data.MetaDataset(dataset, labels_to_indices=dataset.labels_to_indices())
+    transforms = [
+        l2l.data.transforms.NWays(meta, ways),
+        l2l.data.transforms.KShots(meta, shots),
+        l2l.data.transforms.LoadData(meta),
+    ]
+    return l2l.data.TaskDataset(meta, task_transforms=transforms, num_tasks=-1)

@@ -1,0 +1,229 @@
+"""Image files and streams: find inputs, decode them safely, save PNGs atomically.
+
+Inputs are any mix of files and folders (folders are searched recursively), and `-`
+reads newline-separated paths from stdin, so commands compose in shell pipelines.
+Every decoding failure becomes an `EbmmError` naming the file. Tensors are (C, H, W)
+float32 in [0, 1]: C = 1 for grayscale, 3 for colour.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from ebmm_cli.atomic import atomic_path
+from ebmm_cli.errors import EbmmError
+
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+)
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One input file and its path relative to the input it came from.
+
+    Outputs keep `rel`, so `ebmm distort data/ -o out/` mirrors `data/`'s tree in `out/`.
+    """
+
+    path: Path
+    rel: Path
+
+
+def collect_images(
+    inputs: Sequence[str], stdin: TextIO | None = None, exclude: Path | None = None
+) -> list[InputImage]:
+    """Expand files, folders and `-` (paths on stdin) into a list of images.
+
+    Folders are searched recursively for image suffixes, in sorted order, skipping hidden
+    files (such as our own temporary files) and anything under `exclude` (the output
+    folder, so that outputs written inside an input folder are never read back). Files
+    named directly are taken whatever their suffix, and keep their path relative to the
+    deepest folder common to all of them.
+
+    Raises:
+        EbmmError: a path that does not exist, or a folder with no images in it.
+    """
+    names: list[str] = []
+    for item in inputs:
+        if item == "-":
+            lines = (stdin.read() if stdin is not None else "").splitlines()
+            names.extend(line.strip() for line in lines if line.strip())
+        else:
+            names.append(item)
+    if not names:
+        raise EbmmError("INPUTS", "no input paths given")
+    skip = exclude.resolve() if exclude is not None else None
+    found: list[InputImage] = []
+    loose: list[Path] = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            files = [f for f in _walk(path) if skip is None or not f.resolve().is_relative_to(skip)]
+            if not files:
+                raise EbmmError(path, "no images in this folder")
+            found.extend(InputImage(f, f.relative_to(path)) for f in files)
+        elif path.exists():
+            loose.append(path)
+        else:
+            raise EbmmError(path, "no such file or folder")
+    if loose:
+        parents = [os.path.abspath(p.parent) for p in loose]
+        common = Path(os.path.commonpath(parents))
+        found.extend(InputImage(p, Path(os.path.abspath(p)).relative_to(common)) for p in loose)
+    return found
+
+
+def _walk(folder: Path) -> Iterable[Path]:
+    """Image files under `folder`, recursively, sorted, hidden names skipped."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(dirpath) / name
+
+
+def output_paths(
+    images: Sequence[InputImage], out: Path, force: bool, suffix: str = ".png"
+) -> list[Path]:
+    """Where each image's output goes: `out / rel` with `suffix`; checked before any write.
+
+    Checking every path first means a refused run writes nothing at all.
+
+    Raises:
+        EbmmError: an output that exists (without `force`), that is an input, or that two
+            inputs would both be written to.
+    """
+    inputs = {img.path.resolve() for img in images}
+    seen: dict[Path, Path] = {}
+    paths = []
+    for img in images:
+        path = out / img.rel.with_suffix(suffix)
+        key = path.resolve()
+        if key in inputs:
+            raise EbmmError(path, "would overwrite an input; choose another --out")
+        if key in seen:
+            raise EbmmError(path, f"two inputs would be written here: {seen[key]} and {img.path}")
+        if path.exists() and not force:
+            raise EbmmError(path, "exists; use --force to overwrite")
+        seen[key] = img.path
+        paths.append(path)
+    return paths
+
+
+def decode_image(data: bytes, name: str | Path) -> Image.Image:
+    """Decode image bytes fully into mode 'L' (grayscale) or 'RGB' (colour).
+
+    Grayscale stays grayscale and colour stays colour: 1-bit and 16-bit images become 'L'
+    (16-bit scaled, not clipped), CMYK and other colour spaces become 'RGB', palette images
+    become 'L' when their colours are all grey, and transparency is composited onto white.
+    Decompression-bomb sized images are refused rather than decoded.
+
+    Raises:
+        EbmmError: naming `name`, for empty, truncated, corrupt, unreadable or huge files.
+    """
+    if not data:
+        raise EbmmError(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise EbmmError(
+            name, f"image too large to decode safely (limit {Image.MAX_IMAGE_PIXELS:,} pixels)"
+        ) from None
+    except UnidentifiedImageError:
+        raise EbmmError(name, "not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise EbmmError(name, f"truncated or corrupt image ({e})") from None
+    return _normalise_mode(img)
+
+
+def _normalise_mode(img: Image.Image) -> Image.Image:
+    """Bring any Pillow mode to 'L' or 'RGB' without losing range or content."""
+    if img.mode == "P":
+        img = img.convert("RGBA")
+        rgb = np.asarray(img)[..., :3]
+        if (rgb == rgb[..., :1]).all():
+            img = img.convert("LA")
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        arr = np.asarray(img.convert("LA" if img.mode.startswith("L") else "RGBA"), np.float32)
+        alpha = arr[..., -1:] / 255.0
+        arr = arr[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+        mode = "L" if arr.shape[-1] == 1 else "RGB"
+        return Image.fromarray(
+            np.round(arr).astype(np.uint8).squeeze(-1)
+            if mode == "L"
+            else np.round(arr).astype(np.uint8),
+            mode,
+        )
+    if img.mode.startswith("I"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 255.0 if arr.max(initial=0) <= 255 else 65535.0
+        return Image.fromarray(np.round(np.clip(arr, 0, top) * 255.0 / top).astype(np.uint8), "L")
+    if img.mode in _GRAY_MODES:
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def read_image(path: Path) -> Image.Image:
+    """Read and decode one image file (see `decode_image`)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise EbmmError(path, f"cannot read ({e.strerror or e})") from None
+    return decode_image(data, path)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """A decoded 'L' or 'RGB' image as a (C, H, W) float32 tensor in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Resize (..., C, H, W) images to size x size; None keeps the native size.
+
+    Antialiased bilinear, so downscaling (Omniglot's 105 px to 28 or 32) averages
+    strokes instead of aliasing them; the result is clipped back to [0, 1].
+    """
+    if size is None or x.shape[-2:] == (size, size):
+        return x
+    lead = x.shape[:-3]
+    flat = x.reshape(-1, *x.shape[-3:])
+    out = F.interpolate(
+        flat, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out.clamp_(0.0, 1.0).reshape(*lead, x.shape[-3], size, size)
+
+
+def load_image(path: Path, size: int | None = None) -> torch.Tensor:
+    """Read an image file as a (C, H, W) tensor in [0, 1], resized when `size` is given."""
+    return resize(to_tensor(read_image(path)), size)
+
+
+def save_image(x: torch.Tensor, path: Path) -> None:
+    """Write a (C, H, W) tensor in [0, 1] as an 8-bit PNG, atomically.
+
+    C = 1 gives a grayscale PNG, C = 3 an RGB one. The encoding is deterministic, so the
+    same tensor always gives the same bytes.
+    """
+    arr = x.detach().to("cpu", torch.float32).clamp(0, 1).mul(255).round().to(torch.uint8)
+    arr = arr.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
