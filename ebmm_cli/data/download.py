@@ -8,10 +8,12 @@ leaves a file that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
+import urllib.request
 from pathlib import Path
 
+from ebmm_cli.atomic import atomic_path
 from ebmm_cli.errors import EbmmError
 
 
@@ -29,26 +31,23 @@ def resolve_root(root: Path | str | None) -> Path:
 def fetch(url: str, dest: Path, md5: str) -> Path:
     """Download `url` to `dest` unless it is there, verifying its MD5 checksum.
 
-    Uses torchvision's downloader (redirects, progress) into a temporary folder beside
-    `dest` and renames the verified file into place.
+    Streams into a temporary file beside `dest` while hashing, and renames it into place
+    only when the checksum matches; any URL urllib opens works (https, file).
 
     Raises:
         EbmmError: naming `dest`, when the download fails or the checksum does not match.
     """
     if dest.exists():
         return dest
-    from torchvision.datasets.utils import check_integrity, download_url
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
-        part = Path(tmp) / dest.name
-        try:
-            download_url(url, tmp, filename=dest.name)
-        except Exception as e:  # urllib, HTTP and socket errors come in many types
-            raise EbmmError(
-                dest, f"not found and could not be downloaded from {url} ({e})"
-            ) from None
-        if not check_integrity(str(part), md5):
-            raise EbmmError(dest, f"downloaded from {url} but its MD5 is not {md5}")
-        os.replace(part, dest)
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(dest) as tmp:
+            with open(tmp, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+            if digest.hexdigest() != md5:
+                raise EbmmError(dest, f"downloaded from {url} but its MD5 is not {md5}")
+    except (OSError, ValueError) as e:  # URLError, HTTP and socket errors are OSErrors
+        raise EbmmError(dest, f"not found and could not be downloaded from {url} ({e})") from None
     return dest

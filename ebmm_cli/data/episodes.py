@@ -2,7 +2,7 @@
 
 An episode holds N patterns; by default N distinct classes with one image each (the
 report's 5-way 1-shot; the paper's 64 distinct Omniglot characters). Image episodes are
-drawn by learn2learn's `TaskDataset` with `NWays`, `KShots` and `LoadData`. learn2learn
+drawn by learn2learn's `Taskset` (the current name of `TaskDataset`) with `NWays`, `KShots` and `LoadData`. learn2learn
 draws from Python's global `random` module, so each `Episodes` keeps its own random state
 and swaps it in only while it samples: the stream depends on the seed alone, not on
 whatever else uses `random`.
@@ -127,4 +127,4 @@ def _task_dataset(dataset: LabelledImages, ways: int, shots: int):  # -> l2l Tas
         l2l.data.transforms.KShots(meta, shots),
         l2l.data.transforms.LoadData(meta),
     ]
-    return l2l.data.TaskDataset(meta, task_transforms=transforms, num_tasks=-1)
+    return l2l.data.Taskset(meta, task_transforms=transforms, num_tasks=-1)

@@ -86,8 +86,9 @@ class ImageFiles(LabelledImages):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         data, name = self._read(self.sources[index])
-        x = resize(to_tensor(decode_image(data, name)), self.size)
-        return (1.0 - x if self.invert else x), self.labels[index]
+        x = to_tensor(decode_image(data, name))
+        # Invert before resizing, so that a background of exactly 0 stays exactly 0.
+        return resize(1.0 - x if self.invert else x, self.size), self.labels[index]
 
 
 class ImageArray(LabelledImages):

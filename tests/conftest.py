@@ -1,0 +1,127 @@
+"""Shared fixtures: the real data root, real Omniglot PNGs, official-format CIFAR archives.
+
+The data root is `$EBMM_DATA` (the Makefile sets it) or `../shared/data`; tests that use
+it fail, rather than skip, when it is missing: they are the proof that the loaders read
+the real files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ.get("EBMM_DATA") or REPO.parent / "shared" / "data")
+    assert (root / "omniglot" / "images_background.zip").is_file(), f"no Omniglot under {root}"
+    return root
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Omniglot PNGs, extracted in the official tree: 3 characters of 2 alphabets,
+    20 drawings each, under `<root>/omniglot/images_background/` (so `<root>` is a data root).
+    """
+    out = tmp_path_factory.mktemp("omniglotroot") / "omniglot"
+    wanted = ("images_background/Latin/character01/", "images_background/Latin/character02/",
+              "images_background/Greek/character03/")
+    with zipfile.ZipFile(data_root / "omniglot" / "images_background.zip") as z:
+        for name in z.namelist():
+            if name.startswith(wanted) and name.endswith(".png"):
+                z.extract(name, out)
+    return out / "images_background"
+
+
+def _pickle_bytes_keys(obj: dict) -> bytes:
+    """Pickle a dict with bytes keys and values, as the official (Python 2) batches load."""
+    def enc(v: object) -> object:
+        if isinstance(v, str):
+            return v.encode()
+        if isinstance(v, list):
+            return [enc(x) for x in v]
+        return v
+    return pickle.dumps({k.encode(): enc(v) for k, v in obj.items()}, protocol=2)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _batch(images: np.ndarray) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 -> the official (N, 3072) row-major R, G, B planes."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), -1))
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, list[int]]:
+    """A tiny `cifar10/cifar-10-python.tar.gz` in the official format: 5 train batches of 4
+    images, a test batch of 3. Returns (root, all train images, their labels)."""
+    root = tmp_path_factory.mktemp("cifar10root")
+    (root / "cifar10").mkdir()
+    rng = np.random.default_rng(0)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    images = rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8)
+    labels = [i % 10 for i in range(23)]
+    with tarfile.open(root / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for i in range(5):
+            part = slice(4 * i, 4 * i + 4)
+            _add(tar, f"cifar-10-batches-py/data_batch_{i + 1}", _pickle_bytes_keys(
+                {"batch_label": f"training batch {i + 1} of 5", "labels": labels[part],
+                 "data": _batch(images[part]), "filenames": [f"f{j}.png" for j in range(4)]}))
+        _add(tar, "cifar-10-batches-py/test_batch", _pickle_bytes_keys(
+            {"batch_label": "testing batch 1 of 1", "labels": labels[20:],
+             "data": _batch(images[20:]), "filenames": ["a", "b", "c"]}))
+        _add(tar, "cifar-10-batches-py/batches.meta", _pickle_bytes_keys(
+            {"num_cases_per_batch": 4, "label_names": names, "num_vis": 3072}))
+    return root, images[:20], labels[:20]
+
+
+@pytest.fixture(scope="session")
+def cifar100_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small `cifar100/cifar-100-python.tar.gz` in the official format, with all 100 fine
+    classes (real names and superclasses from ../shared/data): 2 train and 1 test image
+    each. Pixel values encode (fine label, index) so tests can check what came back."""
+    table = json.loads((data_root / "cifar100" / "cifar100_fine_to_coarse.json").read_text())
+    fine_to_coarse = table["fine_to_coarse_index"]
+    root = tmp_path_factory.mktemp("cifar100root")
+    (root / "cifar100").mkdir()
+
+    def batch(per_class: int, tag: int) -> dict:
+        fine = [c for c in range(100) for _ in range(per_class)]
+        images = np.zeros((len(fine), 32, 32, 3), np.uint8)
+        images[..., 0] = np.array(fine, np.uint8)[:, None, None]
+        images[..., 1] = tag
+        return {"filenames": [f"{i}.png" for i in range(len(fine))], "batch_label": "b",
+                "fine_labels": fine, "coarse_labels": [fine_to_coarse[c] for c in fine],
+                "data": _batch(images)}
+
+    with tarfile.open(root / "cifar100" / "cifar-100-python.tar.gz", "w:gz") as tar:
+        _add(tar, "cifar-100-python/train", _pickle_bytes_keys(batch(2, 1)))
+        _add(tar, "cifar-100-python/test", _pickle_bytes_keys(batch(1, 2)))
+        _add(tar, "cifar-100-python/meta", _pickle_bytes_keys(
+            {"fine_label_names": table["fine_label_names"],
+             "coarse_label_names": table["coarse_label_names"]}))
+    return root
+
+
+def run_ebmm(*args: str, stdin: str | None = None, cwd: Path | None = None,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real installed CLI in a subprocess (`python -m ebmm_cli`)."""
+    return subprocess.run([sys.executable, "-m", "ebmm_cli", *args], input=stdin,
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
