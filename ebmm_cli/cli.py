@@ -242,11 +242,12 @@ def _progress(total: int, label: str) -> Any:
 
     @contextlib.contextmanager
     def bar() -> Any:
+        console = Console(stderr=True)
         progress = Progress(
-            console=Console(stderr=True),
+            console=console,
             transient=True,
             redirect_stdout=sys.stdout.isatty(),
-            disable=total < 10,
+            disable=total < 10 or not console.is_terminal,
         )
         with progress:
             task = progress.add_task(label, total=total)

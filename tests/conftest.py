@@ -36,8 +36,11 @@ def omniglot_dir(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     20 drawings each, under `<root>/omniglot/images_background/` (so `<root>` is a data root).
     """
     out = tmp_path_factory.mktemp("omniglotroot") / "omniglot"
-    wanted = ("images_background/Latin/character01/", "images_background/Latin/character02/",
-              "images_background/Greek/character03/")
+    wanted = (
+        "images_background/Latin/character01/",
+        "images_background/Latin/character02/",
+        "images_background/Greek/character03/",
+    )
     with zipfile.ZipFile(data_root / "omniglot" / "images_background.zip") as z:
         for name in z.namelist():
             if name.startswith(wanted) and name.endswith(".png"):
@@ -47,12 +50,14 @@ def omniglot_dir(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def _pickle_bytes_keys(obj: dict) -> bytes:
     """Pickle a dict with bytes keys and values, as the official (Python 2) batches load."""
+
     def enc(v: object) -> object:
         if isinstance(v, str):
             return v.encode()
         if isinstance(v, list):
             return [enc(x) for x in v]
         return v
+
     return pickle.dumps({k.encode(): enc(v) for k, v in obj.items()}, protocol=2)
 
 
@@ -74,21 +79,52 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.nda
     root = tmp_path_factory.mktemp("cifar10root")
     (root / "cifar10").mkdir()
     rng = np.random.default_rng(0)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-             "truck"]
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     images = rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8)
     labels = [i % 10 for i in range(23)]
     with tarfile.open(root / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
         for i in range(5):
             part = slice(4 * i, 4 * i + 4)
-            _add(tar, f"cifar-10-batches-py/data_batch_{i + 1}", _pickle_bytes_keys(
-                {"batch_label": f"training batch {i + 1} of 5", "labels": labels[part],
-                 "data": _batch(images[part]), "filenames": [f"f{j}.png" for j in range(4)]}))
-        _add(tar, "cifar-10-batches-py/test_batch", _pickle_bytes_keys(
-            {"batch_label": "testing batch 1 of 1", "labels": labels[20:],
-             "data": _batch(images[20:]), "filenames": ["a", "b", "c"]}))
-        _add(tar, "cifar-10-batches-py/batches.meta", _pickle_bytes_keys(
-            {"num_cases_per_batch": 4, "label_names": names, "num_vis": 3072}))
+            _add(
+                tar,
+                f"cifar-10-batches-py/data_batch_{i + 1}",
+                _pickle_bytes_keys(
+                    {
+                        "batch_label": f"training batch {i + 1} of 5",
+                        "labels": labels[part],
+                        "data": _batch(images[part]),
+                        "filenames": [f"f{j}.png" for j in range(4)],
+                    }
+                ),
+            )
+        _add(
+            tar,
+            "cifar-10-batches-py/test_batch",
+            _pickle_bytes_keys(
+                {
+                    "batch_label": "testing batch 1 of 1",
+                    "labels": labels[20:],
+                    "data": _batch(images[20:]),
+                    "filenames": ["a", "b", "c"],
+                }
+            ),
+        )
+        _add(
+            tar,
+            "cifar-10-batches-py/batches.meta",
+            _pickle_bytes_keys({"num_cases_per_batch": 4, "label_names": names, "num_vis": 3072}),
+        )
     return root, images[:20], labels[:20]
 
 
@@ -107,21 +143,40 @@ def cifar100_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         images = np.zeros((len(fine), 32, 32, 3), np.uint8)
         images[..., 0] = np.array(fine, np.uint8)[:, None, None]
         images[..., 1] = tag
-        return {"filenames": [f"{i}.png" for i in range(len(fine))], "batch_label": "b",
-                "fine_labels": fine, "coarse_labels": [fine_to_coarse[c] for c in fine],
-                "data": _batch(images)}
+        return {
+            "filenames": [f"{i}.png" for i in range(len(fine))],
+            "batch_label": "b",
+            "fine_labels": fine,
+            "coarse_labels": [fine_to_coarse[c] for c in fine],
+            "data": _batch(images),
+        }
 
     with tarfile.open(root / "cifar100" / "cifar-100-python.tar.gz", "w:gz") as tar:
         _add(tar, "cifar-100-python/train", _pickle_bytes_keys(batch(2, 1)))
         _add(tar, "cifar-100-python/test", _pickle_bytes_keys(batch(1, 2)))
-        _add(tar, "cifar-100-python/meta", _pickle_bytes_keys(
-            {"fine_label_names": table["fine_label_names"],
-             "coarse_label_names": table["coarse_label_names"]}))
+        _add(
+            tar,
+            "cifar-100-python/meta",
+            _pickle_bytes_keys(
+                {
+                    "fine_label_names": table["fine_label_names"],
+                    "coarse_label_names": table["coarse_label_names"],
+                }
+            ),
+        )
     return root
 
 
-def run_ebmm(*args: str, stdin: str | None = None, cwd: Path | None = None,
-             env: dict | None = None) -> subprocess.CompletedProcess:
+def run_ebmm(
+    *args: str, stdin: str | None = None, cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the real installed CLI in a subprocess (`python -m ebmm_cli`)."""
-    return subprocess.run([sys.executable, "-m", "ebmm_cli", *args], input=stdin,
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ebmm_cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )

@@ -35,8 +35,18 @@ def test_omniglot_background_is_complete(background) -> None:
 def test_omniglot_evaluation_as_present(data_root: Path) -> None:
     test = omniglot(data_root, "test", size=32, download=False)
     alphabets = {c.split("/")[0] for c in test.classes}
-    assert alphabets == {"Angelic", "Atlantean", "Avesta", "Glagolitic", "Kannada", "Malayalam",
-                         "Mongolian", "Oriya", "Syriac_(Serto)", "Tibetan"}
+    assert alphabets == {
+        "Angelic",
+        "Atlantean",
+        "Avesta",
+        "Glagolitic",
+        "Kannada",
+        "Malayalam",
+        "Mongolian",
+        "Oriya",
+        "Syriac_(Serto)",
+        "Tibetan",
+    }
     assert len(test) == 6_920
     x, _ = test[0]
     assert x.shape == (1, 32, 32)
@@ -48,7 +58,7 @@ def test_omniglot_images_are_ink_one_in_unit_range(data_root: Path, size: int) -
     for i in (0, 5_000, 19_279):
         x, label = data[i]
         assert x.shape == (1, size, size) and x.dtype == torch.float32
-        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert x.min() >= 0.0 and x.max() <= 1.0
         # Ink is 1 on a background of 0: strokes cover a small part of a character.
         assert x.mean() < 0.3 and x.max() > 0.5
         assert x[0, 0, 0] == 0.0 and x[0, -1, -1] == 0.0
@@ -58,11 +68,13 @@ def test_omniglot_images_are_ink_one_in_unit_range(data_root: Path, size: int) -
 def test_omniglot_extracted_folder_matches_zip(omniglot_dir: Path, background) -> None:
     root = omniglot_dir.parent.parent
     folder = omniglot(root, "train", size=28, download=False)
-    assert sorted(folder.classes) == ["Greek/character03", "Latin/character01",
-                                      "Latin/character02"]
+    assert sorted(folder.classes) == ["Greek/character03", "Latin/character01", "Latin/character02"]
     assert len(folder) == 60
-    by_name = {str(s[1]).rsplit("/", 1)[-1]: i for i, s in enumerate(background.sources)
-               if str(s[1]).startswith("images_background/Latin/character01/")}
+    by_name = {
+        str(s[1]).rsplit("/", 1)[-1]: i
+        for i, s in enumerate(background.sources)
+        if str(s[1]).startswith("images_background/Latin/character01/")
+    }
     for i, path in enumerate(folder.sources):
         if path.parent.name == "character01" and path.parent.parent.name == "Latin":
             assert torch.equal(folder[i][0], background[by_name[path.name]][0])
@@ -100,11 +112,21 @@ def test_fetch_failure_is_a_clean_error(tmp_path: Path) -> None:
 def test_cifar10_class_folders_from_the_shared_zip(data_root: Path) -> None:
     data = load_dataset("cifar10", "train", data_root, 32, download=False)
     assert len(data) == 50_000
-    assert data.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                            "horse", "ship", "truck"]
+    assert data.classes == [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     assert sorted(len(v) for v in data.labels_to_indices().values()) == [5_000] * 10
     x, _ = data[123]
-    assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (3, 32, 32) and x.min() >= 0 and x.max() <= 1
 
 
 def test_cifar10_official_archive_is_pixel_exact(cifar10_root) -> None:
@@ -127,8 +149,9 @@ def test_cifar10_extracted_folder_equals_archive(cifar10_root, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("split,count", [("train", 60), ("val", 20), ("test", 20)])
-def test_fc100_splits_by_superclass(cifar100_root: Path, data_root: Path, split: str,
-                                    count: int) -> None:
+def test_fc100_splits_by_superclass(
+    cifar100_root: Path, data_root: Path, split: str, count: int
+) -> None:
     expected = json.loads((data_root / "cifar100" / "fc100_split.json").read_text())[split]
     data = load_dataset("fc100", split, cifar100_root, 32, download=False)
     assert len(data.classes) == count
@@ -183,8 +206,9 @@ def test_episodes_are_reproducible_and_class_distinct(background) -> None:
     assert images.shape == (64, 1, 28, 28)
     assert len(set(labels.tolist())) == 64
     for image, label in zip(images[:3], labels[:3], strict=True):
-        assert any(torch.equal(image, background[i][0])
-                   for i in background.labels_to_indices()[int(label)])
+        assert any(
+            torch.equal(image, background[i][0]) for i in background.labels_to_indices()[int(label)]
+        )
     other = Episodes(background, 64, seed=4).sample()
     assert not torch.equal(other[1], labels)
 

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from ebmm_cli.distort import KINDS, Distortion, generator_for
 from ebmm_cli.errors import EbmmError
 
-shapes = st.tuples(st.integers(1, 4), st.sampled_from([1, 3]), st.integers(4, 40),
-                   st.integers(4, 40))
+shapes = st.tuples(
+    st.integers(1, 4), st.sampled_from([1, 3]), st.integers(4, 40), st.integers(4, 40)
+)
 
 
 def _images(shape: tuple[int, int, int, int], seed: int) -> torch.Tensor:
@@ -30,15 +31,19 @@ def _changed_box(before: torch.Tensor, after: torch.Tensor) -> tuple[int, int] |
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=shapes, n=st.integers(1, 12), kind=st.sampled_from(["noise", "occlude"]),
-       seed=st.integers(0, 2**31))
+@given(
+    shape=shapes,
+    n=st.integers(1, 12),
+    kind=st.sampled_from(["noise", "occlude"]),
+    seed=st.integers(0, 2**31),
+)
 def test_block_distortions_change_only_one_block(shape, n, kind, seed) -> None:
     x = _images(shape, seed)
     n = min(n, shape[2], shape[3])
     d = Distortion(kind=kind, block=n)
     y = d(x, torch.Generator().manual_seed(seed))
     assert y.shape == x.shape and torch.isfinite(y).all()
-    assert 0.0 <= y.min() and y.max() <= 1.0
+    assert y.min() >= 0.0 and y.max() <= 1.0
     for before, after in zip(x, y, strict=True):
         box = _changed_box(before, after)
         assert box is None or (box[0] <= n and box[1] <= n)
@@ -109,11 +114,17 @@ def test_salt_and_pepper_sets_hit_pixels_to_0_or_1(p, seed) -> None:
 
 
 @settings(max_examples=80, deadline=None)
-@given(kind=st.sampled_from(KINDS), block=st.integers(-5, 50), std=st.floats(allow_nan=True),
-       value=st.one_of(st.none(), st.floats(allow_nan=True)), prob=st.floats(allow_nan=True),
-       bits=st.integers(-5, 5000))
-def test_any_parameters_either_work_or_are_refused_cleanly(kind, block, std, value, prob,
-                                                           bits) -> None:
+@given(
+    kind=st.sampled_from(KINDS),
+    block=st.integers(-5, 50),
+    std=st.floats(allow_nan=True),
+    value=st.one_of(st.none(), st.floats(allow_nan=True)),
+    prob=st.floats(allow_nan=True),
+    bits=st.integers(-5, 5000),
+)
+def test_any_parameters_either_work_or_are_refused_cleanly(
+    kind, block, std, value, prob, bits
+) -> None:
     d = Distortion(kind=kind, block=block, std=std, value=value, prob=prob, bits=bits)
     x = _images((2, 1, 28, 28), 0)
     try:
@@ -121,7 +132,7 @@ def test_any_parameters_either_work_or_are_refused_cleanly(kind, block, std, val
     except EbmmError as e:
         assert e.subject.startswith("--")
         return
-    assert torch.isfinite(y).all() and 0 <= y.min() and y.max() <= 1
+    assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
 
 
 def test_block_larger_than_image_names_the_option() -> None:
@@ -130,12 +141,15 @@ def test_block_larger_than_image_names_the_option() -> None:
     assert err.value.subject == "--block" and "28x28" in err.value.problem
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("noise:7", Distortion(kind="noise", block=7)),
-    ("occlude:16", Distortion(kind="occlude", block=16)),
-    ("saltpepper:0.3", Distortion(kind="saltpepper", prob=0.3)),
-    ("flip:64", Distortion(kind="flip", bits=64)),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("noise:7", Distortion(kind="noise", block=7)),
+        ("occlude:16", Distortion(kind="occlude", block=16)),
+        ("saltpepper:0.3", Distortion(kind="saltpepper", prob=0.3)),
+        ("flip:64", Distortion(kind="flip", bits=64)),
+    ],
+)
 def test_parse_and_spec_round_trip(spec: str, expected: Distortion) -> None:
     assert Distortion.parse(spec) == expected
     assert expected.spec() == spec

@@ -104,12 +104,22 @@ def test_truncated_files(tmp_path: Path, fmt: str) -> None:
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (grey, 8-bit) with one empty IDAT."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
@@ -126,12 +136,18 @@ def test_to_tensor_and_resize_keep_range() -> None:
 
 def test_collect_images_mixes_files_folders_and_stdin(omniglot_dir: Path, tmp_path: Path) -> None:
     latin = omniglot_dir / "Latin"
-    one = omniglot_dir / "Greek" / "character03" / sorted(
-        p.name for p in (omniglot_dir / "Greek" / "character03").iterdir())[0]
+    one = (
+        omniglot_dir
+        / "Greek"
+        / "character03"
+        / sorted(p.name for p in (omniglot_dir / "Greek" / "character03").iterdir())[0]
+    )
     found = collect_images([str(latin), "-"], io.StringIO(f"\n{one}\n\n"))
     assert len(found) == 41
-    assert found[0].rel == Path("character01") / sorted(
-        p.name for p in (latin / "character01").iterdir())[0]
+    assert (
+        found[0].rel
+        == Path("character01") / sorted(p.name for p in (latin / "character01").iterdir())[0]
+    )
     assert found[-1].path == one and found[-1].rel == Path(one.name)
 
 
@@ -139,8 +155,10 @@ def test_loose_files_keep_paths_below_their_common_folder(omniglot_dir: Path) ->
     a = next((omniglot_dir / "Latin" / "character01").iterdir())
     b = next((omniglot_dir / "Greek" / "character03").iterdir())
     found = collect_images([str(a), str(b)])
-    assert [f.rel for f in found] == [Path("Latin/character01") / a.name,
-                                      Path("Greek/character03") / b.name]
+    assert [f.rel for f in found] == [
+        Path("Latin/character01") / a.name,
+        Path("Greek/character03") / b.name,
+    ]
 
 
 def test_collect_skips_the_output_folder_and_hidden_files(tmp_path: Path) -> None:
@@ -151,10 +169,13 @@ def test_collect_skips_the_output_folder_and_hidden_files(tmp_path: Path) -> Non
     assert [f.rel for f in found] == [Path("a.png")]
 
 
-@pytest.mark.parametrize("setup,match", [
-    (lambda p: None, "no such file or folder"),
-    (lambda p: p.mkdir(), "no images in this folder"),
-])
+@pytest.mark.parametrize(
+    "setup,match",
+    [
+        (lambda p: None, "no such file or folder"),
+        (lambda p: p.mkdir(), "no images in this folder"),
+    ],
+)
 def test_collect_refuses_missing_and_empty(tmp_path: Path, setup, match: str) -> None:
     setup(tmp_path / "x")
     with pytest.raises(EbmmError, match=match) as err:

@@ -2,10 +2,10 @@
 
 An episode holds N patterns; by default N distinct classes with one image each (the
 report's 5-way 1-shot; the paper's 64 distinct Omniglot characters). Image episodes are
-drawn by learn2learn's `Taskset` (the current name of `TaskDataset`) with `NWays`, `KShots` and `LoadData`. learn2learn
-draws from Python's global `random` module, so each `Episodes` keeps its own random state
-and swaps it in only while it samples: the stream depends on the seed alone, not on
-whatever else uses `random`.
+drawn by learn2learn's `Taskset` (the current name of `TaskDataset`) with `NWays`,
+`KShots` and `LoadData`. learn2learn draws from Python's global `random` module, so each
+`Episodes` keeps its own random state and swaps it in only while it samples: the stream
+depends on the seed alone, not on whatever else uses `random`.
 """
 
 from __future__ import annotations
