@@ -13,7 +13,7 @@ venv: $(STAMP)
 # torch is pinned to the build on this machine's disk cache. learn2learn 0.2.0's sdist ships
 # Cython C files that do not compile on Python 3.11, so it is built with its .pyx regenerated,
 # without pip's cache, so that a wheel cached by an earlier install cannot hide a broken step.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade cython setuptools wheel
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1

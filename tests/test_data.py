@@ -191,6 +191,11 @@ def test_image_folder_empty_is_refused(tmp_path: Path) -> None:
         load_dataset(str(tmp_path), size=28)
 
 
+def test_unknown_dataset_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EbmmError, match="neither a dataset"):
+        load_dataset(str(tmp_path / "omniglott"))
+
+
 def test_binary_strings_are_seeded_bits() -> None:
     a = BinaryStrings().sample(16, torch.Generator().manual_seed(1))
     b = BinaryStrings().sample(16, torch.Generator().manual_seed(1))

@@ -19,6 +19,7 @@ from ebmm_cli.data.download import default_root, resolve_root
 from ebmm_cli.data.episodes import Episodes
 from ebmm_cli.data.images import LabelledImages, image_folder
 from ebmm_cli.data.omniglot import omniglot
+from ebmm_cli.errors import EbmmError
 
 NAMES = ("omniglot", "fc100", "cifar10", "binary")
 
@@ -48,6 +49,10 @@ def load_dataset(
     if name == "binary":
         return BinaryStrings()
     if name not in NAMES:
+        if not Path(name).is_dir():
+            raise EbmmError(
+                "--dataset", f"{name!r} is neither a dataset ({', '.join(NAMES)}) nor a folder"
+            )
         return image_folder(Path(name), split, size)
     data_root = resolve_root(root)
     if name == "omniglot":
