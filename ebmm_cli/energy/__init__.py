@@ -1,0 +1,76 @@
+"""Energy networks: `build_energy(config)` and the split into slow and memory parameters.
+
+The memory parameters are those of modules named `memory`; `memory_layers` groups them
+by layer (weight and bias together), the unit that gets its own write rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ebmm_cli.energy.blocks import he_init
+from ebmm_cli.energy.nets import ConvEnergy, FCEnergy, RNNEnergy
+
+KINDS = ("conv", "fc", "rnn")
+DEFAULT_DYNAMIC = {"conv": 4, "fc": 16, "rnn": 64}
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    """Which energy network, for which patterns.
+
+    Args:
+        kind: `conv`, `fc` (images) or `rnn` (binary strings).
+        shape: one pattern's shape: (C, H, W) with H = W for images, (bits,) for `rnn`.
+        dynamic: written channels (conv) or units (fc, rnn); None takes the default
+            (conv 4 = 4,616 floats, fc 16 = 4,112, rnn 64 = 8,256).
+    """
+
+    kind: str = "conv"
+    shape: tuple[int, ...] = (1, 28, 28)
+    dynamic: int | None = None
+
+    @property
+    def dynamic_units(self) -> int:
+        return self.dynamic if self.dynamic is not None else DEFAULT_DYNAMIC[self.kind]
+
+
+def build_energy(config: EnergyConfig) -> nn.Module:
+    """A freshly He-initialised energy network for `config`."""
+    d = config.dynamic_units
+    if config.kind == "rnn":
+        if len(config.shape) != 1:
+            raise ValueError(f"rnn takes bit strings (D,), not {config.shape}")
+        net: nn.Module = RNNEnergy(config.shape[0], d)
+    else:
+        if len(config.shape) != 3 or config.shape[1] != config.shape[2]:
+            raise ValueError(f"{config.kind} takes square images (C, H, H), not {config.shape}")
+        channels, size = config.shape[0], config.shape[1]
+        net = (
+            ConvEnergy(channels, size, d) if config.kind == "conv" else FCEnergy(channels, size, d)
+        )
+    he_init(net)
+    return net
+
+
+def memory_layers(net: nn.Module) -> dict[str, list[str]]:
+    """{layer name: [its parameter names]} for the written layers, in module order."""
+    layers: dict[str, list[str]] = {}
+    for name, _ in net.named_parameters():
+        module, _, _ = name.rpartition(".")
+        if module.split(".")[-1] == "memory":
+            layers.setdefault(module, []).append(name)
+    return layers
+
+
+def memory_names(net: nn.Module) -> list[str]:
+    """Names of all written parameters."""
+    return [n for names in memory_layers(net).values() for n in names]
+
+
+def memory_floats(net: nn.Module) -> int:
+    """The memory size in floats: the number of written parameters (the paper's x-axis)."""
+    params = dict(net.named_parameters())
+    return sum(params[n].numel() for n in memory_names(net))
