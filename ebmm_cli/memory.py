@@ -1,0 +1,263 @@
+"""Write, read and energy: the EBMM algorithm on one model (Bartunov et al., ICLR 2020).
+
+A memory is the set of written parameters θ of an energy network E(x; θ) (the modules
+named `memory`; the rest of the network is slow and fixed by meta-training).
+
+    energy   E(x; θ), one scalar per pattern x in [0, 1]^d.
+
+    write    W(x, θ) = E(x; θ) + α ||∇x E(x; θ)||² + β ||θ − θ̄||²                    (3)
+             θ(t+1)  = θ(t) − η(t) · (1/N) Σi ∇θ W(xi, θ(t)),   θ(0) = θ̄             (4)
+             η: one positive (softplus) rate per step t, written layer and loss term.
+
+    read     x̂(k)   = proj(x(k) + ψ(k) v(k))                  Nesterov look-ahead
+             v(k+1) = ψ(k) v(k) − γ(k) ∇x E(x̂(k); θ)
+             x(k+1) = proj(x(k) + v(k+1)),   x(0) = query,   proj = clip to [0, 1]    (1)
+             γ(k) = γ(k−1) σ(ℓk) and ψ(k) = ψ(k−1) σ(mk): non-increasing, learned.
+
+The report's fixed schedule is the same code with constant rules: write rate 0.5 (0.05
+for conv), α = 0.5 decayed by 0.95 per step, no β, γ(1) = 500 halved per step, no
+momentum. Everything here is plain torch over an explicit dict of memory parameters
+(`torch.func.functional_call`), shared by meta-training and the command line;
+`create_graph=True` keeps the graph for backpropagating through write and read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ebmm_cli.energy import memory_layers
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """The write and read rules: step counts, schedule and initial (or fixed) values.
+
+    Args:
+        write_steps: T, gradient steps of writing.
+        read_steps: K, gradient steps of reading.
+        schedule: `learned` (the paper: all rates meta-learned, starting from the values
+            below) or `fixed` (the report: the values below stay constant).
+        read: `gd` (descend the energy) or `decoder` (the report's MAML-adapted decoder).
+        write_lr: initial (learned) or constant (fixed) write rate η.
+        alpha: weight of the gradient-norm term; fixed: decayed by `alpha_decay` per step.
+        alpha_decay: the fixed schedule's decay of α per write step.
+        beta: weight of the ||θ − θ̄||² term (0 disables it).
+        read_lr: γ(1), the first read step size.
+        read_decay: σ(ℓk), the factor between read step sizes (fixed: 0.5).
+        momentum: ψ(1), the Nesterov momentum of the read (decays like γ).
+        decoder_steps: MAML adaptation steps of the decoder read.
+        decoder_lr: MAML inner learning rate of the decoder read.
+    """
+
+    write_steps: int = 5
+    read_steps: int = 5
+    schedule: str = "learned"
+    read: str = "gd"
+    write_lr: float = 1e-2
+    alpha: float = 1.0
+    alpha_decay: float = 0.95
+    beta: float = 1e-2
+    read_lr: float = 1.0
+    read_decay: float = 0.9
+    momentum: float = 0.5
+    decoder_steps: int = 2
+    decoder_lr: float = 0.1
+
+    @classmethod
+    def report(cls, kind: str, **overrides: object) -> RuleConfig:
+        """The report's fixed schedule (write rate 0.5, or 0.05 for conv; α = 0.5 ×0.95 per
+        step; no β; γ(1) = 500 halved per step; plain gradient descent)."""
+        values: dict = dict(
+            schedule="fixed",
+            write_lr=0.05 if kind == "conv" else 0.5,
+            alpha=0.5,
+            alpha_decay=0.95,
+            beta=0.0,
+            read_lr=500.0,
+            read_decay=0.5,
+            momentum=0.0,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y)) if y < 20 else y
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+class Rules(nn.Module):
+    """The meta-learned rule parameters: write rates η, α, β, read steps γ and momenta ψ.
+
+    With the fixed schedule they are buffers (saved, never trained); with the learned
+    one, parameters kept in range by softplus (rates, α, β) and sigmoids (decays, ψ).
+    """
+
+    def __init__(self, config: RuleConfig, layers: int) -> None:
+        super().__init__()
+        self.config = config
+        t, k = config.write_steps, config.read_steps
+        learned = config.schedule == "learned"
+        values = {
+            "write_rate": torch.full((t, layers, 3), _inv_softplus(config.write_lr)),
+            "alpha": torch.tensor(_inv_softplus(config.alpha) if config.alpha > 0 else -30.0),
+            "beta": torch.tensor(_inv_softplus(config.beta) if config.beta > 0 else -30.0),
+            "read_rate": torch.tensor(_inv_softplus(config.read_lr)),
+            "read_decay": torch.full((max(k - 1, 0),), _logit(config.read_decay)),
+            "momentum": torch.tensor(_logit(config.momentum) if config.momentum > 0 else -30.0),
+            "momentum_decay": torch.full((max(k - 1, 0),), _logit(config.read_decay)),
+        }
+        for name, value in values.items():
+            if learned:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+
+    def write_schedule(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rates (T, layers, 3 terms), α (T,) and β (T,) for each write step."""
+        t = self.config.write_steps
+        rates = F.softplus(self.write_rate)
+        if self.config.schedule == "fixed":
+            decay = self.config.alpha_decay ** torch.arange(t, device=rates.device)
+            alphas = self.config.alpha * decay
+            betas = torch.full((t,), self.config.beta, device=rates.device)
+            return torch.full_like(rates, self.config.write_lr), alphas, betas
+        return rates, F.softplus(self.alpha).expand(t), F.softplus(self.beta).expand(t)
+
+    def read_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step sizes γ (K,) and momenta ψ (K,), each non-increasing."""
+        if self.config.schedule == "fixed":
+            k = torch.arange(self.config.read_steps, device=self.read_rate.device)
+            gammas = self.config.read_lr * self.config.read_decay**k
+            return gammas, torch.full_like(gammas, self.config.momentum)
+        gamma = F.softplus(self.read_rate)
+        psi = torch.sigmoid(self.momentum)
+        gammas = gamma * torch.cat([gamma.new_ones(1), torch.sigmoid(self.read_decay).cumprod(0)])
+        psis = psi * torch.cat([psi.new_ones(1), torch.sigmoid(self.momentum_decay).cumprod(0)])
+        return gammas, psis
+
+
+def initial_memory(net: nn.Module) -> Params:
+    """θ̄: the meta-learned initial values of the written parameters."""
+    names = {n for layer in memory_layers(net).values() for n in layer}
+    return {n: p for n, p in net.named_parameters() if n in names}
+
+
+def energy(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
+    """E(x; θ) for a batch: (B, ...) patterns -> (B,) energies, with θ = `memory`."""
+    return functional_call(net, memory, (x,))
+
+
+def energy_grad(
+    net: nn.Module, memory: Params, x: torch.Tensor, create_graph: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E(x), ∇x E(x)); x need not require grad. Energies of a batch are independent, so
+    the gradient of their sum is each pattern's own gradient."""
+    if not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        e = energy(net, memory, x)
+        (grad,) = torch.autograd.grad(e.sum(), x, create_graph=create_graph)
+    return e, grad
+
+
+def write(
+    net: nn.Module, rules: Rules, patterns: torch.Tensor, create_graph: bool = False
+) -> Params:
+    """Write a batch of clean patterns (N, ...) into a new memory: T steps of (4) on (3).
+
+    Args:
+        net: the energy network; its memory modules' current values are θ̄.
+        rules: write rates, α and β.
+        patterns: the batch X to store.
+        create_graph: keep the graph of each step, for second-order meta-gradients.
+            Without it, each step's gradient is a constant (first order), but the result
+            still depends on θ̄ and on the rates.
+
+    Returns:
+        θ(T), the written memory: {parameter name: tensor}.
+
+    Example:
+        >>> memory = write(net, rules, images)      # images (N, 1, 28, 28)
+        >>> retrieved = read(net, rules, memory, queries)[-1]
+    """
+    theta_bar = initial_memory(net)
+    theta = dict(theta_bar)
+    layers = list(memory_layers(net).values())
+    rates, alphas, betas = rules.write_schedule()
+    for t in range(rates.shape[0]):
+        # A fresh leaf each step: ∇x E is the partial derivative at fixed θ(t). Reusing one
+        # leaf would also differentiate through θ(t)'s own dependence on x, which is
+        # wrong and grows the graph exponentially with the steps.
+        x = patterns.detach().requires_grad_(True)
+        with torch.enable_grad():
+            e = energy(net, theta, x)
+            (gx,) = torch.autograd.grad(e.sum(), x, create_graph=True)
+            grad_norm = gx.flatten(1).pow(2).sum(1).mean()
+            values = list(theta.values())
+            g_energy = torch.autograd.grad(
+                e.mean(), values, create_graph=create_graph, retain_graph=True
+            )
+            g_norm = torch.autograd.grad(grad_norm, values, create_graph=create_graph)
+        g_energy = dict(zip(theta, g_energy, strict=True))
+        g_norm = dict(zip(theta, g_norm, strict=True))
+        new = {}
+        for li, names in enumerate(layers):
+            r_e, r_g, r_b = rates[t, li]
+            for n in names:
+                step = r_e * g_energy[n] + r_g * alphas[t] * g_norm[n]
+                step = step + r_b * betas[t] * 2 * (theta[n] - theta_bar[n])
+                new[n] = theta[n] - step
+        theta = new
+    return theta
+
+
+def read(
+    net: nn.Module,
+    rules: Rules,
+    memory: Params,
+    queries: torch.Tensor,
+    create_graph: bool = False,
+    steps: int | None = None,
+) -> list[torch.Tensor]:
+    """Read: K steps of projected gradient descent with Nesterov momentum, per (1).
+
+    Args:
+        memory: a written memory (from `write`).
+        queries: x(0), (B, ...) in [0, 1].
+        create_graph: keep the graph (meta-training); otherwise iterates are detached.
+        steps: K; default the model's. Beyond the learned schedule the last step size
+            and momentum are kept.
+
+    Returns:
+        The iterates [x(1), ..., x(K)]; the last one is the retrieval.
+    """
+    gammas, psis = rules.read_schedule()
+    k_steps = steps if steps is not None else len(gammas)
+    if not create_graph:
+        gammas, psis = gammas.detach(), psis.detach()
+    x = queries
+    v = torch.zeros_like(queries)
+    iterates = []
+    for k in range(k_steps):
+        gamma, psi = gammas[min(k, len(gammas) - 1)], psis[min(k, len(psis) - 1)]
+        look = (x + psi * v).clamp(0.0, 1.0)
+        _, g = energy_grad(net, memory, look, create_graph=create_graph)
+        v = psi * v - gamma * g
+        x = (x + v).clamp(0.0, 1.0)
+        if not create_graph:
+            x, v = x.detach(), v.detach()
+        iterates.append(x)
+    return iterates
