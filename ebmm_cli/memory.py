@@ -23,15 +23,17 @@ momentum. Everything here is plain torch over an explicit dict of memory paramet
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ebmm_cli.energy import memory_layers
+from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
+from ebmm_cli.energy.decoder import Decoder
 
 Params = dict[str, torch.Tensor]
 
@@ -261,3 +263,126 @@ def read(
             x, v = x.detach(), v.detach()
         iterates.append(x)
     return iterates
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; stored as JSON in its files.
+
+    Args:
+        energy: the energy network.
+        rules: the write and read rules.
+        distortion: the distortion it was meta-trained on (`KIND:N`); the decoder read
+            also adapts to it when writing.
+        loss: the meta-training loss, `mse` or `ssim+mse`.
+        dataset: what it was meta-trained on (provenance only).
+    """
+
+    energy: EnergyConfig
+    rules: RuleConfig
+    distortion: str = "noise:7"
+    loss: str = "mse"
+    dataset: str = "omniglot"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        """Parse `to_json`'s output; raises ValueError, TypeError or KeyError if malformed."""
+        raw = json.loads(text)
+        energy_raw = dict(raw.pop("energy"))
+        energy_raw["shape"] = tuple(int(v) for v in energy_raw["shape"])
+        return cls(energy=EnergyConfig(**energy_raw), rules=RuleConfig(**raw.pop("rules")), **raw)
+
+
+class Model(nn.Module):
+    """An EBMM: the energy network, its rules and, for the decoder read, the decoder."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.energy = build_energy(config.energy)
+        self.rules = Rules(config.rules, len(memory_layers(self.energy)))
+        shape = config.energy.shape
+        self.decoder = Decoder(shape[0], shape[1]) if config.rules.read == "decoder" else None
+
+    def memory_floats(self) -> int:
+        """Floats a written memory holds: the energy's written layers, plus the decoder's
+        adapted weights for the decoder read."""
+        floats = memory_floats(self.energy)
+        if self.decoder is not None:
+            floats += sum(p.numel() for p in self.decoder.parameters())
+        return floats
+
+
+@dataclass
+class Memory:
+    """A written memory: the written energy parameters θ(T) and, for the decoder read,
+    the decoder's adapted parameters; `patterns` counts the stored patterns."""
+
+    params: Params
+    decoder: Params | None
+    patterns: int
+
+    def detach(self) -> Memory:
+        """The same memory cut from the graph that wrote it."""
+        dec = None if self.decoder is None else {k: v.detach() for k, v in self.decoder.items()}
+        return Memory({k: v.detach() for k, v in self.params.items()}, dec, self.patterns)
+
+
+def write_memory(
+    model: Model,
+    patterns: torch.Tensor,
+    create_graph: bool = False,
+    generator: torch.Generator | None = None,
+) -> Memory:
+    """Write a batch into a new `Memory`: the energy write, then (decoder read) the
+    decoder's MAML adaptation to the batch. `generator` draws the adaptation's queries."""
+    theta = write(model.energy, model.rules, patterns, create_graph=create_graph)
+    decoder = None
+    if model.decoder is not None:
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        decoder = adapt_decoder(model, theta, patterns, generator, create_graph)
+    return Memory(theta, decoder, patterns.shape[0])
+
+
+def adapt_decoder(
+    model: Model,
+    theta: Params,
+    patterns: torch.Tensor,
+    generator: torch.Generator,
+    create_graph: bool,
+) -> Params:
+    """The report's decoder read, adapted with learn2learn's MAML on the written batch:
+    a few SGD steps on the error of decoding distorted copies of the patterns (drawn with
+    the model's training distortion) back to the patterns."""
+    from ebmm_cli._learn2learn import import_learn2learn
+    from ebmm_cli.distort import Distortion
+
+    l2l = import_learn2learn()
+    rules = model.config.rules
+    maml = l2l.algorithms.MAML(model.decoder, lr=rules.decoder_lr, first_order=not create_graph)
+    learner = maml.clone()
+    noisy = Distortion.parse(model.config.distortion)(patterns, generator)
+    _, grad = energy_grad(model.energy, theta, noisy, create_graph=create_graph)
+    for _ in range(rules.decoder_steps):
+        learner.adapt(F.mse_loss(learner(noisy, grad), patterns))
+    return dict(learner.module.named_parameters())
+
+
+def retrieve(
+    model: Model,
+    memory: Memory,
+    queries: torch.Tensor,
+    create_graph: bool = False,
+    steps: int | None = None,
+) -> list[torch.Tensor]:
+    """Read queries from a memory: the iterates of the gradient read, or the decoder's
+    single retrieval. The last element is the answer."""
+    if model.decoder is None:
+        return read(model.energy, model.rules, memory.params, queries, create_graph, steps)
+    assert memory.decoder is not None, "a decoder model's memory carries decoder weights"
+    _, grad = energy_grad(model.energy, memory.params, queries, create_graph=create_graph)
+    out = functional_call(model.decoder, memory.decoder, (queries, grad))
+    return [out if create_graph else out.detach()]

@@ -10,31 +10,15 @@ depends on the seed alone, not on whatever else uses `random`.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import random
-import warnings
 from collections.abc import Iterator
-from types import ModuleType
 
 import torch
 
+from ebmm_cli._learn2learn import import_learn2learn
 from ebmm_cli.data.binary import BinaryStrings
 from ebmm_cli.data.images import LabelledImages
 from ebmm_cli.errors import EbmmError
-
-
-def import_learn2learn() -> ModuleType:
-    """Import learn2learn with its import-time noise (gym's banner, warnings) kept quiet."""
-    sink = io.StringIO()
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(sink),
-        contextlib.redirect_stderr(sink),
-    ):
-        warnings.simplefilter("ignore")
-        import learn2learn
-    return learn2learn
 
 
 class Episodes:

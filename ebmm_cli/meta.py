@@ -1,0 +1,423 @@
+"""Meta-training: learn θ̄, the slow weights and the write/read rules end to end.
+
+Each step samples an episode X (N patterns, by default N distinct classes) with
+learn2learn's task sampler, distorts it into queries X̃, writes X, reads X̃ and
+minimises the loss summed over all read iterates (paper eq. 2, applied step-wise),
+backpropagating through the read and, by default, through the write's own gradient
+steps (second order; `first_order` treats each write gradient as a constant).
+Outer optimiser: AdamW, weight decay 1e-6, gradient clipping by global norm 0.05 (the
+paper's). The library never prints: progress goes to a callback.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ebmm_cli.atomic import atomic_path
+from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
+from ebmm_cli.distort import Distortion
+from ebmm_cli.energy import EnergyConfig
+from ebmm_cli.errors import EbmmError
+from ebmm_cli.memory import Model, ModelConfig, RuleConfig, energy, retrieve, write_memory
+from ebmm_cli.store import load_checkpoint, save_checkpoint, save_model
+
+LOSSES = ("mse", "ssim+mse")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One meta-training run. `model` fixes the network and rules; the rest the run.
+
+    `lr` is AdamW's learning rate for the network; `rule_lr` for the rule parameters
+    (write rates, α, β, read steps and momenta), which are few, scalar and start far
+    from their good values, so they need larger steps than the paper's 5e-5.
+    """
+
+    model: ModelConfig
+    data_root: str | None = None
+    batch_size: int = 5
+    shots: int | None = 1
+    steps: int | None = None
+    minutes: float | None = None
+    lr: float = 1e-3
+    rule_lr: float = 1e-2
+    first_order: bool = False
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 25
+    eval_episodes: int = 20
+    checkpoint_minutes: float = 2.0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["model"] = json.loads(self.model.to_json())
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        data["model"] = ModelConfig.from_json(json.dumps(data["model"]))
+        return cls(**data)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else the CPU; `cuda` without a GPU is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EbmmError("--device", f"unknown device {name!r}; use auto, cpu or cuda[:i]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EbmmError("--device", f"{name} requested but no CUDA GPU is available")
+    return device
+
+
+def reconstruction_loss(kind: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-pattern loss (B,): `mse` (mean squared error over pixels; the paper's squared
+    error up to scale) or `ssim+mse` = 0.5 MSE + 0.5 (1 - SSIM) (the report, piqa SSIM)."""
+    mse = (x - target).pow(2).flatten(1).mean(1)
+    if kind == "mse":
+        return mse
+    return 0.5 * mse + 0.5 * (1.0 - ssim(x, target))
+
+
+def ssim(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SSIM (piqa, 11x11 Gaussian window) of each image pair, (B,)."""
+    from piqa import SSIM
+
+    metric = SSIM(n_channels=x.shape[1], reduction="none").to(x.device)
+    return metric(x.clamp(0, 1), target.clamp(0, 1))
+
+
+@dataclass
+class Batch:
+    """One episode on the device: clean patterns and their distorted queries."""
+
+    patterns: torch.Tensor
+    queries: torch.Tensor
+
+
+class Trainer:
+    """Holds a run's state: model, optimiser, episode streams and generators.
+
+    Use `Trainer.create(config, out)` for a new run, `Trainer.resume(out)` to continue
+    one from `out/checkpoint.safetensors`, then `run()`.
+    """
+
+    def __init__(self, config: TrainConfig, model: Model, out: Path) -> None:
+        self.config = config
+        self.out = out
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.distortion = Distortion.parse(config.model.distortion)
+        if config.model.loss not in LOSSES:
+            raise EbmmError("--loss", f"unknown loss {config.model.loss!r}; use mse or ssim+mse")
+        if config.model.loss != "mse" and config.model.energy.kind == "rnn":
+            raise EbmmError("--loss", "ssim+mse needs images; use mse for binary strings")
+        rule_params = list(model.rules.parameters())
+        rule_ids = {id(p) for p in rule_params}
+        net_params = [p for p in model.parameters() if id(p) not in rule_ids]
+        groups = [{"params": net_params, "lr": config.lr}]
+        if rule_params:
+            groups.append({"params": rule_params, "lr": config.rule_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-6)
+        train_data, held_data, self.heldout_split = _datasets(config)
+        self.episodes = Episodes(train_data, config.batch_size, config.shots, seed=config.seed)
+        self.heldout = _fixed_episodes(held_data, config, self.distortion)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.step = 0
+        self.elapsed = 0.0
+        self.skipped = 0
+        self.metrics: list[dict[str, Any]] = []
+
+    @classmethod
+    def create(cls, config: TrainConfig, out: Path) -> Trainer:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = Model(config.model)
+        return cls(config, model, out)
+
+    @classmethod
+    def resume(cls, out: Path, steps: int | None, minutes: float | None) -> Trainer:
+        """Continue from `out/checkpoint.safetensors`; only the stopping rule may change."""
+        path = out / "checkpoint.safetensors"
+        if not path.exists():
+            raise EbmmError(path, "no checkpoint to resume from")
+        model, optimizer, state = load_checkpoint(path)
+        try:
+            config = TrainConfig.from_json(state["train_config"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise EbmmError(path, f"damaged training config ({e})") from None
+        trainer = cls(replace(config, steps=steps, minutes=minutes), model, out)
+        trainer.optimizer.load_state_dict(optimizer)
+        trainer.step, trainer.elapsed = int(state["step"]), float(state["elapsed"])
+        trainer.skipped = int(state["skipped"])
+        episodes = state["episodes"]
+        trainer.episodes.load_state(
+            {
+                "random": _as_tuple(episodes["random"]),
+                "generator": state["episodes_generator"],
+            }
+        )
+        trainer.generator.set_state(state["generator"])
+        random.setstate(_as_tuple(state["python_random"]))
+        torch.set_rng_state(state["torch_rng"])
+        trainer.metrics = [
+            m for m in _read_metrics(out / "metrics.jsonl") if m["step"] <= trainer.step
+        ]
+        return trainer
+
+    def batch(self) -> Batch:
+        patterns, _ = self.episodes.sample()
+        queries = self.distortion(patterns, self.generator)
+        return Batch(patterns.to(self.device), queries.to(self.device))
+
+    def train_step(self, batch: Batch) -> float | None:
+        """One meta-gradient step; returns the loss, or None if it was not finite."""
+        self.model.train()
+        kind = self.config.model.loss
+        memory = write_memory(
+            self.model,
+            batch.patterns,
+            create_graph=not self.config.first_order,
+            generator=self.generator,
+        )
+        iterates = retrieve(self.model, memory, batch.queries, create_graph=True)
+        loss = sum(reconstruction_loss(kind, x, batch.patterns).mean() for x in iterates)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.05)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        return float(loss.detach()) / len(iterates)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out retrieval on the fixed held-out episodes (see `evaluate_episodes`)."""
+        return evaluate_episodes(self.model, self.heldout)
+
+    def run(self, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
+        """Train until `steps` or `minutes` (whichever first); save the model, checkpoint,
+        metrics and curve. On KeyboardInterrupt, save a checkpoint and re-raise."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic() - self.elapsed
+        last_checkpoint = time.monotonic()
+        window: list[float] = []
+        rate_clock, rate_steps = time.monotonic(), self.step
+        heldout = self.metrics[-1]["heldout_loss"] if self.metrics else None
+        try:
+            while not self._done(time.monotonic() - start):
+                loss = self.train_step(self.batch())
+                self.step += 1
+                if loss is None:
+                    self.skipped += 1
+                else:
+                    window.append(loss)
+                self.elapsed = time.monotonic() - start
+                if self.step % cfg.eval_every == 0:
+                    record = self._record(window)
+                    heldout = record["heldout_loss"]
+                    window = []
+                    self._save_outputs()
+                if time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
+                    self.save_checkpoint()
+                    last_checkpoint = time.monotonic()
+                if on_progress is not None:
+                    now = time.monotonic()
+                    rate = (self.step - rate_steps) / max(now - rate_clock, 1e-9)
+                    on_progress(
+                        {
+                            "step": self.step,
+                            "steps": cfg.steps,
+                            "loss": loss,
+                            "heldout_loss": heldout,
+                            "steps_per_s": rate,
+                            "elapsed": self.elapsed,
+                            "minutes": cfg.minutes,
+                        }
+                    )
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise
+        if window or not self.metrics or self.metrics[-1]["step"] != self.step:
+            self._record(window)
+        self._save_outputs()
+        self.save_checkpoint()
+        return self.out / "model.safetensors"
+
+    def _done(self, elapsed: float) -> bool:
+        cfg = self.config
+        if cfg.steps is not None and self.step >= cfg.steps:
+            return True
+        return cfg.minutes is not None and elapsed >= cfg.minutes * 60
+
+    def _record(self, window: list[float]) -> dict[str, Any]:
+        heldout = self.evaluate()
+        record = {
+            "step": self.step,
+            "seconds": round(self.elapsed, 3),
+            "train_loss": sum(window) / len(window) if window else None,
+            "heldout_loss": heldout["loss"],
+            "heldout_split": self.heldout_split,
+            "skipped": self.skipped,
+            **{f"heldout_{k}": v for k, v in heldout.items() if k != "loss"},
+        }
+        self.metrics.append(record)
+        return record
+
+    def _save_outputs(self) -> None:
+        save_model(self.model, self.out / "model.safetensors", step=self.step)
+        with atomic_path(self.out / "metrics.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        plot_curves(self.metrics, self.out / "loss.png")
+
+    def save_checkpoint(self) -> None:
+        """Model, optimiser, step and every random state, so a resumed run is identical."""
+        episodes = self.episodes.state()
+        state = {
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "skipped": self.skipped,
+            "train_config": self.config.to_json(),
+            "episodes": {"random": episodes["random"]},
+            "episodes_generator": episodes["generator"],
+            "generator": self.generator.get_state(),
+            "python_random": random.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        save_checkpoint(self.out / "checkpoint.safetensors", self.model, self.optimizer, state)
+
+
+def _as_tuple(value: Any) -> Any:
+    """JSON turns tuples into lists; random.setstate needs them back."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _datasets(config: TrainConfig) -> tuple[Any, Any, str]:
+    """Training data, held-out data, and the held-out split's name."""
+    name = config.model.dataset
+    size = config.model.energy.shape[-1] if config.model.energy.kind != "rnn" else None
+    train = load_dataset(name, "train", config.data_root, size)
+    if isinstance(train, BinaryStrings):
+        return train, train, "fresh random strings"
+    split = "val" if name == "fc100" else "test"
+    try:
+        return train, load_dataset(name, split, config.data_root, size), split
+    except EbmmError:
+        # No held-out split here (e.g. a plain folder or CIFAR-10 JPEG folders with only
+        # train/): evaluate on other training episodes, and say so in the metrics.
+        return train, train, "train (no held-out split found)"
+
+
+def _fixed_episodes(data: Any, config: TrainConfig, distortion: Distortion) -> list[Batch]:
+    """The same held-out episodes and queries at every evaluation."""
+    episodes = Episodes(data, config.batch_size, config.shots, seed=config.seed + 10_000)
+    generator = torch.Generator().manual_seed(config.seed + 20_000)
+    device = resolve_device(config.device)
+    batches = []
+    for _ in range(config.eval_episodes):
+        patterns, _ = episodes.sample()
+        batches.append(Batch(patterns.to(device), distortion(patterns, generator).to(device)))
+    return batches
+
+
+def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
+    """Mean over episodes of: the training loss of the retrieval, MSE and SSIM of the
+    retrieval and of the query, and the mean energy (under the written memory) of the
+    originals, the queries and the retrievals (the report's table)."""
+    model.eval()
+    kind = model.config.loss
+    totals: dict[str, float] = {}
+    for batch in batches:
+        memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
+        memory = memory.detach()
+        iterates = retrieve(model, memory, batch.queries)
+        out = iterates[-1]
+        with torch.no_grad():
+            values = {
+                "loss": sum(reconstruction_loss(kind, x, batch.patterns).mean() for x in iterates)
+                / len(iterates),
+                "mse": (out - batch.patterns).pow(2).mean(),
+                "query_mse": (batch.queries - batch.patterns).pow(2).mean(),
+                "energy_original": energy(model.energy, memory.params, batch.patterns).mean(),
+                "energy_query": energy(model.energy, memory.params, batch.queries).mean(),
+                "energy_retrieved": energy(model.energy, memory.params, out).mean(),
+            }
+            if batch.patterns.dim() == 4:
+                values["ssim"] = ssim(out, batch.patterns).mean()
+                values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+    return totals
+
+
+def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
+    """Training and held-out loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [m["step"] for m in metrics]
+    train = [(m["step"], m["train_loss"]) for m in metrics if m["train_loss"] is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training loss (mean since last point)")
+    ax.plot(steps, [m["heldout_loss"] for m in metrics], label="held-out loss")
+    if metrics and "heldout_query_mse" in metrics[0]:
+        ratio = [m["heldout_mse"] / max(m["heldout_query_mse"], 1e-12) for m in metrics]
+        ax2 = ax.twinx()
+        ax2.plot(steps, ratio, color="tab:green", linestyle="--", label="held-out MSE / query MSE")
+        ax2.set_ylabel("MSE ratio")
+        ax2.legend(loc="upper center", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per read iterate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def default_model_config(
+    memory: str,
+    dataset: str,
+    image_size: int | None,
+    channels: int,
+    dynamic: int | None,
+    rules: RuleConfig,
+    distortion: str,
+    loss: str,
+) -> ModelConfig:
+    """A model config from the CLI's options (binary strings take 128 bits)."""
+    if memory == "rnn":
+        shape: tuple[int, ...] = (128,)
+    else:
+        shape = (channels, image_size or 28, image_size or 28)
+    return ModelConfig(
+        energy=EnergyConfig(memory, shape, dynamic),
+        rules=rules,
+        distortion=distortion,
+        loss=loss,
+        dataset=dataset,
+    )
+

@@ -1,0 +1,197 @@
+"""Model, memory and checkpoint files: safetensors with a JSON header, written atomically.
+
+Every file carries in its `__metadata__`: `format` (`ebmm.model`, `ebmm.memory` or
+`ebmm.checkpoint`), `format_version`, the package version, the model config as JSON and
+the pattern shape; a memory also its number of stored patterns and its size in floats.
+A memory file is self-contained: it holds the slow parameters as well as the written
+ones, so reading needs nothing else. Loading checks format, version, shapes and
+finiteness and refuses anything else with an `EbmmError` naming the file. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ebmm_cli import __version__
+from ebmm_cli.atomic import atomic_path
+from ebmm_cli.errors import EbmmError
+from ebmm_cli.memory import Memory, Model, ModelConfig
+
+FORMAT_VERSION = "1"
+MODEL, MEMORY, CHECKPOINT = "ebmm.model", "ebmm.memory", "ebmm.checkpoint"
+_HINT = {
+    MODEL: "a model (use it with --model)",
+    MEMORY: "a memory (use it with --memory)",
+    CHECKPOINT: "a training checkpoint",
+}
+
+
+def _header(model: Model, kind: str, **extra: Any) -> dict[str, str]:
+    meta = {
+        "format": kind,
+        "format_version": FORMAT_VERSION,
+        "ebmm_version": __version__,
+        "config": model.config.to_json(),
+        "shape": json.dumps(list(model.config.energy.shape)),
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return meta
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def save_model(model: Model, path: Path, **extra: Any) -> None:
+    """Write a meta-learned model (`extra` goes into the header, e.g. the training step)."""
+    _write(path, dict(model.state_dict()), _header(model, MODEL, **extra))
+
+
+def save_memory(model: Model, memory: Memory, path: Path) -> None:
+    """Write a self-contained memory file: the model plus the written parameters."""
+    tensors = dict(model.state_dict())
+    tensors.update({f"memory.{k}": v for k, v in memory.params.items()})
+    if memory.decoder is not None:
+        tensors.update({f"decoder_memory.{k}": v for k, v in memory.decoder.items()})
+    meta = _header(model, MEMORY, patterns=memory.patterns, memory_floats=model.memory_floats())
+    _write(path, tensors, meta)
+
+
+def _open(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Read header and tensors, checking the format, version and finiteness."""
+    if not path.is_file():
+        raise EbmmError(path, "no such file" if not path.exists() else "not a file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:  # safetensors raises its own error types, and OSError
+        raise EbmmError(path, f"not a readable safetensors file ({e})") from None
+    found = meta.get("format")
+    if found != kind:
+        what = _HINT.get(found, "not an ebmm file")
+        raise EbmmError(
+            path,
+            f"is {what}, not {_HINT[kind].split(' (')[0]}"
+            if found in _HINT
+            else f"{what} (no ebmm format in its header)",
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EbmmError(
+            path,
+            f"format version {meta.get('format_version')!r} is not supported "
+            f"(this ebmm {__version__} reads version {FORMAT_VERSION})",
+        )
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise EbmmError(path, f"tensor {name!r} holds NaN or infinite values")
+    return meta, tensors
+
+
+def _model(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Model:
+    try:
+        config = ModelConfig.from_json(meta["config"])
+        model = Model(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise EbmmError(path, f"bad model config in the header ({e})") from None
+    state = {k: v for k, v in tensors.items() if not k.startswith(("memory.", "decoder_memory."))}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(set(state) - set(expected))
+    if missing or unknown:
+        raise EbmmError(
+            path,
+            f"tensors do not match the config (missing {missing[:3]}, unexpected {unknown[:3]})",
+        )
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise EbmmError(
+                path,
+                f"tensor {k!r} has shape {tuple(v.shape)}, the config needs "
+                f"{tuple(expected[k].shape)}",
+            )
+    model.load_state_dict(state)
+    return model
+
+
+def load_model(path: Path) -> Model:
+    """Load a model file written by `save_model`."""
+    meta, tensors = _open(path, MODEL)
+    return _model(path, meta, tensors)
+
+
+def load_memory(path: Path) -> tuple[Model, Memory]:
+    """Load a memory file: its model and the written memory."""
+    meta, tensors = _open(path, MEMORY)
+    model = _model(path, meta, tensors)
+    params = {k[len("memory.") :]: v for k, v in tensors.items() if k.startswith("memory.")}
+    decoder = {
+        k[len("decoder_memory.") :]: v
+        for k, v in tensors.items()
+        if k.startswith("decoder_memory.")
+    }
+    energy_state = model.energy.state_dict()
+    if set(params) != {
+        n
+        for n in energy_state
+        if n in dict(model.energy.named_parameters()) and n.rsplit(".", 2)[-2] == "memory"
+    }:
+        raise EbmmError(path, "the written parameters do not match the model's memory layers")
+    for k, v in params.items():
+        if v.shape != energy_state[k].shape:
+            raise EbmmError(
+                path,
+                f"written tensor {k!r} has shape {tuple(v.shape)}, "
+                f"expected {tuple(energy_state[k].shape)}",
+            )
+    if (model.decoder is None) != (not decoder):
+        raise EbmmError(path, "decoder weights do not match the model's read")
+    try:
+        patterns = int(meta["patterns"])
+    except (KeyError, ValueError):
+        raise EbmmError(path, "no pattern count in the header") from None
+    return model, Memory(params, decoder or None, patterns)
+
+
+def save_checkpoint(
+    path: Path, model: Model, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Write a training checkpoint: model, optimiser state, and `state` (step, random
+    generators, counters) as JSON; tensors inside `state` go in as tensors."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, entry in opt["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"state.{key}"] = value
+    plain = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    meta = _header(model, CHECKPOINT, param_groups=opt["param_groups"], state=plain)
+    _write(path, tensors, meta)
+
+
+def load_checkpoint(path: Path) -> tuple[Model, dict[str, Any], dict[str, Any]]:
+    """Read a checkpoint: (model, optimiser state dict, training state)."""
+    meta, tensors = _open(path, CHECKPOINT)
+    model = _model(path, meta, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                opt_state.setdefault(int(index), {})[name] = value
+        optimizer = {"state": opt_state, "param_groups": json.loads(meta["param_groups"])}
+        state = json.loads(meta["state"])
+    except (KeyError, ValueError) as e:
+        raise EbmmError(path, f"damaged checkpoint header ({e})") from None
+    state.update({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
+    return model, optimizer, state
