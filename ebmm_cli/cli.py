@@ -230,6 +230,533 @@ def distort(
             advance()
 
 
+class Memory(StrEnum):
+    """Energy network kinds."""
+
+    conv = "conv"
+    fc = "fc"
+    rnn = "rnn"
+
+
+class ReadKind(StrEnum):
+    """Read rules."""
+
+    gd = "gd"
+    decoder = "decoder"
+
+
+class Schedule(StrEnum):
+    """Rule schedules."""
+
+    learned = "learned"
+    fixed = "fixed"
+
+
+class Loss(StrEnum):
+    """Meta-training losses."""
+
+    mse = "mse"
+    ssim_mse = "ssim+mse"
+
+
+DataRoot = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="EBMM_DATA",
+        show_default=False,
+        help="Folder holding the datasets (official archive layout); default: the user "
+        "cache, where missing datasets are downloaded.",
+    ),
+]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, or cuda[:i].")]
+
+
+@app.command()
+def train(
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run folder: model.safetensors, checkpoint.safetensors, metrics.jsonl, loss.png.",
+        ),
+    ] = Path("run"),
+    memory: Annotated[
+        Memory,
+        typer.Option(
+            help="Energy network: [bold]conv[/] (ResNet, "
+            "convolutional memory), [bold]fc[/] (fully-connected memory), [bold]rnn[/] (gated RNN "
+            "for 128-bit strings)."
+        ),
+    ] = Memory.conv,
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="omniglot, fc100, cifar10, binary, or a folder of images (class = sub-folder)."
+        ),
+    ] = "omniglot",
+    data_root: DataRoot = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            min=8,
+            show_default=False,
+            help="Image side: "
+            "28 (the report) or 32 (the paper). Default: 28 for Omniglot, 32 for CIFAR.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(min=1, help="N, patterns written per episode (the report 5, the paper 64)."),
+    ] = 5,
+    shots: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Images per class in an episode; 0 ignores "
+            "classes (CIFAR-10 has too few for 64 distinct).",
+        ),
+    ] = 1,
+    write_steps: Annotated[int, typer.Option(min=1, help="T, gradient steps of writing.")] = 5,
+    read_steps: Annotated[int, typer.Option(min=1, help="K, gradient steps of reading.")] = 5,
+    read: Annotated[
+        ReadKind,
+        typer.Option(
+            help="[bold]gd[/]: descend the energy (the paper); "
+            "[bold]decoder[/]: a MAML-adapted decoder (the report)."
+        ),
+    ] = ReadKind.gd,
+    schedule: Annotated[
+        Schedule,
+        typer.Option(
+            help="[bold]learned[/]: meta-learn write rates, "
+            "α, β, read steps and momenta (the paper); [bold]fixed[/]: the report's constants "
+            "(write rate 0.5/0.05, α = 0.5 ×0.95, γ₁ = 500 halved)."
+        ),
+    ] = Schedule.learned,
+    distortion: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Query distortion "
+            "KIND:N: noise:7 (default for images), occlude:16 (the paper), saltpepper:0.1, flip:64 "
+            "(default for binary).",
+        ),
+    ] = None,
+    loss: Annotated[
+        Loss,
+        typer.Option(help="mse (the paper) or ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report)."),
+    ] = Loss.mse,
+    dynamic: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="Written "
+            "channels/units; sets the memory size (conv: 1,154 floats each; fc: 257; rnn: 129). "
+            "Default: conv 4, fc 16, rnn 64.",
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, show_default=False, help="Stop after this many meta-steps.")
+    ] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            show_default=False,
+            help="Stop after this much training time (whichever of --steps/--minutes comes first).",
+        ),
+    ] = None,
+    first_order: Annotated[
+        bool,
+        typer.Option(
+            help="Do not backpropagate through the write's own gradients (faster, less exact)."
+        ),
+    ] = False,
+    lr: Annotated[
+        float,
+        typer.Option(
+            help="AdamW learning rate of the network (the paper's "
+            "5e-5 suits its 2e6 steps; this default suits runs of minutes to hours)."
+        ),
+    ] = 1e-3,
+    rule_lr: Annotated[
+        float,
+        typer.Option(
+            help="AdamW learning rate of the rule parameters (rates, α, β, step sizes, momenta)."
+        ),
+    ] = 1e-2,
+    eval_every: Annotated[
+        int, typer.Option(min=1, help="Held-out evaluation and model save every this many steps.")
+    ] = 25,
+    eval_episodes: Annotated[
+        int, typer.Option(min=1, help="Held-out episodes per evaluation.")
+    ] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and of all episodes.")] = 0,
+    device: Device = "auto",
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run in --out from its checkpoint "
+            "(only --steps/--minutes may change)."
+        ),
+    ] = False,
+) -> None:
+    """Meta-train an energy-based memory: write episodes, read distorted queries, learn."""
+    from ebmm_cli.memory import RuleConfig
+    from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
+
+    if steps is None and minutes is None:
+        raise EbmmError("--steps", "give --steps and/or --minutes")
+    if resume:
+        trainer = Trainer.resume(out, steps, minutes)
+    else:
+        if (out / "checkpoint.safetensors").exists():
+            raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
+        spec = distortion or ("flip:64" if dataset == "binary" else "noise:7")
+        kind = "rnn" if dataset == "binary" else memory.value
+        if (dataset == "binary") != (memory == Memory.rnn):
+            raise EbmmError("--memory", "binary strings take --memory rnn, and rnn takes only them")
+        steps_and_read = {"write_steps": write_steps, "read_steps": read_steps, "read": read.value}
+        if schedule == Schedule.fixed:
+            rules = RuleConfig.report(kind, **steps_and_read)
+        else:
+            rules = RuleConfig(**steps_and_read)
+        channels = _channels(dataset, data_root)
+        model = default_model_config(
+            kind,
+            dataset,
+            image_size or _default_size(dataset),
+            channels,
+            dynamic,
+            rules,
+            spec,
+            loss.value,
+        )
+        config = TrainConfig(
+            model,
+            data_root=str(data_root) if data_root else None,
+            batch_size=batch_size,
+            shots=shots or None,
+            steps=steps,
+            minutes=minutes,
+            lr=lr,
+            rule_lr=rule_lr,
+            first_order=first_order,
+            seed=seed,
+            device=device,
+            eval_every=eval_every,
+            eval_episodes=eval_episodes,
+        )
+        trainer = Trainer.create(config, out)
+    try:
+        with _train_progress(trainer.config.steps, trainer.config.minutes) as update:
+            path = trainer.run(update)
+    except KeyboardInterrupt:
+        print(
+            f"ebmm train: interrupted at step {trainer.step}; checkpoint saved in "
+            f"{out / 'checkpoint.safetensors'}; continue with --resume",
+            file=sys.stderr,
+        )
+        raise typer.Exit(130) from None
+    last = trainer.metrics[-1]
+    print(path)
+    summary = (
+        f"step {last['step']}: held-out loss {last['heldout_loss']:.4f}, MSE "
+        f"{last['heldout_mse']:.4f} (queries {last['heldout_query_mse']:.4f})"
+    )
+    print(summary, file=sys.stderr)
+
+
+def _default_size(dataset: str) -> int | None:
+    return 28 if dataset == "omniglot" else 32 if dataset in ("cifar10", "fc100") else None
+
+
+def _channels(dataset: str, data_root: Path | None) -> int:
+    """Image channels of a dataset: Omniglot 1, CIFAR 3, a folder: its first image's."""
+    if dataset in ("omniglot", "binary"):
+        return 1
+    if dataset in ("cifar10", "fc100"):
+        return 3
+    from ebmm_cli.data import load_dataset
+
+    data = load_dataset(dataset, "train", data_root, None)
+    return int(data[0][0].shape[0])
+
+
+def _train_progress(steps: int | None, minutes: float | None) -> Any:
+    """A rich progress bar on stderr: step, loss, held-out loss, steps/s, ETA."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def bar() -> Any:
+        console = Console(stderr=True)
+        columns = [
+            TextColumn("step {task.completed}"),
+            BarColumn(),
+            TextColumn(
+                "loss {task.fields[loss]}  held-out {task.fields[heldout]}  "
+                "{task.fields[rate]} steps/s  ETA {task.fields[eta]}"
+            ),
+            TimeElapsedColumn(),
+        ]
+        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+            task = progress.add_task("train", total=steps, loss="-", heldout="-", rate="-", eta="-")
+
+            def update(info: dict[str, Any]) -> None:
+                rate = info["steps_per_s"]
+                left = []
+                if info["steps"] is not None and rate > 0:
+                    left.append((info["steps"] - info["step"]) / rate)
+                if info["minutes"] is not None:
+                    left.append(info["minutes"] * 60 - info["elapsed"])
+                eta = f"{max(min(left), 0) / 60:.1f} min" if left else "-"
+                loss = info["loss"]
+                held = info["heldout_loss"]
+                progress.update(
+                    task,
+                    completed=info["step"],
+                    rate=f"{rate:.2f}",
+                    eta=eta,
+                    loss="-" if loss is None else f"{loss:.4f}",
+                    heldout="-" if held is None else f"{held:.4f}",
+                )
+
+            yield update
+
+    return bar()
+
+
+def _note(command: str, notes: list[str]) -> None:
+    for note in notes:
+        print(f"ebmm {command}: note: {note}", file=sys.stderr)
+
+
+@app.command()
+def write(
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Images to store as one batch: files, folders, or - for paths on stdin.",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="A trained model (model.safetensors from ebmm train).", show_default=False
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The memory file to create.")] = Path(
+        "memory.safetensors"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the decoder read's adaptation queries.")] = 0,
+    device: Device = "auto",
+    force: Annotated[bool, typer.Option(help="Overwrite an existing memory file.")] = False,
+) -> None:
+    """Write images into a new memory file (T gradient steps from the meta-learned start).
+
+    The memory file is self-contained: [bold]ebmm read[/] and [bold]ebmm energy[/] need nothing
+    else.
+    """
+    import torch
+
+    from ebmm_cli.imageio import collect_images, load_batch
+    from ebmm_cli.memory import write_memory
+    from ebmm_cli.meta import resolve_device
+    from ebmm_cli.store import load_model, save_memory
+
+    if out.exists() and not force:
+        raise EbmmError(out, "exists; use --force to overwrite")
+    net = load_model(model)
+    shape = _image_shape(net, model)
+    found = collect_images(images, sys.stdin)
+    if any(img.path.resolve() == out.resolve() for img in found):
+        raise EbmmError(out, "would overwrite an input")
+    batch, notes = load_batch(found, shape[0], shape[1], net.config.invert_files)
+    _note("write", notes)
+    dev = resolve_device(device)
+    memory = write_memory(net.to(dev), batch.to(dev), generator=torch.Generator().manual_seed(seed))
+    save_memory(net, memory.detach(), out)
+    print(out)
+
+
+def _image_shape(net: Any, path: Path) -> tuple[int, ...]:
+    shape = net.config.energy.shape
+    if len(shape) != 3:
+        raise EbmmError(path, "is a binary-string model; write and read images with an image model")
+    return shape
+
+
+@app.command()
+def read(
+    queries: Annotated[
+        list[str],
+        typer.Argument(
+            help="Query images: files, folders, or - for paths on stdin.", show_default=False
+        ),
+    ],
+    memory: Annotated[
+        Path, typer.Option(help="A memory file from ebmm write.", show_default=False)
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder; each retrieval keeps its query's relative path, as a PNG.",
+        ),
+    ] = Path("retrieved"),
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, show_default=False, help="K, read steps (default: the model's)."),
+    ] = None,
+    save_iterates: Annotated[
+        bool, typer.Option(help="Also write NAME.iterates.png: a strip of x(0) ... x(K).")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries read at once.")] = 64,
+    device: Device = "auto",
+    force: Annotated[bool, typer.Option(help="Overwrite existing outputs.")] = False,
+) -> None:
+    """Retrieve stored images from distorted queries; prints each written path."""
+    import torch
+
+    from ebmm_cli.imageio import collect_images, load_batch, output_paths, save_image
+    from ebmm_cli.memory import retrieve
+    from ebmm_cli.meta import resolve_device
+    from ebmm_cli.store import load_memory
+
+    net, mem = load_memory(memory)
+    shape = _image_shape(net, memory)
+    found = collect_images(queries, sys.stdin, exclude=out)
+    targets = output_paths(found, out, force)
+    if save_iterates:
+        output_paths(found, out, force, suffix=".iterates.png")
+    dev = resolve_device(device)
+    net = net.to(dev)
+    params = {k: v.to(dev) for k, v in mem.params.items()}
+    decoder = None if mem.decoder is None else {k: v.to(dev) for k, v in mem.decoder.items()}
+    mem = type(mem)(params, decoder, mem.patterns)
+    invert = net.config.invert_files
+    noted = set()
+    with _progress(len(found), "reading") as advance:
+        for start in range(0, len(found), batch_size):
+            chunk = found[start : start + batch_size]
+            x, notes = load_batch(chunk, shape[0], shape[1], invert)
+            for n in set(notes) - noted:
+                _note("read", [n])
+            noted.update(notes)
+            iterates = [x.to(dev), *retrieve(net, mem, x.to(dev), steps=steps)]
+            for i, image in enumerate(chunk):
+                own = _own_channels(image.path)
+                frames = [_to_file(it[i], invert, own) for it in iterates]
+                target = targets[start + i]
+                save_image(frames[-1], target)
+                if save_iterates:
+                    save_image(torch.cat(frames, dim=2), target.with_suffix(".iterates.png"))
+                print(target, flush=True)
+                advance()
+
+
+def _own_channels(path: Path) -> int:
+    """Channels of a file as it will be written back: 1 for grayscale, 3 for colour."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return 1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+
+
+def _to_file(x: Any, invert: bool, channels: int) -> Any:
+    """A model-space (C, H, W) image as written to a file: inverted back, in the query's
+    own mode (a grayscale query read by a colour model comes back as its mean)."""
+    x = 1.0 - x if invert else x
+    if channels == 1 and x.shape[0] != 1:
+        x = x.mean(0, keepdim=True)
+    return x
+
+
+@app.command()
+def energy(
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Images: files, folders, or - for paths on "
+            "stdin. Each folder named here is a group.",
+            show_default=False,
+        ),
+    ],
+    memory: Annotated[
+        Path, typer.Option(help="A memory file from ebmm write.", show_default=False)
+    ],
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print JSON: {images: [{path, energy}], groups: [{path, count, mean}]}."
+        ),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images evaluated at once.")] = 64,
+    device: Device = "auto",
+) -> None:
+    """Energy of each image under a written memory, and the mean per input folder.
+
+    Compare originals, queries and retrievals: [bold]ebmm energy --memory m.safetensors
+    originals/ queries/ retrieved/[/] (the report's Table 1).
+    """
+    import json
+
+    import torch
+
+    from ebmm_cli.imageio import collect_images, load_batch
+    from ebmm_cli.memory import energy as energy_of
+    from ebmm_cli.meta import resolve_device
+    from ebmm_cli.store import load_memory
+
+    net, mem = load_memory(memory)
+    shape = _image_shape(net, memory)
+    found = collect_images(images, sys.stdin)
+    dev = resolve_device(device)
+    net = net.to(dev)
+    params = {k: v.to(dev) for k, v in mem.params.items()}
+    values: list[float] = []
+    noted: set[str] = set()
+    for start in range(0, len(found), batch_size):
+        x, notes = load_batch(
+            found[start : start + batch_size], shape[0], shape[1], net.config.invert_files
+        )
+        _note("energy", sorted(set(notes) - noted))
+        noted.update(notes)
+        with torch.no_grad():
+            values.extend(energy_of(net.energy, params, x.to(dev)).tolist())
+    groups: dict[str, list[float]] = {}
+    for image, value in zip(found, values, strict=True):
+        groups.setdefault(str(image.group), []).append(value)
+    result = {
+        "images": [{"path": str(i.path), "energy": v} for i, v in zip(found, values, strict=True)],
+        "groups": [
+            {"path": g, "count": len(v), "mean": sum(v) / len(v)} for g, v in groups.items()
+        ],
+    }
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("image", "energy")
+    for row in result["images"]:
+        table.add_row(row["path"], f"{row['energy']:.4f}")
+    summary = Table("folder", "images", "mean energy")
+    for row in result["groups"]:
+        summary.add_row(row["path"], str(row["count"]), f"{row['mean']:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(summary)
+
+
 def _progress(total: int, label: str) -> Any:
     """A transient rich progress bar on stderr; yields a function that advances it.
 

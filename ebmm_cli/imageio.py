@@ -35,10 +35,13 @@ class InputImage:
     """One input file and its path relative to the input it came from.
 
     Outputs keep `rel`, so `ebmm distort data/ -o out/` mirrors `data/`'s tree in `out/`.
+    `group` is the folder named on the command line (or a loose file's own folder): the
+    unit `ebmm energy` averages over.
     """
 
     path: Path
     rel: Path
+    group: Path
 
 
 def collect_images(
@@ -73,7 +76,7 @@ def collect_images(
             files = [f for f in _walk(path) if skip is None or not f.resolve().is_relative_to(skip)]
             if not files:
                 raise EbmmError(path, "no images in this folder")
-            found.extend(InputImage(f, f.relative_to(path)) for f in files)
+            found.extend(InputImage(f, f.relative_to(path), path) for f in files)
         elif path.exists():
             loose.append(path)
         else:
@@ -81,7 +84,9 @@ def collect_images(
     if loose:
         parents = [os.path.abspath(p.parent) for p in loose]
         common = Path(os.path.commonpath(parents))
-        found.extend(InputImage(p, Path(os.path.abspath(p)).relative_to(common)) for p in loose)
+        found.extend(
+            InputImage(p, Path(os.path.abspath(p)).relative_to(common), p.parent) for p in loose
+        )
     return found
 
 
@@ -227,3 +232,40 @@ def save_image(x: torch.Tensor, path: Path) -> None:
     img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def load_batch(
+    images: Sequence[InputImage], channels: int, size: int, invert: bool
+) -> tuple[torch.Tensor, list[str]]:
+    """Load images as one (N, channels, size, size) batch for a model.
+
+    Images of another size are resized, grayscale ones given to a colour model are
+    repeated over the channels, and `invert` maps v to 1 - v (dark strokes on light, as
+    in Omniglot's files, to the model's ink = 1). Returns the batch and notices about
+    what was adapted, one line each.
+
+    Raises:
+        EbmmError: naming the file, for a colour image given to a grayscale model, and
+            for anything `read_image` refuses.
+    """
+    batch, resized, widened = [], set(), 0
+    for image in images:
+        x = to_tensor(read_image(image.path))
+        if x.shape[0] != channels:
+            if x.shape[0] == 1:
+                x = x.expand(channels, -1, -1)
+                widened += 1
+            else:
+                raise EbmmError(
+                    image.path, f"has {x.shape[0]} channels, the model takes {channels} (grayscale)"
+                )
+        if x.shape[1:] != (size, size):
+            resized.add(f"{x.shape[2]}x{x.shape[1]}")
+        x = resize(x, size)
+        batch.append(1.0 - x if invert else x)
+    notes = []
+    if resized:
+        notes.append(f"resized {', '.join(sorted(resized))} images to the model's {size}x{size}")
+    if widened:
+        notes.append(f"repeated {widened} grayscale image(s) over the model's {channels} channels")
+    return torch.stack(batch), notes

@@ -276,6 +276,8 @@ class ModelConfig:
             also adapts to it when writing.
         loss: the meta-training loss, `mse` or `ssim+mse`.
         dataset: what it was meta-trained on (provenance only).
+        invert_files: image files hold dark strokes on light (Omniglot's PNGs) while the
+            model sees ink = 1; the CLI inverts files on the way in and out.
     """
 
     energy: EnergyConfig
@@ -283,6 +285,7 @@ class ModelConfig:
     distortion: str = "noise:7"
     loss: str = "mse"
     dataset: str = "omniglot"
+    invert_files: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -420,4 +420,3 @@ def default_model_config(
         loss=loss,
         dataset=dataset,
     )
-

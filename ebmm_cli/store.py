@@ -11,12 +11,13 @@ finiteness and refuses anything else with an `EbmmError` naming the file. No pic
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ebmm_cli import __version__
 from ebmm_cli.atomic import atomic_path
@@ -45,9 +46,20 @@ def _header(model: Model, kind: str, **extra: Any) -> dict[str, str]:
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write a safetensors file atomically, with its JSON header in sorted key order.
+
+    safetensors writes the header from a hash map, in an order that changes from run to
+    run; sorting it (same bytes, same length) makes equal contents give equal files.
+    """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = save(tensors, metadata=meta)
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(
+        json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    header += b" " * (size - len(header))  # safetensors pads the header with spaces too
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        tmp.write_bytes(data[:8] + header + data[8 + size :])
 
 
 def save_model(model: Model, path: Path, **extra: Any) -> None:

@@ -1,0 +1,61 @@
+"""Energy networks: shapes, memory sizes, the slow/memory split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers, memory_names
+
+
+@pytest.mark.parametrize(
+    "dynamic,floats", [(2, 2_308), (3, 3_462), (4, 4_616), (8, 9_232), (14, 16_156)]
+)
+def test_conv_memory_sizes_are_the_papers(dynamic: int, floats: int) -> None:
+    net = build_energy(EnergyConfig("conv", (1, 32, 32), dynamic))
+    assert memory_floats(net) == floats
+    assert list(memory_layers(net)) == ["block1.memory", "block2.memory"]
+
+
+@pytest.mark.parametrize("dynamic", [12, 16, 64])
+def test_fc_memory_is_257_per_unit(dynamic: int) -> None:
+    assert memory_floats(build_energy(EnergyConfig("fc", (1, 28, 28), dynamic))) == 257 * dynamic
+
+
+def test_rnn_memory_is_the_hopfield_budget() -> None:
+    net = build_energy(EnergyConfig("rnn", (128,)))
+    assert memory_floats(net) == 8_256 == 128 * 127 // 2 + 128
+    assert net(torch.rand(4, 128)).shape == (4,)
+
+
+@pytest.mark.parametrize("kind", ["conv", "fc"])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (1, 32, 32), (3, 28, 28), (3, 32, 32)])
+def test_image_networks_take_both_sizes_and_channel_counts(kind: str, shape) -> None:
+    net = build_energy(EnergyConfig(kind, shape))
+    x = torch.rand(3, *shape, requires_grad=True)
+    e = net(x)
+    assert e.shape == (3,) and torch.isfinite(e).all()
+    (g,) = torch.autograd.grad(e.sum(), x)
+    assert g.shape == x.shape and g.abs().sum() > 0
+
+
+def test_energies_of_a_batch_are_independent() -> None:
+    net = build_energy(EnergyConfig("conv", (1, 28, 28)))
+    x = torch.rand(4, 1, 28, 28)
+    alone = torch.stack([net(x[i : i + 1])[0] for i in range(4)])
+    assert torch.allclose(net(x), alone, atol=1e-5)
+
+
+def test_memory_and_slow_parameters_are_disjoint() -> None:
+    net = build_energy(EnergyConfig("fc", (1, 28, 28), 16))
+    names = set(memory_names(net))
+    assert names == {"memory.weight", "memory.bias"}
+    slow = {n for n, _ in net.named_parameters()} - names
+    assert "static.weight" in slow and len(slow) > 10
+
+
+def test_bad_shapes_are_refused() -> None:
+    with pytest.raises(ValueError):
+        build_energy(EnergyConfig("conv", (1, 28, 32)))
+    with pytest.raises(ValueError):
+        build_energy(EnergyConfig("conv", (1, 32, 32), 128))

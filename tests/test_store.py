@@ -1,0 +1,136 @@
+"""Model and memory files: bit-exact round trips and clean refusal of bad files."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ebmm_cli.energy import EnergyConfig
+from ebmm_cli.errors import EbmmError
+from ebmm_cli.memory import Model, ModelConfig, RuleConfig, write_memory
+from ebmm_cli.store import load_memory, load_model, save_memory, save_model
+
+
+def _model(read: str = "gd") -> Model:
+    torch.manual_seed(0)
+    return Model(
+        ModelConfig(EnergyConfig("conv", (1, 28, 28)), RuleConfig(read=read), invert_files=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Model]:
+    root = tmp_path_factory.mktemp("store")
+    model = _model()
+    save_model(model, root / "model.safetensors", step=7)
+    memory = write_memory(model, torch.rand(3, 1, 28, 28)).detach()
+    save_memory(model, memory, root / "memory.safetensors")
+    return root / "model.safetensors", root / "memory.safetensors", model
+
+
+def test_model_round_trip_is_bit_exact(files, tmp_path: Path) -> None:
+    path, _, model = files
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    for (k, a), (k2, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(a, b)
+    save_model(loaded, tmp_path / "again.safetensors", step=7)
+    assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("read", ["gd", "decoder"])
+def test_memory_round_trip_is_bit_exact_and_self_contained(read: str, tmp_path: Path) -> None:
+    model = _model(read)
+    memory = write_memory(model, torch.rand(4, 1, 28, 28)).detach()
+    save_memory(model, memory, tmp_path / "m.safetensors")
+    loaded_model, loaded = load_memory(tmp_path / "m.safetensors")
+    assert loaded.patterns == 4
+    assert all(torch.equal(memory.params[k], loaded.params[k]) for k in memory.params)
+    if read == "decoder":
+        assert all(torch.equal(memory.decoder[k], loaded.decoder[k]) for k in memory.decoder)
+    header = json.loads(
+        (tmp_path / "m.safetensors").read_bytes()[8:][
+            : struct.unpack("<Q", (tmp_path / "m.safetensors").read_bytes()[:8])[0]
+        ]
+    )
+    meta = header["__metadata__"]
+    assert meta["format"] == "ebmm.memory" and meta["format_version"] == "1"
+    assert json.loads(meta["memory_floats"]) == model.memory_floats()
+    assert json.loads(meta["shape"]) == [1, 28, 28]
+    save_memory(loaded_model, loaded, tmp_path / "m2.safetensors")
+    assert (tmp_path / "m2.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
+
+
+def _rewrite_header(src: Path, dst: Path, edit) -> None:
+    data = src.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _set_meta(key: str, value: str):
+    def edit(header: dict) -> None:
+        header["__metadata__"][key] = value
+
+    return edit
+
+
+def test_model_given_as_memory_and_reverse(files) -> None:
+    model_path, memory_path, _ = files
+    with pytest.raises(EbmmError, match="is a model") as err:
+        load_memory(model_path)
+    assert err.value.subject == str(model_path)
+    with pytest.raises(EbmmError, match="is a memory"):
+        load_model(memory_path)
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("truncated", "not a readable safetensors"),
+        ("not safetensors", "not a readable safetensors"),
+        ("version", "format version '99' is not supported"),
+        ("no format", "not an ebmm file"),
+        ("bad config", "bad model config"),
+        ("wrong shape", "has shape"),
+        ("nan", "NaN or infinite"),
+        ("missing", "no such file"),
+    ],
+)
+def test_bad_files_are_refused_with_the_reason(
+    files, tmp_path: Path, case: str, match: str
+) -> None:
+    model_path, _, model = files
+    bad = tmp_path / "bad.safetensors"
+    if case == "truncated":
+        bad.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2])
+    elif case == "not safetensors":
+        bad.write_text("hello")
+    elif case == "version":
+        _rewrite_header(model_path, bad, _set_meta("format_version", "99"))
+    elif case == "no format":
+        _rewrite_header(model_path, bad, lambda h: h["__metadata__"].pop("format"))
+    elif case == "bad config":
+        _rewrite_header(model_path, bad, _set_meta("config", '{"energy": 3}'))
+    elif case in ("wrong shape", "nan"):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if case == "wrong shape":
+            state["energy.head.out.bias"] = torch.zeros(2)
+        else:
+            state["energy.head.out.bias"][0] = float("nan")
+        header = json.loads(
+            model_path.read_bytes()[8:][: struct.unpack("<Q", model_path.read_bytes()[:8])[0]]
+        )["__metadata__"]
+        save_file(state, str(bad), metadata=header)
+    with pytest.raises(EbmmError, match=match) as err:
+        load_model(bad)
+    assert err.value.subject == str(bad)
