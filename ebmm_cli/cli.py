@@ -386,7 +386,7 @@ def train(
         typer.Option(
             help="AdamW learning rate of the rule parameters (rates, α, β, step sizes, momenta)."
         ),
-    ] = 1e-2,
+    ] = 3e-2,
     eval_every: Annotated[
         int, typer.Option(min=1, help="Held-out evaluation and model save every this many steps.")
     ] = 25,
@@ -634,8 +634,9 @@ def read(
     shape = _image_shape(net, memory)
     found = collect_images(queries, sys.stdin, exclude=out)
     targets = output_paths(found, out, force)
-    if save_iterates:
-        output_paths(found, out, force, suffix=".iterates.png")
+    strips = (
+        output_paths(found, out.with_name(out.name + "-iterates"), force) if save_iterates else []
+    )
     dev = resolve_device(device)
     net = net.to(dev)
     params = {k: v.to(dev) for k, v in mem.params.items()}
@@ -657,7 +658,7 @@ def read(
                 target = targets[start + i]
                 save_image(frames[-1], target)
                 if save_iterates:
-                    save_image(torch.cat(frames, dim=2), target.with_suffix(".iterates.png"))
+                    save_image(torch.cat(frames, dim=2), strips[start + i])
                 print(target, flush=True)
                 advance()
 

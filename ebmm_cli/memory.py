@@ -67,7 +67,7 @@ class RuleConfig:
     alpha: float = 1.0
     alpha_decay: float = 0.95
     beta: float = 1e-2
-    read_lr: float = 1.0
+    read_lr: float = 2.0
     read_decay: float = 0.9
     momentum: float = 0.5
     decoder_steps: int = 2

@@ -12,6 +12,7 @@ paper's). The library never prints: progress goes to a callback.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -38,7 +39,9 @@ class TrainConfig:
 
     `lr` is AdamW's learning rate for the network; `rule_lr` for the rule parameters
     (write rates, α, β, read steps and momenta), which are few, scalar and start far
-    from their good values, so they need larger steps than the paper's 5e-5.
+    from their good values, so they need larger steps than the paper's 5e-5. Both decay
+    along a cosine to `lr_floor` times their value over the run's budget (`steps` and/or
+    `minutes`): short runs end on small steps instead of on noise.
     """
 
     model: ModelConfig
@@ -48,7 +51,8 @@ class TrainConfig:
     steps: int | None = None
     minutes: float | None = None
     lr: float = 1e-3
-    rule_lr: float = 1e-2
+    rule_lr: float = 3e-2
+    lr_floor: float = 0.1
     first_order: bool = False
     seed: int = 0
     device: str = "auto"
@@ -130,9 +134,10 @@ class Trainer:
         if rule_params:
             groups.append({"params": rule_params, "lr": config.rule_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-6)
+        self.base_lrs = [g["lr"] for g in groups]
         train_data, held_data, self.heldout_split = _datasets(config)
         self.episodes = Episodes(train_data, config.batch_size, config.shots, seed=config.seed)
-        self.heldout = _fixed_episodes(held_data, config, self.distortion)
+        self.heldout = heldout_batches(held_data, config, self.distortion)
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
         self.elapsed = 0.0
@@ -220,6 +225,7 @@ class Trainer:
         heldout = self.metrics[-1]["heldout_loss"] if self.metrics else None
         try:
             while not self._done(time.monotonic() - start):
+                self._schedule_lr(time.monotonic() - start)
                 loss = self.train_step(self.batch())
                 self.step += 1
                 if loss is None:
@@ -257,6 +263,18 @@ class Trainer:
         self._save_outputs()
         self.save_checkpoint()
         return self.out / "model.safetensors"
+
+    def _schedule_lr(self, elapsed: float) -> None:
+        """Cosine decay from the base rates to `lr_floor` of them over the budget."""
+        cfg = self.config
+        progress = 0.0
+        if cfg.steps is not None:
+            progress = self.step / cfg.steps
+        if cfg.minutes:
+            progress = max(progress, elapsed / (cfg.minutes * 60))
+        scale = cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * scale
 
     def _done(self, elapsed: float) -> bool:
         cfg = self.config
@@ -328,13 +346,16 @@ def _datasets(config: TrainConfig) -> tuple[Any, Any, str]:
         return train, train, "train (no held-out split found)"
 
 
-def _fixed_episodes(data: Any, config: TrainConfig, distortion: Distortion) -> list[Batch]:
-    """The same held-out episodes and queries at every evaluation."""
+def heldout_batches(
+    data: Any, config: TrainConfig, distortion: Distortion, count: int | None = None
+) -> list[Batch]:
+    """`count` (default `config.eval_episodes`) held-out episodes with their queries, the
+    same for every call with the same config: the run's fixed evaluation set."""
     episodes = Episodes(data, config.batch_size, config.shots, seed=config.seed + 10_000)
     generator = torch.Generator().manual_seed(config.seed + 20_000)
     device = resolve_device(config.device)
     batches = []
-    for _ in range(config.eval_episodes):
+    for _ in range(count if count is not None else config.eval_episodes):
         patterns, _ = episodes.sample()
         batches.append(Batch(patterns.to(device), distortion(patterns, generator).to(device)))
     return batches

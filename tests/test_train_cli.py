@@ -1,0 +1,257 @@
+"""End to end through the real CLI on real Omniglot: train, write, distort, read, energy."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ebmm_cli.cli import app
+from tests.conftest import run_ebmm
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--batch-size",
+    "3",
+    "--write-steps",
+    "2",
+    "--read-steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--eval-episodes",
+    "1",
+    "--device",
+    "cpu",
+]
+
+
+def _train(data_root: Path, out: Path, *extra: str) -> None:
+    result = runner.invoke(
+        app, ["train", "--data-root", str(data_root), "--out", str(out), *TINY, *extra]
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    _train(data_root, out, "--steps", "2", "--loss", "ssim+mse")
+    return out
+
+
+def test_train_writes_its_run_folder(run_dir: Path) -> None:
+    assert {p.name for p in run_dir.iterdir()} == {
+        "model.safetensors",
+        "checkpoint.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+    }
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2]
+    for key in (
+        "train_loss",
+        "heldout_loss",
+        "heldout_mse",
+        "heldout_query_mse",
+        "heldout_ssim",
+        "heldout_energy_original",
+        "heldout_energy_query",
+        "heldout_energy_retrieved",
+        "seconds",
+        "skipped",
+    ):
+        assert key in lines[0]
+    assert lines[0]["heldout_split"] == "test"
+    assert Image.open(run_dir / "loss.png").size[0] > 100
+
+
+def test_write_read_energy_on_real_characters(
+    run_dir: Path, omniglot_dir: Path, tmp_path: Path
+) -> None:
+    chars = omniglot_dir / "Latin" / "character01"
+    memory = tmp_path / "m.safetensors"
+    result = runner.invoke(
+        app,
+        [
+            "write",
+            "--model",
+            str(run_dir / "model.safetensors"),
+            str(chars),
+            "-o",
+            str(memory),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(memory)
+    assert "resized 105x105 images to the model's 28x28" in result.stderr
+
+    queries = run_ebmm("distort", str(chars), "--size", "28", "-o", str(tmp_path / "q"))
+    assert queries.returncode == 0, queries.stderr
+    read = run_ebmm(
+        "read",
+        "--memory",
+        str(memory),
+        "-",
+        "-o",
+        str(tmp_path / "r"),
+        "--save-iterates",
+        "--device",
+        "cpu",
+        stdin=queries.stdout,
+    )
+    assert read.returncode == 0, read.stderr
+    written = read.stdout.splitlines()
+    assert len(written) == 20
+    first = Image.open(written[0])
+    assert first.mode == "L" and first.size == (28, 28)
+    strip = Image.open(tmp_path / "r-iterates" / Path(written[0]).name)
+    assert strip.size == (28 * 3, 28)  # x(0), x(1), x(2)
+
+    result = runner.invoke(
+        app,
+        [
+            "energy",
+            "--memory",
+            str(memory),
+            str(chars),
+            str(tmp_path / "q"),
+            str(tmp_path / "r"),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.stdout)
+    assert len(table["images"]) == 60
+    assert [g["path"] for g in table["groups"]] == [
+        str(chars),
+        str(tmp_path / "q"),
+        str(tmp_path / "r"),
+    ]
+    assert all(g["count"] == 20 for g in table["groups"])
+    means = [
+        sum(i["energy"] for i in table["images"][k * 20 : (k + 1) * 20]) / 20 for k in range(3)
+    ]
+    assert [round(g["mean"], 6) for g in table["groups"]] == [round(m, 6) for m in means]
+
+
+def test_same_seed_same_run(run_dir: Path, data_root: Path, tmp_path: Path) -> None:
+    _train(data_root, tmp_path / "again", "--steps", "2", "--loss", "ssim+mse")
+    a = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    for m in a + b:
+        m.pop("seconds")
+    assert a == b
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        run_dir / "model.safetensors"
+    ).read_bytes()
+
+
+def test_resume_continues_exactly(data_root: Path, tmp_path: Path) -> None:
+    _train(data_root, tmp_path / "whole", "--steps", "4")
+    _train(data_root, tmp_path / "split", "--steps", "2")
+    _train(data_root, tmp_path / "split", "--steps", "4", "--resume")
+    whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().split()]
+    split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().split()]
+    for m in whole + split:
+        m.pop("seconds")
+    assert whole == split and [m["step"] for m in whole] == [2, 4]
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (
+        tmp_path / "split" / "model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "mode", [["--schedule", "fixed"], ["--read", "decoder"], ["--memory", "fc", "--first-order"]]
+)
+def test_other_modes_run_end_to_end(
+    mode: list[str], data_root: Path, omniglot_dir: Path, tmp_path: Path
+) -> None:
+    _train(data_root, tmp_path / "run", "--steps", "2", *mode)
+    chars = omniglot_dir / "Greek" / "character03"
+    model = tmp_path / "run" / "model.safetensors"
+    assert (
+        runner.invoke(
+            app, ["write", "--model", str(model), str(chars), "-o", str(tmp_path / "m.safetensors")]
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        app,
+        [
+            "read",
+            "--memory",
+            str(tmp_path / "m.safetensors"),
+            str(chars),
+            "-o",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 20
+
+
+def _one_line(result, *named: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert all(n in lines[0] for n in named), lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_bad_inputs_to_write_read_train(
+    run_dir: Path, omniglot_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    chars = str(omniglot_dir / "Latin" / "character02")
+    model = run_dir / "model.safetensors"
+    memory = tmp_path / "m.safetensors"
+    assert (
+        runner.invoke(app, ["write", "--model", str(model), chars, "-o", str(memory)]).exit_code
+        == 0
+    )
+    _one_line(
+        runner.invoke(
+            app, ["write", "--model", str(memory), chars, "-o", str(tmp_path / "x.safetensors")]
+        ),
+        str(memory),
+        "is a memory",
+    )
+    _one_line(runner.invoke(app, ["read", "--memory", str(model), chars]), str(model), "is a model")
+    _one_line(
+        runner.invoke(app, ["write", "--model", str(model), chars, "-o", str(memory)]),
+        str(memory),
+        "--force",
+    )
+    _one_line(
+        runner.invoke(app, ["train", "--out", str(tmp_path / "none"), "--resume", "--steps", "1"]),
+        "checkpoint.safetensors",
+        "no checkpoint",
+    )
+    _one_line(
+        runner.invoke(
+            app, ["train", "--out", str(run_dir), "--steps", "1", "--data-root", str(data_root)]
+        ),
+        str(run_dir),
+        "--resume",
+    )
+    with zipfile.ZipFile(data_root / "cifar10" / "cifar10_train_jpg.zip") as z:
+        z.extract("train/cat/0001.jpg", tmp_path)
+    colour = tmp_path / "train" / "cat" / "0001.jpg"
+    _one_line(
+        runner.invoke(
+            app, ["read", "--memory", str(memory), str(colour), "-o", str(tmp_path / "r")]
+        ),
+        str(colour),
+        "3 channels",
+    )
+    assert not (tmp_path / "r").exists()
