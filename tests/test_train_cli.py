@@ -11,6 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ebmm_cli.cli import app
+from ebmm_cli.memory import RuleConfig
+from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
 from tests.conftest import run_ebmm
 
 runner = CliRunner()
@@ -157,10 +159,34 @@ def test_same_seed_same_run(run_dir: Path, data_root: Path, tmp_path: Path) -> N
     ).read_bytes()
 
 
-def test_resume_continues_exactly(data_root: Path, tmp_path: Path) -> None:
+def test_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C after step 2 saves a checkpoint; `--resume` then ends where an uninterrupted
+    run with the same budget ends, to the bit."""
     _train(data_root, tmp_path / "whole", "--steps", "4")
-    _train(data_root, tmp_path / "split", "--steps", "2")
-    _train(data_root, tmp_path / "split", "--steps", "4", "--resume")
+    model = default_model_config(
+        "conv", "omniglot", 28, 1, None, RuleConfig(write_steps=2, read_steps=2), "noise:7", "mse"
+    )
+    config = TrainConfig(
+        model,
+        data_root=str(data_root),
+        batch_size=3,
+        steps=4,
+        eval_every=2,
+        eval_episodes=1,
+        device="cpu",
+    )
+    trainer = Trainer.create(config, tmp_path / "split")
+
+    def interrupt(info: dict) -> None:
+        if info["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(interrupt)
+    result = runner.invoke(
+        app, ["train", "--out", str(tmp_path / "split"), "--resume", "--steps", "4"]
+    )
+    assert result.exit_code == 0, result.output
     whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().split()]
     split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().split()]
     for m in whole + split:
