@@ -187,8 +187,8 @@ def test_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> Non
         app, ["train", "--out", str(tmp_path / "split"), "--resume", "--steps", "4"]
     )
     assert result.exit_code == 0, result.output
-    whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().split()]
-    split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().split()]
+    whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     for m in whole + split:
         m.pop("seconds")
     assert whole == split and [m["step"] for m in whole] == [2, 4]
