@@ -639,9 +639,7 @@ def read(
     )
     dev = resolve_device(device)
     net = net.to(dev)
-    params = {k: v.to(dev) for k, v in mem.params.items()}
-    decoder = None if mem.decoder is None else {k: v.to(dev) for k, v in mem.decoder.items()}
-    mem = type(mem)(params, decoder, mem.patterns)
+    mem = mem.to(dev)
     invert = net.config.invert_files
     noted = set()
     with _progress(len(found), "reading") as advance:
@@ -721,7 +719,7 @@ def energy(
     found = collect_images(images, sys.stdin)
     dev = resolve_device(device)
     net = net.to(dev)
-    params = {k: v.to(dev) for k, v in mem.params.items()}
+    params = mem.to(dev).params
     values: list[float] = []
     noted: set[str] = set()
     for start in range(0, len(found), batch_size):

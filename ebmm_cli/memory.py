@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -330,8 +331,15 @@ class Memory:
 
     def detach(self) -> Memory:
         """The same memory cut from the graph that wrote it."""
-        dec = None if self.decoder is None else {k: v.detach() for k, v in self.decoder.items()}
-        return Memory({k: v.detach() for k, v in self.params.items()}, dec, self.patterns)
+        return self._map(lambda v: v.detach())
+
+    def to(self, device: torch.device) -> Memory:
+        """The same memory on `device`."""
+        return self._map(lambda v: v.to(device))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Memory:
+        decoder = None if self.decoder is None else {k: fn(v) for k, v in self.decoder.items()}
+        return Memory({k: fn(v) for k, v in self.params.items()}, decoder, self.patterns)
 
 
 def write_memory(
