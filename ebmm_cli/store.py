@@ -21,6 +21,7 @@ from safetensors.torch import save
 
 from ebmm_cli import __version__
 from ebmm_cli.atomic import atomic_path
+from ebmm_cli.energy import memory_names
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.memory import Memory, Model, ModelConfig
 
@@ -108,28 +109,33 @@ def _open(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor
     return meta, tensors
 
 
-def _model(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Model:
-    try:
-        config = ModelConfig.from_json(meta["config"])
-        model = Model(config)
-    except (KeyError, ValueError, TypeError) as e:
-        raise EbmmError(path, f"bad model config in the header ({e})") from None
-    state = {k: v for k, v in tensors.items() if not k.startswith(("memory.", "decoder_memory."))}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unknown = sorted(set(state) - set(expected))
+def _match(
+    path: Path, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str
+) -> None:
+    """Refuse tensors whose names or shapes differ from what the config builds."""
+    missing = sorted(set(expected) - set(got))
+    unknown = sorted(set(got) - set(expected))
     if missing or unknown:
         raise EbmmError(
             path,
-            f"tensors do not match the config (missing {missing[:3]}, unexpected {unknown[:3]})",
+            f"{what} do not match the config (missing {missing[:3]}, unexpected {unknown[:3]})",
         )
-    for k, v in state.items():
+    for k, v in got.items():
         if v.shape != expected[k].shape:
             raise EbmmError(
                 path,
-                f"tensor {k!r} has shape {tuple(v.shape)}, the config needs "
+                f"{what}: {k!r} has shape {tuple(v.shape)}, the config needs "
                 f"{tuple(expected[k].shape)}",
             )
+
+
+def _model(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Model:
+    try:
+        model = Model(ModelConfig.from_json(meta["config"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise EbmmError(path, f"bad model config in the header ({e})") from None
+    state = {k: v for k, v in tensors.items() if not k.startswith(("memory.", "decoder_memory."))}
+    _match(path, state, model.state_dict(), "tensors")
     model.load_state_dict(state)
     return model
 
@@ -140,32 +146,22 @@ def load_model(path: Path) -> Model:
     return _model(path, meta, tensors)
 
 
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def load_memory(path: Path) -> tuple[Model, Memory]:
     """Load a memory file: its model and the written memory."""
     meta, tensors = _open(path, MEMORY)
     model = _model(path, meta, tensors)
-    params = {k[len("memory.") :]: v for k, v in tensors.items() if k.startswith("memory.")}
-    decoder = {
-        k[len("decoder_memory.") :]: v
-        for k, v in tensors.items()
-        if k.startswith("decoder_memory.")
-    }
-    energy_state = model.energy.state_dict()
-    if set(params) != {
-        n
-        for n in energy_state
-        if n in dict(model.energy.named_parameters()) and n.rsplit(".", 2)[-2] == "memory"
-    }:
-        raise EbmmError(path, "the written parameters do not match the model's memory layers")
-    for k, v in params.items():
-        if v.shape != energy_state[k].shape:
-            raise EbmmError(
-                path,
-                f"written tensor {k!r} has shape {tuple(v.shape)}, "
-                f"expected {tuple(energy_state[k].shape)}",
-            )
-    if (model.decoder is None) != (not decoder):
-        raise EbmmError(path, "decoder weights do not match the model's read")
+    params = _prefixed(tensors, "memory.")
+    energy_params = dict(model.energy.named_parameters())
+    _match(
+        path, params, {n: energy_params[n] for n in memory_names(model.energy)}, "written tensors"
+    )
+    decoder = _prefixed(tensors, "decoder_memory.")
+    expected = {} if model.decoder is None else dict(model.decoder.named_parameters())
+    _match(path, decoder, expected, "decoder tensors")
     try:
         patterns = int(meta["patterns"])
     except (KeyError, ValueError):

@@ -21,6 +21,18 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 @pytest.fixture(scope="session")
@@ -79,18 +91,7 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.nda
     root = tmp_path_factory.mktemp("cifar10root")
     (root / "cifar10").mkdir()
     rng = np.random.default_rng(0)
-    names = [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
+    names = CIFAR10_CLASSES
     images = rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8)
     labels = [i % 10 for i in range(23)]
     with tarfile.open(root / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:

@@ -18,6 +18,7 @@ from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.data.download import fetch
 from ebmm_cli.data.omniglot import omniglot
 from ebmm_cli.errors import EbmmError
+from tests.conftest import CIFAR10_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -112,18 +113,7 @@ def test_fetch_failure_is_a_clean_error(tmp_path: Path) -> None:
 def test_cifar10_class_folders_from_the_shared_zip(data_root: Path) -> None:
     data = load_dataset("cifar10", "train", data_root, 32, download=False)
     assert len(data) == 50_000
-    assert data.classes == [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
+    assert data.classes == CIFAR10_CLASSES
     assert sorted(len(v) for v in data.labels_to_indices().values()) == [5_000] * 10
     x, _ = data[123]
     assert x.shape == (3, 32, 32) and x.min() >= 0 and x.max() <= 1
