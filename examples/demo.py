@@ -52,8 +52,7 @@ def main() -> None:
         )
         trainer = Trainer.create(config, run)
     print(f"meta-training for {args.minutes} min (report protocol) into {run} ...", file=sys.stderr)
-    trainer.run(lambda info: _tick(info))
-    print(file=sys.stderr)
+    trainer.run(_tick)
     model = trainer.model.cpu()
 
     chars = load_dataset("omniglot", "test", args.data_root, 28)

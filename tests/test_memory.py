@@ -124,7 +124,7 @@ def _fd_input_grad(net: nn.Module, theta: dict, x: torch.Tensor, eps: float = 1e
         for sign in (1, -1):
             y = x.clone()
             y[i] += sign * eps
-            out[i] += sign * float(energy(net, theta, y[None])[0]) / (2 * eps)
+            out[i] += sign * float(energy(net, theta, y[None])[0].detach()) / (2 * eps)
     return out
 
 
