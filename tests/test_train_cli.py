@@ -281,3 +281,47 @@ def test_bad_inputs_to_write_read_train(
         "3 channels",
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--dataset",
+            "binary",
+            "--memory",
+            "rnn",
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            "2",
+            "--eval-episodes",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["heldout_query_mse"] == 0.5  # flip:64 of 128 bits
+    assert metrics["heldout_split"] == "fresh random strings"
+    wrong = runner.invoke(
+        app,
+        [
+            "train",
+            "--dataset",
+            "binary",
+            "--memory",
+            "conv",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert wrong.exit_code == 2 and "--memory" in wrong.stderr
