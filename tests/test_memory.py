@@ -152,7 +152,7 @@ def test_meta_gradient_through_write_and_read_matches_finite_differences(second_
         up, down = bias.clone(), bias.clone()
         up[i] += eps
         down[i] -= eps
-        numeric[i] = (float(loss(up)) - float(loss(down))) / (2 * eps)
+        numeric[i] = (float(loss(up).detach()) - float(loss(down).detach())) / (2 * eps)
     if second_order:
         assert torch.allclose(autograd, numeric, rtol=1e-5, atol=1e-8)
     else:  # first order drops the write's own second derivatives: close, not equal
