@@ -127,6 +127,10 @@ class Kind(StrEnum):
     occlude = "occlude"
     saltpepper = "saltpepper"
     flip = "flip"
+    erase = "erase"
+    randomize = "randomize"
+    eraseblock = "eraseblock"
+    randomizeblock = "randomizeblock"
 
 
 def _fill_value(text: str) -> float | None:
@@ -156,8 +160,9 @@ def distort(
         typer.Option(
             help="[bold]noise[/]: an n x n block of Gaussian noise "
             "(first channel only on colour); [bold]occlude[/]: an n x n block set to --value; "
-            "[bold]saltpepper[/]: pixels set to 0 or 1 with probability --prob; [bold]flip[/]: "
-            "--bits pixels inverted."
+            "[bold]saltpepper[/]: pixels set to 0 or 1 with probability --prob; [bold]flip[/], "
+            "[bold]erase[/] (to 0.5), [bold]randomize[/]: --bits pixels inverted, erased, "
+            "randomised; [bold]eraseblock[/], [bold]randomizeblock[/]: a contiguous run of them."
         ),
     ] = Kind.noise,
     block: Annotated[
@@ -176,7 +181,10 @@ def distort(
         ),
     ] = "0",
     prob: Annotated[float, typer.Option(help="Probability that saltpepper hits a pixel.")] = 0.1,
-    bits: Annotated[int, typer.Option(help="Number of pixels (bits) that flip inverts.")] = 64,
+    bits: Annotated[
+        int,
+        typer.Option(help="Pixels (bits) changed by flip, erase, randomize and their block forms."),
+    ] = 64,
     size: Annotated[
         int | None,
         typer.Option(

@@ -12,7 +12,13 @@ to [0, 1] (the images' domain, onto which the read projects anyway).
 - `occlude:n`    an n x n block set to a constant (default 0) or to uniform noise; the
                  paper's image distortion (16 x 16 at 32 x 32);
 - `saltpepper:p` each pixel independently, with probability p, set to 0 or 1;
-- `flip:k`       k distinct positions inverted (x -> 1 - x): the paper's corrupted bits.
+- `flip:k`       k distinct positions inverted (x -> 1 - x);
+- `erase:k`      k distinct positions set to 0.5, "unknown" (0 in a Hopfield net's ±1);
+- `randomize:k`  k distinct positions replaced by random bits (about k/2 of them flip);
+- `eraseblock:k`, `randomizeblock:k`: the same on a contiguous run of k positions
+                 (flattened order) at a random start. These four are the readings of the
+                 paper's binary-string corruption, "a random part of the pattern (64
+                 bits)"; `ebmm compare` reports each.
 
 Each block lies wholly inside its image, at a position drawn per image.
 """
@@ -27,7 +33,17 @@ import torch
 
 from ebmm_cli.errors import EbmmError
 
-KINDS = ("noise", "occlude", "saltpepper", "flip")
+KINDS = (
+    "noise",
+    "occlude",
+    "saltpepper",
+    "flip",
+    "erase",
+    "randomize",
+    "eraseblock",
+    "randomizeblock",
+)
+_POSITIONAL = ("flip", "erase", "randomize", "eraseblock", "randomizeblock")
 
 
 def _block_index(
@@ -90,15 +106,43 @@ def salt_pepper(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.
     return torch.where(hit.to(x.device), salt.to(x.device), x).clamp_(0.0, 1.0)
 
 
-def flip_bits(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Invert exactly k distinct positions (pixels, all channels together) of each pattern."""
+def _positions(
+    x: torch.Tensor, k: int, generator: torch.Generator, block: bool = False
+) -> torch.Tensor:
+    """A mask of k distinct positions per pattern (pixels: all channels together), random
+    or a contiguous run in flattened order; shaped like `_pixel_shape(x)`."""
     shape = _pixel_shape(x)
     positions = math.prod(shape[1:])
-    order = torch.rand(shape[0], positions, generator=generator).argsort(dim=1)
-    mask = torch.zeros(shape[0], positions, dtype=torch.bool)
-    mask.scatter_(1, order[:, :k], True)
-    mask = mask.reshape(shape).to(x.device)
-    return torch.where(mask, 1.0 - x, x).clamp_(0.0, 1.0)
+    if block:
+        start = torch.randint(0, positions - k + 1, (shape[0], 1), generator=generator)
+        index = torch.arange(positions)[None, :]
+        mask = (index >= start) & (index < start + k)
+    else:
+        order = torch.rand(shape[0], positions, generator=generator).argsort(dim=1)
+        mask = torch.zeros(shape[0], positions, dtype=torch.bool)
+        mask.scatter_(1, order[:, :k], True)
+    return mask.reshape(shape).to(x.device)
+
+
+def flip_bits(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Invert exactly k distinct positions (pixels, all channels together) of each pattern."""
+    return torch.where(_positions(x, k, generator), 1.0 - x, x).clamp_(0.0, 1.0)
+
+
+def erase_bits(
+    x: torch.Tensor, k: int, generator: torch.Generator, block: bool = False
+) -> torch.Tensor:
+    """Set k positions (random, or a contiguous run) to 0.5: unknown, neither 0 nor 1."""
+    return torch.where(_positions(x, k, generator, block), 0.5, x)
+
+
+def randomize_bits(
+    x: torch.Tensor, k: int, generator: torch.Generator, block: bool = False
+) -> torch.Tensor:
+    """Replace k positions (random, or a contiguous run) with uniform random bits."""
+    mask = _positions(x, k, generator, block)
+    bits = torch.randint(0, 2, mask.shape, generator=generator).to(x.dtype)
+    return torch.where(mask, bits.to(x.device), x)
 
 
 @dataclass(frozen=True)
@@ -140,7 +184,7 @@ class Distortion:
             try:
                 if kind == "saltpepper":
                     d = cls(kind=kind, prob=float(arg))
-                elif kind == "flip":
+                elif kind in _POSITIONAL:
                     d = cls(kind=kind, bits=int(arg))
                 else:
                     d = cls(kind=kind, block=int(arg))
@@ -161,7 +205,7 @@ class Distortion:
             raise EbmmError("--value", f"must be in [0, 1] or 'uniform', got {self.value}")
         if self.kind == "saltpepper" and not 0.0 <= self.prob <= 1.0:
             raise EbmmError("--prob", f"must be in [0, 1], got {self.prob}")
-        if self.kind == "flip" and self.bits < 0:
+        if self.kind in _POSITIONAL and self.bits < 0:
             raise EbmmError("--bits", f"must be at least 0, got {self.bits}")
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
@@ -179,7 +223,7 @@ class Distortion:
             h, w = shape[1:]
             if self.block > min(h, w):
                 raise EbmmError("--block", f"{self.block} is larger than the {h}x{w} image")
-        if self.kind == "flip":
+        if self.kind in _POSITIONAL:
             positions = math.prod(shape[1:]) if len(shape) == 3 else math.prod(shape)
             if self.bits > positions:
                 raise EbmmError("--bits", f"{self.bits} is more than the {positions} positions")
@@ -193,16 +237,18 @@ class Distortion:
             return occlude_block(x, self.block, generator, self.value)
         if self.kind == "saltpepper":
             return salt_pepper(x, self.prob, generator)
-        return flip_bits(x, self.bits, generator)
+        if self.kind == "flip":
+            return flip_bits(x, self.bits, generator)
+        block = self.kind.endswith("block")
+        if self.kind.startswith("erase"):
+            return erase_bits(x, self.bits, generator, block)
+        return randomize_bits(x, self.bits, generator, block)
 
     def spec(self) -> str:
         """The short `KIND:N` form, as `parse` reads it."""
-        arg = {
-            "noise": self.block,
-            "occlude": self.block,
-            "saltpepper": self.prob,
-            "flip": self.bits,
-        }[self.kind]
+        arg = {"noise": self.block, "occlude": self.block, "saltpepper": self.prob}.get(
+            self.kind, self.bits
+        )
         return f"{self.kind}:{arg}"
 
 

@@ -166,3 +166,25 @@ def test_generator_for_depends_on_seed_and_key_only() -> None:
     assert torch.equal(a, torch.rand(3, generator=generator_for(1, "a/b.png")))
     assert not torch.equal(a, torch.rand(3, generator=generator_for(2, "a/b.png")))
     assert not torch.equal(a, torch.rand(3, generator=generator_for(1, "a/c.png")))
+
+
+@pytest.mark.parametrize("kind", ["erase", "eraseblock", "randomize", "randomizeblock"])
+def test_binary_corruptions_touch_exactly_k_positions(kind: str) -> None:
+    x = torch.randint(0, 2, (50, 128), generator=torch.Generator().manual_seed(0)).float()
+    y = Distortion.parse(f"{kind}:64")(x, torch.Generator().manual_seed(1))
+    if kind.startswith("erase"):
+        hit = y == 0.5
+        assert (hit.sum(1) == 64).all() and torch.equal(y[~hit], x[~hit])
+    else:
+        assert set(y.unique().tolist()) <= {0.0, 1.0}
+        flipped = (y != x).sum(1).float()
+        assert (flipped <= 64).all() and 26 < flipped.mean() < 38  # about half of 64
+        hit = None
+    if kind == "eraseblock":
+        for row in hit:
+            where = row.nonzero().squeeze(1)
+            assert where.max() - where.min() == 63  # one contiguous run
+    if kind == "randomizeblock":
+        for a, b in zip(x, y, strict=True):
+            where = (a != b).nonzero().squeeze(1)
+            assert len(where) == 0 or where.max() - where.min() < 64
