@@ -764,6 +764,144 @@ def energy(
     console.print(summary)
 
 
+@app.command()
+def compare(
+    model: Annotated[
+        list[Path] | None, typer.Option(help="A trained model (repeatable).", show_default=False)
+    ] = None,
+    baselines: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: identity, nearest, "
+            "nearest-pca:K, hopfield-hebb, hopfield-storkey, hopfield-pinv, modern-hopfield."
+        ),
+    ] = ("identity,nearest,hopfield-pinv"),
+    dataset: Annotated[
+        str, typer.Option(help="omniglot, fc100, cifar10, binary, or a folder.")
+    ] = "omniglot",
+    data_root: DataRoot = None,
+    split: Annotated[str, typer.Option(help="Split the episodes come from.")] = "test",
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            min=8,
+            show_default=False,
+            help="Image side (default: the first model's, else the dataset's).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Patterns written per episode (the paper: 64).")
+    ] = 64,
+    patterns: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Sweep the number "
+            "of written patterns, e.g. 16,32,48,64,96 (overrides --batch-size).",
+        ),
+    ] = None,
+    shots: Annotated[int, typer.Option(min=0, help="Images per class (0: ignore classes).")] = 1,
+    distortion: Annotated[
+        str,
+        typer.Option(
+            help="Query distortion KIND:N (the paper: "
+            "occlude:16 for images; see README for binary strings)."
+        ),
+    ] = "occlude:16",
+    episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the episodes and queries.")] = 0,
+    device: Device = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON {config, rows}.")] = False,
+    markdown: Annotated[
+        Path | None, typer.Option(show_default=False, help="Also write a markdown table.")
+    ] = None,
+    grid: Annotated[
+        Path | None,
+        typer.Option(
+            show_default=False,
+            help="Also write a PNG: original / query / each method's retrieval, first episode.",
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            show_default=False,
+            help="Also write a PNG of "
+            "the error against memory size, or against --patterns when sweeping.",
+        ),
+    ] = None,
+) -> None:
+    """Run models and baselines on the same seeded episodes and queries; one table."""
+    import json
+
+    from ebmm_cli import compare as harness
+    from ebmm_cli.atomic import atomic_path
+    from ebmm_cli.distort import Distortion
+    from ebmm_cli.meta import resolve_device
+    from ebmm_cli.store import load_model
+
+    Distortion.parse(distortion)
+    counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
+    methods: list[Any] = harness.methods_from(baselines.split(","))
+    dev = resolve_device(device)
+    loaded = [(path, load_model(path).to(dev)) for path in model or []]
+    shape = loaded[0][1].config.energy.shape if loaded else None
+    config = harness.CompareConfig(
+        dataset=dataset,
+        data_root=str(data_root) if data_root else None,
+        split=split,
+        image_size=image_size,
+        patterns=counts,
+        shots=shots or None,
+        distortion=distortion,
+        episodes=episodes,
+        seed=seed,
+    )
+    eps = harness.make_episodes(config, shape)
+    data_shape = next(iter(eps.values()))[0].shape
+    for path, net in loaded:
+        harness.check_model(net, path, data_shape)
+        methods.append(harness.ModelMethod(net, f"ebmm:{path.parent.name or path.stem}", dev))
+    if not methods:
+        raise EbmmError("--baselines", "nothing to compare: give --model or baselines")
+    rows = harness.run(methods, eps)
+    if markdown:
+        with atomic_path(markdown) as tmp:
+            tmp.write_text(harness.markdown(rows))
+    if plot:
+        metric = "hamming" if dataset == "binary" else "sq_error"
+        harness.plot(rows, plot, metric)
+    if grid:
+        harness.grid(methods, next(iter(eps.values()))[0], grid)
+    if json_output:
+        print(json.dumps(harness.report(config, rows), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{dataset} ({split}), {distortion}, {episodes} episodes, mean [p5, p95]")
+    for col in ("method", "patterns", "floats", *harness.METRICS):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(
+            r["method"],
+            str(r["patterns"]),
+            f"{r['memory_floats']:,}",
+            *(harness.format_metric(r[k]) for k in harness.METRICS),
+        )
+    Console(width=250).print(table)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise EbmmError(option, f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise EbmmError(option, f"expected positive integers, got {text!r}")
+    return values
+
+
 def _progress(total: int, label: str) -> Any:
     """A transient rich progress bar on stderr; yields a function that advances it.
 
