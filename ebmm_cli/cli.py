@@ -276,6 +276,12 @@ DataRoot = Annotated[
         "cache, where missing datasets are downloaded.",
     ),
 ]
+DatasetName = Annotated[
+    str,
+    typer.Option(
+        help="omniglot, fc100, cifar10, binary, or a folder of images (class = sub-folder)."
+    ),
+]
 Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, or cuda[:i].")]
 
 
@@ -297,12 +303,7 @@ def train(
             "for 128-bit strings)."
         ),
     ] = Memory.conv,
-    dataset: Annotated[
-        str,
-        typer.Option(
-            help="omniglot, fc100, cifar10, binary, or a folder of images (class = sub-folder)."
-        ),
-    ] = "omniglot",
+    dataset: DatasetName = "omniglot",
     data_root: DataRoot = None,
     image_size: Annotated[
         int | None,
@@ -776,9 +777,7 @@ def compare(
             "nearest-pca:K, hopfield-hebb, hopfield-storkey, hopfield-pinv, modern-hopfield."
         ),
     ] = ("identity,nearest,hopfield-pinv"),
-    dataset: Annotated[
-        str, typer.Option(help="omniglot, fc100, cifar10, binary, or a folder.")
-    ] = "omniglot",
+    dataset: DatasetName = "omniglot",
     data_root: DataRoot = None,
     split: Annotated[str, typer.Option(help="Split the episodes come from.")] = "test",
     image_size: Annotated[
