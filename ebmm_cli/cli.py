@@ -586,10 +586,12 @@ def write(
     found = collect_images(images, sys.stdin)
     if any(img.path.resolve() == out.resolve() for img in found):
         raise EbmmError(out, "would overwrite an input")
-    batch, notes = load_batch(found, shape[0], shape[1], net.config.invert_files)
-    _note("write", notes)
+    batch = load_batch(found, shape[0], shape[1], net.config.invert_files)
+    _note("write", batch.notes)
     dev = resolve_device(device)
-    memory = write_memory(net.to(dev), batch.to(dev), generator=torch.Generator().manual_seed(seed))
+    memory = write_memory(
+        net.to(dev), batch.images.to(dev), generator=torch.Generator().manual_seed(seed)
+    )
     save_memory(net, memory.detach(), out)
     print(out)
 
@@ -654,28 +656,19 @@ def read(
     with _progress(len(found), "reading") as advance:
         for start in range(0, len(found), batch_size):
             chunk = found[start : start + batch_size]
-            x, notes = load_batch(chunk, shape[0], shape[1], invert)
-            for n in set(notes) - noted:
-                _note("read", [n])
-            noted.update(notes)
-            iterates = [x.to(dev), *retrieve(net, mem, x.to(dev), steps=steps)]
-            for i, image in enumerate(chunk):
-                own = _own_channels(image.path)
-                frames = [_to_file(it[i], invert, own) for it in iterates]
+            batch = load_batch(chunk, shape[0], shape[1], invert)
+            _note("read", sorted(set(batch.notes) - noted))
+            noted.update(batch.notes)
+            x = batch.images.to(dev)
+            iterates = [x, *retrieve(net, mem, x, steps=steps)]
+            for i in range(len(chunk)):
+                frames = [_to_file(it[i], invert, batch.channels[i]) for it in iterates]
                 target = targets[start + i]
                 save_image(frames[-1], target)
                 if save_iterates:
                     save_image(torch.cat(frames, dim=2), strips[start + i])
                 print(target, flush=True)
                 advance()
-
-
-def _own_channels(path: Path) -> int:
-    """Channels of a file as it will be written back: 1 for grayscale, 3 for colour."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return 1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
 
 
 def _to_file(x: Any, invert: bool, channels: int) -> Any:
@@ -732,13 +725,13 @@ def energy(
     values: list[float] = []
     noted: set[str] = set()
     for start in range(0, len(found), batch_size):
-        x, notes = load_batch(
+        batch = load_batch(
             found[start : start + batch_size], shape[0], shape[1], net.config.invert_files
         )
-        _note("energy", sorted(set(notes) - noted))
-        noted.update(notes)
+        _note("energy", sorted(set(batch.notes) - noted))
+        noted.update(batch.notes)
         with torch.no_grad():
-            values.extend(energy_of(net.energy, params, x.to(dev)).tolist())
+            values.extend(energy_of(net.energy, params, batch.images.to(dev)).tolist())
     groups: dict[str, list[float]] = {}
     for image, value in zip(found, values, strict=True):
         groups.setdefault(str(image.group), []).append(value)

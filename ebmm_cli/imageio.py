@@ -234,23 +234,31 @@ def save_image(x: torch.Tensor, path: Path) -> None:
         img.save(tmp, format="PNG")
 
 
-def load_batch(
-    images: Sequence[InputImage], channels: int, size: int, invert: bool
-) -> tuple[torch.Tensor, list[str]]:
+@dataclass
+class Batch:
+    """Images loaded for a model: the (N, C, H, W) tensor, each file's own channel count
+    (to write results back in the file's mode), and notices about what was adapted."""
+
+    images: torch.Tensor
+    channels: list[int]
+    notes: list[str]
+
+
+def load_batch(images: Sequence[InputImage], channels: int, size: int, invert: bool) -> Batch:
     """Load images as one (N, channels, size, size) batch for a model.
 
     Images of another size are resized, grayscale ones given to a colour model are
     repeated over the channels, and `invert` maps v to 1 - v (dark strokes on light, as
-    in Omniglot's files, to the model's ink = 1). Returns the batch and notices about
-    what was adapted, one line each.
+    in Omniglot's files, to the model's ink = 1).
 
     Raises:
         EbmmError: naming the file, for a colour image given to a grayscale model, and
             for anything `read_image` refuses.
     """
-    batch, resized, widened = [], set(), 0
+    batch, own, resized, widened = [], [], set(), 0
     for image in images:
         x = to_tensor(read_image(image.path))
+        own.append(x.shape[0])
         if x.shape[0] != channels:
             if x.shape[0] == 1:
                 x = x.expand(channels, -1, -1)
@@ -268,4 +276,4 @@ def load_batch(
         notes.append(f"resized {', '.join(sorted(resized))} images to the model's {size}x{size}")
     if widened:
         notes.append(f"repeated {widened} grayscale image(s) over the model's {channels} channels")
-    return torch.stack(batch), notes
+    return Batch(torch.stack(batch), own, notes)
