@@ -22,6 +22,7 @@ from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.distort import Distortion
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.memory import Model, retrieve, write_memory
+from ebmm_cli.meta import ssim
 
 METRICS = ("sq_error", "mse", "hamming", "ssim", "psnr", "write_ms", "read_ms")
 
@@ -110,14 +111,6 @@ def make_episodes(
     return out
 
 
-def _ssim(x: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    from piqa import SSIM
-
-    return SSIM(n_channels=shape[0], reduction="none")(
-        x.reshape(-1, *shape).clamp(0, 1), y.reshape(-1, *shape).clamp(0, 1)
-    )
-
-
 def episode_metrics(
     out: torch.Tensor, target: torch.Tensor, shape: tuple[int, ...]
 ) -> dict[str, float]:
@@ -131,7 +124,7 @@ def episode_metrics(
         "psnr": float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()),
     }
     if len(shape) == 3 and min(shape[1:]) >= 11:  # SSIM's 11x11 window needs room
-        values["ssim"] = float(_ssim(out, target, shape).mean())
+        values["ssim"] = float(ssim(out.reshape(-1, *shape), target.reshape(-1, *shape)).mean())
     return values
 
 

@@ -166,10 +166,9 @@ class Trainer:
         trainer.optimizer.load_state_dict(optimizer)
         trainer.step, trainer.elapsed = int(state["step"]), float(state["elapsed"])
         trainer.skipped = int(state["skipped"])
-        episodes = state["episodes"]
         trainer.episodes.load_state(
             {
-                "random": _as_tuple(episodes["random"]),
+                "random": _as_tuple(state["episodes_random"]),
                 "generator": state["episodes_generator"],
             }
         )
@@ -310,7 +309,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "skipped": self.skipped,
             "train_config": self.config.to_json(),
-            "episodes": {"random": episodes["random"]},
+            "episodes_random": episodes["random"],
             "episodes_generator": episodes["generator"],
             "generator": self.generator.get_state(),
             "python_random": random.getstate(),
