@@ -343,13 +343,29 @@ def train(
             "(write rate 0.5/0.05, α = 0.5 ×0.95, γ₁ = 500 halved)."
         ),
     ] = Schedule.learned,
+    write_lr: Annotated[
+        float | None,
+        typer.Option(
+            show_default=False,
+            help="Write rate η: the starting value of the learned rates, or the fixed one. "
+            "Default: 0.01 learned, 0.5 (conv 0.05) fixed; binary strings need ~1.",
+        ),
+    ] = None,
+    read_lr: Annotated[
+        float | None,
+        typer.Option(
+            show_default=False,
+            help="First read step size γ(1), learned from there or fixed. Default: 2 learned, "
+            "500 fixed.",
+        ),
+    ] = None,
     distortion: Annotated[
         str | None,
         typer.Option(
             show_default=False,
             help="Query distortion "
-            "KIND:N: noise:7 (default for images), occlude:16 (the paper), saltpepper:0.1, flip:64 "
-            "(default for binary).",
+            "KIND:N: noise:7 (default for images), occlude:16 (the paper), saltpepper:0.1, "
+            "eraseblock:64 (default for binary).",
         ),
     ] = None,
     loss: Annotated[
@@ -423,15 +439,24 @@ def train(
     else:
         if (out / "checkpoint.safetensors").exists():
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
-        spec = distortion or ("flip:64" if dataset == "binary" else "noise:7")
+        spec = distortion or ("eraseblock:64" if dataset == "binary" else "noise:7")
         kind = "rnn" if dataset == "binary" else memory.value
         if (dataset == "binary") != (memory == Memory.rnn):
             raise EbmmError("--memory", "binary strings take --memory rnn, and rnn takes only them")
-        steps_and_read = {"write_steps": write_steps, "read_steps": read_steps, "read": read.value}
+        chosen: dict[str, Any] = {
+            "write_steps": write_steps,
+            "read_steps": read_steps,
+            "read": read.value,
+        }
+        for option, value in (("write_lr", write_lr), ("read_lr", read_lr)):
+            if value is not None:
+                if value <= 0:
+                    raise EbmmError(f"--{option.replace('_', '-')}", "must be positive")
+                chosen[option] = value
         if schedule == Schedule.fixed:
-            rules = RuleConfig.report(kind, **steps_and_read)
+            rules = RuleConfig.report(kind, **chosen)
         else:
-            rules = RuleConfig(**steps_and_read)
+            rules = RuleConfig(**chosen)
         channels = _channels(dataset, data_root)
         model = default_model_config(
             kind,

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from ebmm_cli.cli import app
 from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
+from ebmm_cli.store import load_model
 from tests.conftest import run_ebmm
 
 runner = CliRunner()
@@ -296,6 +297,10 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
             "2",
             "--batch-size",
             "16",
+            "--write-lr",
+            "1.5",
+            "--read-lr",
+            "5",
             "--eval-every",
             "2",
             "--eval-episodes",
@@ -308,7 +313,9 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert metrics["heldout_query_mse"] == 0.5  # flip:64 of 128 bits
+    assert metrics["heldout_query_mse"] == 0.125  # eraseblock:64: 64 of 128 bits at 0.5
+    rules = load_model(tmp_path / "run" / "model.safetensors").config.rules
+    assert (rules.write_lr, rules.read_lr) == (1.5, 5.0)
     assert metrics["heldout_split"] == "fresh random strings"
     wrong = runner.invoke(
         app,
