@@ -1,10 +1,11 @@
 """Meta-training speed of `ebmm train` for the report's and the paper's protocols.
 
-Times `--steps` meta-steps (after one warm-up step) of the conv memory on Omniglot, second
-and first order, and prints seconds per step, steps/s and images/s:
+Times `--steps` meta-steps (after one warm-up step), second and first order, and prints
+seconds per step, steps/s and images/s:
 
-- report: 28x28, 5 images per episode, 7x7 noise block, SSIM+MSE, T = K = 5;
-- paper:  32x32, 64 images per episode, 16x16 occlusion, MSE, T = K = 5 (4,616 floats).
+- report: conv on Omniglot 28x28, 5 images per episode, 7x7 noise block, SSIM+MSE, T = K = 5;
+- paper:  conv on Omniglot 32x32, 64 images, 16x16 occlusion, MSE, T = K = 5 (4,616 floats);
+- binary: rnn on 128-bit strings, 64 patterns, eraseblock:64 (8,256 floats).
 
     python examples/train_speed.py --data-root ../shared/data --steps 5
 """
@@ -24,8 +25,21 @@ from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
 
 PROTOCOLS = {
-    "report": {"size": 28, "batch": 5, "distortion": "noise:7", "loss": "ssim+mse"},
-    "paper": {"size": 32, "batch": 64, "distortion": "occlude:16", "loss": "mse"},
+    "report": {
+        "memory": "conv",
+        "size": 28,
+        "batch": 5,
+        "distortion": "noise:7",
+        "loss": "ssim+mse",
+    },
+    "paper": {"memory": "conv", "size": 32, "batch": 64, "distortion": "occlude:16", "loss": "mse"},
+    "binary": {
+        "memory": "rnn",
+        "size": None,
+        "batch": 64,
+        "distortion": "eraseblock:64",
+        "loss": "mse",
+    },
 }
 
 
@@ -38,13 +52,15 @@ def main() -> None:
     rows = []
     for name, p in PROTOCOLS.items():
         for first_order in (False, True):
+            dataset = "binary" if p["memory"] == "rnn" else "omniglot"
             model = default_model_config(
-                "conv", "omniglot", p["size"], 1, None, RuleConfig(), p["distortion"], p["loss"]
+                p["memory"], dataset, p["size"], 1, None, RuleConfig(), p["distortion"], p["loss"]
             )
             config = TrainConfig(
                 model,
                 data_root=args.data_root,
                 batch_size=p["batch"],
+                shots=None,  # random images: the same tensors, without learn2learn's sampler
                 first_order=first_order,
                 device=args.device,
                 eval_episodes=1,

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One lent-GPU session's batch (the numbers in the README marked "H100"): the binary,
+# Omniglot and CIFAR-10 reproductions trained side by side on one GPU, then the
+# meta-training speed benchmark alone on it. Needs the data zips under .gpu-data/ and,
+# where the machine lacks them, wheels of typer/piqa/pydantic under .whl/.
+#   MINUTES=4.5 OUT=/tmp/out examples/gpu_batch.sh
+set -u
+MINUTES=${MINUTES:-4.5}
+OUT=${OUT:?set OUT}
+work=/tmp/ebmm-gpu
+mkdir -p "$work"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 EBMM_DATA="$PWD/.gpu-data" OMP_NUM_THREADS=2
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, typer; print('torch', torch.__version__, 'typer', typer.__version__)"
+    nproc
+} >"$work/machine.txt" 2>&1
+# Nine models share the GPU: the binary ones first in importance, then the image ones.
+for spec in binary:rnn-64,rnn-96,rnn-64-lr3e-3 omniglot:conv-2,conv-4,conv-14,fc-18,fc-63 \
+    cifar10:conv-4; do
+    experiment=${spec%%:*}
+    timeout 400 python3 examples/reproduce.py "$experiment" --runs "${spec#*:}" --jobs 5 \
+        --minutes "$MINUTES" --device cuda --out "$work/$experiment" >"$work/$experiment.out" 2>&1 &
+done
+wait
+timeout 80 python3 examples/train_speed.py --steps 3 --device cuda >"$work/speed.out" 2>&1
+tar czf "$OUT/results.tgz" -C "$work" --exclude='*.safetensors' .
+for model in binary/rnn-64 binary/rnn-96 binary/rnn-64-lr3e-3 omniglot/conv-4 cifar10/conv-4; do
+    cp "$work/$model/model.safetensors" "$OUT/$(echo "$model" | tr / -).safetensors" 2>/dev/null
+done
+ls -la "$OUT"
+cat "$work/machine.txt" "$work/speed.out"
+tail -n 25 "$work"/*.out
