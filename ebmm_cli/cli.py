@@ -38,7 +38,7 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except EbmmError as e:
-            raise _Failure(ctx.invoked_subcommand, str(e), 2) from e
+            raise _Failure(ctx.invoked_subcommand, str(e), e.exit_code) from e
         except (typer.TyperException, typer.Abort, typer.Exit, KeyboardInterrupt):
             raise
         except BrokenPipeError:
@@ -450,8 +450,8 @@ def train(
         }
         for option, value in (("write_lr", write_lr), ("read_lr", read_lr)):
             if value is not None:
-                if value <= 0:
-                    raise EbmmError(f"--{option.replace('_', '-')}", "must be positive")
+                if not 0 < value <= 1e6:
+                    raise EbmmError(f"--{option.replace('_', '-')}", "must be in (0, 1e6]")
                 chosen[option] = value
         if schedule == Schedule.fixed:
             rules = RuleConfig.report(kind, **chosen)
@@ -614,9 +614,12 @@ def write(
     batch = load_batch(found, shape[0], shape[1], net.config.invert_files)
     _note("write", batch.notes)
     dev = resolve_device(device)
-    memory = write_memory(
-        net.to(dev), batch.images.to(dev), generator=torch.Generator().manual_seed(seed)
-    )
+    try:
+        memory = write_memory(
+            net.to(dev), batch.images.to(dev), generator=torch.Generator().manual_seed(seed)
+        )
+    except FloatingPointError as e:
+        raise EbmmError(model, str(e), exit_code=1) from None
     save_memory(net, memory.detach(), out)
     print(out)
 
@@ -685,7 +688,10 @@ def read(
             _note("read", sorted(set(batch.notes) - noted))
             noted.update(batch.notes)
             x = batch.images.to(dev)
-            iterates = [x, *retrieve(net, mem, x, steps=steps)]
+            try:
+                iterates = [x, *retrieve(net, mem, x, steps=steps)]
+            except FloatingPointError as e:
+                raise EbmmError(memory, f"{e} (queries from {chunk[0].path})", 1) from None
             for i in range(len(chunk)):
                 frames = [_to_file(it[i], invert, batch.channels[i]) for it in iterates]
                 target = targets[start + i]

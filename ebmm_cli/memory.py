@@ -176,6 +176,12 @@ def energy_grad(
     return e, grad
 
 
+def _check_finite(values: torch.Tensor, what: str) -> None:
+    """Stop at the first step that leaves the reals: later steps would only spread NaN."""
+    if not torch.isfinite(values).all():
+        raise FloatingPointError(f"{what} holds NaN or infinite values")
+
+
 def write(
     net: nn.Module, rules: Rules, patterns: torch.Tensor, create_graph: bool = False
 ) -> Params:
@@ -191,6 +197,10 @@ def write(
 
     Returns:
         θ(T), the written memory: {parameter name: tensor}.
+
+    Raises:
+        FloatingPointError: without `create_graph`, naming the first step whose energy or
+            gradient is NaN or infinite (meta-training checks its loss instead).
 
     Example:
         >>> memory = write(net, rules, images)      # images (N, 1, 28, 28)
@@ -214,6 +224,9 @@ def write(
                 e.mean(), values, create_graph=create_graph, retain_graph=True
             )
             g_norm = torch.autograd.grad(grad_norm, values, create_graph=create_graph)
+        if not create_graph:
+            _check_finite(e, f"write step {t + 1} of {rates.shape[0]}: the energy")
+            _check_finite(gx, f"write step {t + 1} of {rates.shape[0]}: the energy gradient")
         g_energy = dict(zip(theta, g_energy, strict=True))
         g_norm = dict(zip(theta, g_norm, strict=True))
         new = {}
@@ -246,6 +259,10 @@ def read(
 
     Returns:
         The iterates [x(1), ..., x(K)]; the last one is the retrieval.
+
+    Raises:
+        FloatingPointError: without `create_graph`, naming the first step whose energy
+            gradient is NaN or infinite.
     """
     gammas, psis = rules.read_schedule()
     k_steps = steps if steps is not None else len(gammas)
@@ -258,6 +275,8 @@ def read(
         gamma, psi = gammas[min(k, len(gammas) - 1)], psis[min(k, len(psis) - 1)]
         look = (x + psi * v).clamp(0.0, 1.0)
         _, g = energy_grad(net, memory, look, create_graph=create_graph)
+        if not create_graph:
+            _check_finite(g, f"read step {k + 1} of {k_steps}: the energy gradient")
         v = psi * v - gamma * g
         x = (x + v).clamp(0.0, 1.0)
         if not create_graph:

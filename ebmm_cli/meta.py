@@ -189,12 +189,15 @@ class Trainer:
         """One meta-gradient step; returns the loss, or None if it was not finite."""
         self.model.train()
         kind = self.config.model.loss
-        memory = write_memory(
-            self.model,
-            batch.patterns,
-            create_graph=not self.config.first_order,
-            generator=self.generator,
-        )
+        try:  # a first-order write checks its own steps
+            memory = write_memory(
+                self.model,
+                batch.patterns,
+                create_graph=not self.config.first_order,
+                generator=self.generator,
+            )
+        except FloatingPointError:
+            return None
         iterates = retrieve(self.model, memory, batch.queries, create_graph=True)
         loss = sum(reconstruction_loss(kind, x, batch.patterns).mean() for x in iterates)
         self.optimizer.zero_grad(set_to_none=True)
@@ -363,14 +366,21 @@ def heldout_batches(
 def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     """Mean over episodes of: the training loss of the retrieval, MSE and SSIM of the
     retrieval and of the query, and the mean energy (under the written memory) of the
-    originals, the queries and the retrievals (the report's table)."""
+    originals, the queries and the retrievals (the report's table). Episodes whose write
+    or read leaves the reals are left out of the means and counted in `nonfinite`; if
+    all are, the means are NaN."""
     model.eval()
     kind = model.config.loss
-    totals: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    finite = 0
     for batch in batches:
-        memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
-        memory = memory.detach()
-        iterates = retrieve(model, memory, batch.queries)
+        try:
+            memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
+            memory = memory.detach()
+            iterates = retrieve(model, memory, batch.queries)
+        except FloatingPointError:
+            continue
+        finite += 1
         out = iterates[-1]
         with torch.no_grad():
             values = {
@@ -386,7 +396,10 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
                 values["ssim"] = ssim(out, batch.patterns).mean()
                 values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()
         for k, v in values.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+            sums[k] = sums.get(k, 0.0) + float(v)
+    keys = sums or dict.fromkeys(("loss", "mse", "query_mse"), math.nan)
+    totals = {k: sums[k] / finite if finite else math.nan for k in keys}
+    totals["nonfinite"] = len(batches) - finite
     return totals
 
 

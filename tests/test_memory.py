@@ -211,3 +211,18 @@ def test_fixed_schedule_is_the_reports() -> None:
     assert gammas.tolist() == [500.0, 250.0, 125.0, 62.5, 31.25] and (psis == 0).all()
     assert list(rules.parameters()) == []
     assert Rules(RuleConfig.report("fc"), layers=1).write_schedule()[0].max() == 0.5
+
+
+def test_write_and_read_stop_at_the_first_non_finite_step() -> None:
+    net, x = Tiny(), torch.rand(4, 5, dtype=torch.float64)
+    rules = _rules()
+    with torch.no_grad():
+        rules.write_rate.fill_(float("inf"))  # step 1 sends θ to infinity: step 2 is NaN
+    with pytest.raises(FloatingPointError, match="write step 2 of 2: the energy holds NaN"):
+        write(net, rules, x)
+    # Meta-training builds the graph and checks its loss instead: no exception there.
+    theta = write(net, rules, x, create_graph=True)
+    assert not torch.isfinite(theta["memory.weight"]).all()
+    broken = {k: torch.full_like(v, float("nan")) for k, v in initial_memory(net).items()}
+    with pytest.raises(FloatingPointError, match="read step 1 of 3: the energy gradient"):
+        read(net, _rules(), broken, x)

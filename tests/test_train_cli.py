@@ -7,13 +7,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from ebmm_cli.cli import app
 from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
-from ebmm_cli.store import load_model
+from ebmm_cli.store import load_model, save_model
 from tests.conftest import run_ebmm
 
 runner = CliRunner()
@@ -332,3 +333,33 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
         ],
     )
     assert wrong.exit_code == 2 and "--memory" in wrong.stderr
+
+
+def test_write_that_overflows_names_the_step_and_leaves_nothing(
+    run_dir: Path, omniglot_dir: Path, tmp_path: Path
+) -> None:
+    model = load_model(run_dir / "model.safetensors")
+    with torch.no_grad():
+        for p in model.energy.parameters():
+            p.mul_(1e20)  # finite weights, but energies beyond float32
+    save_model(model, tmp_path / "huge.safetensors")
+    out = tmp_path / "m.safetensors"
+    result = runner.invoke(
+        app,
+        [
+            "write",
+            "--model",
+            str(tmp_path / "huge.safetensors"),
+            str(omniglot_dir / "Latin" / "character02"),
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 1
+    line = result.stderr.strip().splitlines()[-1]  # after the note on resizing
+    assert line == (
+        f"ebmm write: {tmp_path / 'huge.safetensors'}: write step 1 of 2: the energy holds "
+        "NaN or infinite values"
+    )
+    assert "Traceback" not in result.output and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["huge.safetensors"]
