@@ -441,13 +441,13 @@ def default_model_config(
     distortion: str,
     loss: str,
 ) -> ModelConfig:
-    """A model config from the CLI's options (binary strings take 128 bits)."""
+    """A model config from the CLI's options (binary strings: 128 bits, signed `rnn` input)."""
     if memory == "rnn":
         shape: tuple[int, ...] = (128,)
     else:
         shape = (channels, image_size or 28, image_size or 28)
     return ModelConfig(
-        energy=EnergyConfig(memory, shape, dynamic),
+        energy=EnergyConfig(memory, shape, dynamic, signed=memory == "rnn"),
         rules=rules,
         distortion=distortion,
         loss=loss,

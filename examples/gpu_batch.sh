@@ -4,6 +4,8 @@
 # meta-training speed benchmark alone on it. Needs the data zips under .gpu-data/ and,
 # where the machine lacks them, wheels of typer/piqa/pydantic under .whl/.
 #   MINUTES=4.5 OUT=/tmp/out examples/gpu_batch.sh
+# The batch behind docs/results/h100-2026-11-26 ran this at commit bd4cbff: then with a
+# third binary model (rnn-64 at lr 3e-3) and the rnn's written layer reading x, not 2x - 1.
 set -u
 MINUTES=${MINUTES:-4.5}
 OUT=${OUT:?set OUT}
@@ -20,7 +22,7 @@ export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 EBMM_DATA="$PWD/.gpu-data"
     nproc
 } >"$work/machine.txt" 2>&1
 # Nine models share the GPU: the binary ones first in importance, then the image ones.
-for spec in binary:rnn-64,rnn-96,rnn-64-lr3e-3 omniglot:conv-2,conv-4,conv-14,fc-18,fc-63 \
+for spec in binary:rnn-64,rnn-96 omniglot:conv-2,conv-4,conv-14,fc-18,fc-63 \
     cifar10:conv-4; do
     experiment=${spec%%:*}
     timeout 400 python3 examples/reproduce.py "$experiment" --runs "${spec#*:}" --jobs 5 \
@@ -29,7 +31,7 @@ done
 wait
 timeout 80 python3 examples/train_speed.py --steps 3 --device cuda >"$work/speed.out" 2>&1
 tar czf "$OUT/results.tgz" -C "$work" --exclude='*.safetensors' .
-for model in binary/rnn-64 binary/rnn-96 binary/rnn-64-lr3e-3 omniglot/conv-4 cifar10/conv-4; do
+for model in binary/rnn-64 binary/rnn-96 omniglot/conv-4 cifar10/conv-4; do
     cp "$work/$model/model.safetensors" "$OUT/$(echo "$model" | tr / -).safetensors" 2>/dev/null
 done
 ls -la "$OUT"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers, memory_names
+from ebmm_cli.memory import ModelConfig
 
 
 @pytest.mark.parametrize(
@@ -59,3 +60,29 @@ def test_bad_shapes_are_refused() -> None:
         build_energy(EnergyConfig("conv", (1, 28, 32)))
     with pytest.raises(ValueError):
         build_energy(EnergyConfig("conv", (1, 32, 32), 128))
+
+
+def test_signed_rnn_is_a_reparametrisation_of_the_papers() -> None:
+    torch.manual_seed(0)
+    signed = build_energy(EnergyConfig("rnn", (128,), signed=True))
+    plain = build_energy(EnergyConfig("rnn", (128,)))
+    plain.load_state_dict(signed.state_dict())
+    with torch.no_grad():  # W(2x - 1) + b = (2W)x + (b - W·1)
+        w, b = signed.memory.weight, signed.memory.bias
+        plain.memory.weight.copy_(2 * w)
+        plain.memory.bias.copy_(b - w.sum(1))
+    x = torch.rand(6, 128)
+    assert torch.allclose(signed(x), plain(x), atol=1e-5)
+    # ...but its written layer's gradient is δ(2x - 1)ᵀ: it moves for 0-bits too.
+    bits = (torch.rand(1, 128) > 0.5).float()
+    (g,) = torch.autograd.grad(signed(bits).sum(), signed.memory.weight)
+    assert (g[:, bits[0] == 0].abs().sum(0) > 0).all()
+    (g,) = torch.autograd.grad(plain(bits).sum(), plain.memory.weight)
+    assert (g[:, bits[0] == 0] == 0).all()
+    with pytest.raises(ValueError, match="rnn option"):
+        build_energy(EnergyConfig("conv", (1, 28, 28), signed=True))
+
+
+def test_model_files_from_before_signed_load_unsigned() -> None:
+    old = '{"energy": {"kind": "rnn", "shape": [128], "dynamic": null}, "rules": {}}'
+    assert ModelConfig.from_json(old).energy.signed is False

@@ -317,6 +317,7 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
     assert metrics["heldout_query_mse"] == 0.125  # eraseblock:64: 64 of 128 bits at 0.5
     rules = load_model(tmp_path / "run" / "model.safetensors").config.rules
     assert (rules.write_lr, rules.read_lr) == (1.5, 5.0)
+    assert load_model(tmp_path / "run" / "model.safetensors").config.energy.signed
     assert metrics["heldout_split"] == "fresh random strings"
     wrong = runner.invoke(
         app,

@@ -86,10 +86,13 @@ class RNNEnergy(nn.Module):
     """Gated RNN for binary strings (paper B.1): hidden 1024, 5 steps, energy from the
     last state. Only Linear(bits -> dynamic) is written: dynamic = 64 at 128 bits gives
     129 x 64 = 8,256 floats, exactly a 128-unit Hopfield network's budget (the paper's
-    pseudocode says (128 - 1) // 2 = 63, i.e. 8,127 floats, just under it).
+    pseudocode says (128 - 1) // 2 = 63, i.e. 8,127 floats, just under it). `signed`
+    feeds the written layer 2x − 1 instead of x (see `EnergyConfig.signed`).
     """
 
-    def __init__(self, bits: int, dynamic: int, hidden: int = 1024, hops: int = 5) -> None:
+    def __init__(
+        self, bits: int, dynamic: int, hidden: int = 1024, hops: int = 5, signed: bool = False
+    ) -> None:
         super().__init__()
         if not 0 < dynamic < hidden:
             raise ValueError(f"dynamic must be in 1..{hidden - 1}, got {dynamic}")
@@ -99,10 +102,11 @@ class RNNEnergy(nn.Module):
         self.out = nn.Linear(hidden, 1)
         self.hidden = hidden
         self.hops = hops
+        self.signed = signed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = x.new_zeros(x.shape[0], self.hidden)
-        dynamic = self.memory(x)  # x does not change across hops
+        dynamic = self.memory(2 * x - 1 if self.signed else x)  # the same for every hop
         for _ in range(self.hops):
             z = torch.cat([x, state], 1)
             c = torch.tanh(torch.cat([dynamic, self.static(z)], 1))
