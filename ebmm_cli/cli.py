@@ -418,6 +418,14 @@ def train(
     eval_episodes: Annotated[
         int, typer.Option(min=1, help="Held-out episodes per evaluation.")
     ] = 20,
+    checkpoint_minutes: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Save a checkpoint at least this often (0: after every step). A killed run "
+            "loses at most this much.",
+        ),
+    ] = 2.0,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and of all episodes.")] = 0,
     device: Device = "auto",
     resume: Annotated[
@@ -482,6 +490,7 @@ def train(
             device=device,
             eval_every=eval_every,
             eval_episodes=eval_episodes,
+            checkpoint_minutes=checkpoint_minutes,
         )
         trainer = Trainer.create(config, out)
     try:

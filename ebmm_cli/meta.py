@@ -142,6 +142,9 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.skipped = 0
+        # Training losses since the last evaluation: their mean is the next record's
+        # train_loss, so a checkpoint keeps them too.
+        self.window: list[float] = []
         self.metrics: list[dict[str, Any]] = []
 
     @classmethod
@@ -153,10 +156,17 @@ class Trainer:
 
     @classmethod
     def resume(cls, out: Path, steps: int | None, minutes: float | None) -> Trainer:
-        """Continue from `out/checkpoint.safetensors`; only the stopping rule may change."""
+        """Continue from `out/checkpoint.safetensors`; only the stopping rule may change.
+
+        Temporary files a killed run left half-written (`atomic_path`'s `.NAME.*.tmp`)
+        are removed: the files they were replacing are still whole.
+        """
         path = out / "checkpoint.safetensors"
         if not path.exists():
             raise EbmmError(path, "no checkpoint to resume from")
+        for name in ("checkpoint.safetensors", "model.safetensors", "metrics.jsonl", "loss.png"):
+            for stale in out.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         model, optimizer, state = load_checkpoint(path)
         try:
             config = TrainConfig.from_json(state["train_config"])
@@ -166,6 +176,7 @@ class Trainer:
         trainer.optimizer.load_state_dict(optimizer)
         trainer.step, trainer.elapsed = int(state["step"]), float(state["elapsed"])
         trainer.skipped = int(state["skipped"])
+        trainer.window = [float(v) for v in state.get("window", [])]
         trainer.episodes.load_state(
             {
                 "random": _as_tuple(state["episodes_random"]),
@@ -222,7 +233,6 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         start = time.monotonic() - self.elapsed
         last_checkpoint = time.monotonic()
-        window: list[float] = []
         rate_clock, rate_steps = time.monotonic(), self.step
         heldout = self.metrics[-1]["heldout_loss"] if self.metrics else None
         try:
@@ -233,12 +243,12 @@ class Trainer:
                 if loss is None:
                     self.skipped += 1
                 else:
-                    window.append(loss)
+                    self.window.append(loss)
                 self.elapsed = time.monotonic() - start
                 if self.step % cfg.eval_every == 0:
-                    record = self._record(window)
+                    record = self._record(self.window)
                     heldout = record["heldout_loss"]
-                    window = []
+                    self.window = []
                     self._save_outputs()
                 if time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
                     self.save_checkpoint()
@@ -260,8 +270,9 @@ class Trainer:
         except KeyboardInterrupt:
             self.save_checkpoint()
             raise
-        if window or not self.metrics or self.metrics[-1]["step"] != self.step:
-            self._record(window)
+        if self.window or not self.metrics or self.metrics[-1]["step"] != self.step:
+            self._record(self.window)
+            self.window = []
         self._save_outputs()
         self.save_checkpoint()
         return self.out / "model.safetensors"
@@ -311,6 +322,7 @@ class Trainer:
             "step": self.step,
             "elapsed": self.elapsed,
             "skipped": self.skipped,
+            "window": self.window,
             "train_config": self.config.to_json(),
             "episodes_random": episodes["random"],
             "episodes_generator": episodes["generator"],

@@ -42,3 +42,18 @@ def test_binary_reproduction_trains_compares_and_resumes(tmp_path: Path) -> None
     assert again["training"][0]["last"]["step"] == trained["last"]["step"]
     only = reproduce(tmp_path, "--compare-only")
     assert "training" not in only
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_ends_as_if_never_killed(tmp_path: Path) -> None:
+    script = ROOT / "examples" / "kill_resume.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--kills", "2", "--steps", "10", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    report = json.loads(result.stdout)
+    assert len(report["killed_after_checkpoint_steps"]) == 2  # real SIGKILLs landed
+    assert report["identical_metrics"] and report["identical_model"]
+    assert report["temporary_files_left"] == [] and result.returncode == 0

@@ -1,0 +1,113 @@
+"""Kill a training run with SIGKILL at random moments, resume it, and check the end result.
+
+Trains once without interruption, then the same run again while killing it (`kill -9`,
+no chance to clean up) at random moments `--kills` times, each time continuing with
+`ebmm train --resume`. Prints JSON: the step each kill landed after, and whether the
+resumed run's metrics (all but wall-clock seconds) and final model file are identical to
+the uninterrupted run's. Exits 1 if they are not.
+
+    python examples/kill_resume.py --kills 5 --steps 40 --out runs/kill
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def train_command(out: Path, steps: int, seed: int, resume: bool) -> list[str]:
+    """A small, fast binary-string run that checkpoints after every step."""
+    args = ["--resume"] if resume else [
+        "--dataset", "binary", "--memory", "rnn", "--batch-size", "8", "--write-steps", "2",
+        "--read-steps", "2", "--eval-every", "5", "--eval-episodes", "2",
+        "--checkpoint-minutes", "0", "--device", "cpu", "--seed", str(seed),
+    ]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "ebmm_cli",
+        "train",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        *args,
+    ]
+
+
+def checkpoint_step(out: Path) -> int:
+    """The step of the run's last checkpoint (0 if none yet)."""
+    path = out / "checkpoint.safetensors"
+    if not path.exists():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        return int(json.loads(f.metadata()["state"])["step"])
+
+
+def metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="of the run and of the kill times")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    whole, split = args.out / "whole", args.out / "split"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    if not (whole / "model.safetensors").exists():
+        subprocess.run(train_command(whole, args.steps, args.seed, False), check=True, **quiet)
+
+    kills = []
+    resume = (split / "checkpoint.safetensors").exists()
+    while True:
+        proc = subprocess.Popen(train_command(split, args.steps, args.seed, resume), **quiet)
+        resume = True
+        if len(kills) < args.kills:
+            start = checkpoint_step(split)
+            # Wait for progress past the last checkpoint, then kill at a random moment.
+            while proc.poll() is None and checkpoint_step(split) <= start:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.5))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills.append(checkpoint_step(split))
+                continue
+        if proc.wait() != 0:
+            raise SystemExit(f"resumed run failed with exit code {proc.returncode}")
+        break
+
+    same_metrics = metrics(whole) == metrics(split)
+    same_model = (whole / "model.safetensors").read_bytes() == (
+        split / "model.safetensors"
+    ).read_bytes()
+    leftovers = sorted(p.name for p in split.iterdir() if p.name.endswith(".tmp"))
+    report = {
+        "steps": args.steps,
+        "killed_after_checkpoint_steps": kills,
+        "identical_metrics": same_metrics,
+        "identical_model": same_model,
+        "temporary_files_left": leftovers,
+    }
+    print(json.dumps(report))
+    if not (same_metrics and same_model and not leftovers):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
