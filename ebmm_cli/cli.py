@@ -145,6 +145,26 @@ def _fill_value(text: str) -> float | None:
         ) from None
 
 
+SkipBad = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad",
+        help="Skip images that cannot be read (or have the wrong channel count), with a "
+        "warning each and a count, instead of stopping at the first.",
+    ),
+]
+
+
+def _warn_skipped(command: str, errors: list[EbmmError]) -> None:
+    for e in errors:
+        print(f"ebmm {command}: {e} (skipped)", file=sys.stderr)
+
+
+def _count_skipped(command: str, count: int) -> None:
+    if count:
+        print(f"ebmm {command}: skipped {count} bad file(s)", file=sys.stderr)
+
+
 @app.command()
 def distort(
     inputs: Annotated[
@@ -210,6 +230,7 @@ def distort(
         ),
     ] = Path("distorted"),
     force: Annotated[bool, typer.Option(help="Overwrite existing outputs (inputs never).")] = False,
+    skip_bad: SkipBad = False,
 ) -> None:
     """Write distorted copies of images, to use as queries. Never touches its inputs.
 
@@ -225,9 +246,18 @@ def distort(
     distortion.validate()
     images = collect_images(inputs, sys.stdin, exclude=out)
     targets = output_paths(images, out, force)
+    skipped = 0
     with _progress(len(images), "distorting") as advance:
         for image, target in zip(images, targets, strict=True):
-            x = load_image(image.path, size)
+            try:
+                x = load_image(image.path, size)
+            except EbmmError as e:
+                if not skip_bad:
+                    raise
+                _warn_skipped("distort", [e])
+                skipped += 1
+                advance()
+                continue
             try:
                 distortion.check_shape(tuple(x.shape))
             except EbmmError as e:
@@ -236,6 +266,7 @@ def distort(
             save_image(query, target)
             print(target, flush=True)
             advance()
+    _count_skipped("distort", skipped)
 
 
 class Memory(StrEnum):
@@ -600,6 +631,7 @@ def write(
     seed: Annotated[int, typer.Option(help="Seed of the decoder read's adaptation queries.")] = 0,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Overwrite an existing memory file.")] = False,
+    skip_bad: SkipBad = False,
 ) -> None:
     """Write images into a new memory file (T gradient steps from the meta-learned start).
 
@@ -620,7 +652,10 @@ def write(
     found = collect_images(images, sys.stdin)
     if any(img.path.resolve() == out.resolve() for img in found):
         raise EbmmError(out, "would overwrite an input")
-    batch = load_batch(found, shape[0], shape[1], net.config.invert_files)
+    batch = load_batch(found, shape[0], shape[1], net.config.invert_files, skip_bad)
+    _warn_skipped("write", batch.skipped)
+    if not batch.kept:
+        raise EbmmError(found[0].group, "no readable images to write")
     _note("write", batch.notes)
     dev = resolve_device(device)
     try:
@@ -630,6 +665,7 @@ def write(
     except FloatingPointError as e:
         raise EbmmError(model, str(e), exit_code=1) from None
     save_memory(net, memory.detach(), out)
+    _count_skipped("write", len(batch.skipped))
     print(out)
 
 
@@ -669,6 +705,7 @@ def read(
     batch_size: Annotated[int, typer.Option(min=1, help="Queries read at once.")] = 64,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Overwrite existing outputs.")] = False,
+    skip_bad: SkipBad = False,
 ) -> None:
     """Retrieve stored images from distorted queries; prints each written path."""
     import torch
@@ -690,10 +727,17 @@ def read(
     mem = mem.to(dev)
     invert = net.config.invert_files
     noted = set()
+    skipped = 0
     with _progress(len(found), "reading") as advance:
         for start in range(0, len(found), batch_size):
             chunk = found[start : start + batch_size]
-            batch = load_batch(chunk, shape[0], shape[1], invert)
+            batch = load_batch(chunk, shape[0], shape[1], invert, skip_bad)
+            _warn_skipped("read", batch.skipped)
+            skipped += len(batch.skipped)
+            for _ in batch.skipped:
+                advance()
+            if not batch.kept:
+                continue
             _note("read", sorted(set(batch.notes) - noted))
             noted.update(batch.notes)
             x = batch.images.to(dev)
@@ -701,14 +745,15 @@ def read(
                 iterates = [x, *retrieve(net, mem, x, steps=steps)]
             except FloatingPointError as e:
                 raise EbmmError(memory, f"{e} (queries from {chunk[0].path})", 1) from None
-            for i in range(len(chunk)):
+            for i, index in enumerate(batch.kept):
                 frames = [_to_file(it[i], invert, batch.channels[i]) for it in iterates]
-                target = targets[start + i]
+                target = targets[start + index]
                 save_image(frames[-1], target)
                 if save_iterates:
-                    save_image(torch.cat(frames, dim=2), strips[start + i])
+                    save_image(torch.cat(frames, dim=2), strips[start + index])
                 print(target, flush=True)
                 advance()
+    _count_skipped("read", skipped)
 
 
 def _to_file(x: Any, invert: bool, channels: int) -> Any:
@@ -741,6 +786,7 @@ def energy(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images evaluated at once.")] = 64,
     device: Device = "auto",
+    skip_bad: SkipBad = False,
 ) -> None:
     """Energy of each image under a written memory, and the mean per input folder.
 
@@ -763,20 +809,30 @@ def energy(
     net = net.to(dev)
     params = mem.to(dev).params
     values: list[float] = []
+    measured = []
     noted: set[str] = set()
+    skipped = 0
     for start in range(0, len(found), batch_size):
-        batch = load_batch(
-            found[start : start + batch_size], shape[0], shape[1], net.config.invert_files
-        )
+        chunk = found[start : start + batch_size]
+        batch = load_batch(chunk, shape[0], shape[1], net.config.invert_files, skip_bad)
+        _warn_skipped("energy", batch.skipped)
+        skipped += len(batch.skipped)
+        measured.extend(chunk[i] for i in batch.kept)
         _note("energy", sorted(set(batch.notes) - noted))
         noted.update(batch.notes)
-        with torch.no_grad():
-            values.extend(energy_of(net.energy, params, batch.images.to(dev)).tolist())
+        if batch.kept:
+            with torch.no_grad():
+                values.extend(energy_of(net.energy, params, batch.images.to(dev)).tolist())
+    _count_skipped("energy", skipped)
+    if not measured:
+        raise EbmmError(found[0].group, "no readable images")
     groups: dict[str, list[float]] = {}
-    for image, value in zip(found, values, strict=True):
+    for image, value in zip(measured, values, strict=True):
         groups.setdefault(str(image.group), []).append(value)
     result = {
-        "images": [{"path": str(i.path), "energy": v} for i, v in zip(found, values, strict=True)],
+        "images": [
+            {"path": str(i.path), "energy": v} for i, v in zip(measured, values, strict=True)
+        ],
         "groups": [
             {"path": g, "count": len(v), "mean": sum(v) / len(v)} for g, v in groups.items()
         ],

@@ -237,36 +237,49 @@ def save_image(x: torch.Tensor, path: Path) -> None:
 @dataclass
 class Batch:
     """Images loaded for a model: the (N, C, H, W) tensor, each file's own channel count
-    (to write results back in the file's mode), and notices about what was adapted."""
+    (to write results back in the file's mode), notices about what was adapted, and,
+    when bad files are skipped, which inputs made it (`kept`, indices) and why the
+    others did not (`skipped`)."""
 
     images: torch.Tensor
     channels: list[int]
     notes: list[str]
+    kept: list[int]
+    skipped: list[EbmmError]
 
 
-def load_batch(images: Sequence[InputImage], channels: int, size: int, invert: bool) -> Batch:
+def load_batch(
+    images: Sequence[InputImage], channels: int, size: int, invert: bool, skip_bad: bool = False
+) -> Batch:
     """Load images as one (N, channels, size, size) batch for a model.
 
     Images of another size are resized, grayscale ones given to a colour model are
     repeated over the channels, and `invert` maps v to 1 - v (dark strokes on light, as
-    in Omniglot's files, to the model's ink = 1).
+    in Omniglot's files, to the model's ink = 1). With `skip_bad`, files that would raise
+    are left out and their errors listed in `Batch.skipped` instead.
 
     Raises:
         EbmmError: naming the file, for a colour image given to a grayscale model, and
-            for anything `read_image` refuses.
+            for anything `read_image` refuses (unless `skip_bad`).
     """
-    batch, own, resized, widened = [], [], set(), 0
-    for image in images:
-        x = to_tensor(read_image(image.path))
-        own.append(x.shape[0])
-        if x.shape[0] != channels:
-            if x.shape[0] == 1:
-                x = x.expand(channels, -1, -1)
-                widened += 1
-            else:
+    batch, own, resized, widened, kept, skipped = [], [], set(), 0, [], []
+    for index, image in enumerate(images):
+        try:
+            x = to_tensor(read_image(image.path))
+            if x.shape[0] != channels and x.shape[0] != 1:
                 raise EbmmError(
                     image.path, f"has {x.shape[0]} channels, the model takes {channels} (grayscale)"
                 )
+        except EbmmError as e:
+            if not skip_bad:
+                raise
+            skipped.append(e)
+            continue
+        kept.append(index)
+        own.append(x.shape[0])
+        if x.shape[0] != channels:
+            x = x.expand(channels, -1, -1)
+            widened += 1
         if x.shape[1:] != (size, size):
             resized.add(f"{x.shape[2]}x{x.shape[1]}")
         x = resize(x, size)
@@ -276,4 +289,5 @@ def load_batch(images: Sequence[InputImage], channels: int, size: int, invert: b
         notes.append(f"resized {', '.join(sorted(resized))} images to the model's {size}x{size}")
     if widened:
         notes.append(f"repeated {widened} grayscale image(s) over the model's {channels} channels")
-    return Batch(torch.stack(batch), own, notes)
+    stacked = torch.stack(batch) if batch else torch.zeros(0, channels, size, size)
+    return Batch(stacked, own, notes, kept, skipped)

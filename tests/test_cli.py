@@ -227,3 +227,34 @@ def test_bad_input_gives_one_line_and_exit_2(case: str, omniglot_dir: Path, tmp_
     assert named in lines[0] and "Traceback" not in done.stderr
     assert done.stdout == ""
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def _mixed_folder(omniglot_dir: Path, tmp_path: Path) -> Path:
+    """Three real characters and two bad files, sorted in between them."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    good = sorted((omniglot_dir / "Latin" / "character01").glob("*.png"))[:3]
+    for name, src in zip(("a.png", "c.png", "e.png"), good, strict=True):
+        (mixed / name).write_bytes(src.read_bytes())
+    (mixed / "b_text.png").write_text("not an image")
+    (mixed / "d_zero.png").write_bytes(b"")
+    return mixed
+
+
+def test_skip_bad_skips_with_a_warning_each_and_a_count(
+    omniglot_dir: Path, tmp_path: Path
+) -> None:
+    mixed = _mixed_folder(omniglot_dir, tmp_path)
+    stopped = run_ebmm("distort", str(mixed), "-o", str(tmp_path / "stop"))
+    assert stopped.returncode == 2
+    (line,) = stopped.stderr.strip().splitlines()
+    assert line.startswith(f"ebmm distort: {mixed / 'b_text.png'}: ")  # the first bad file
+    assert [p.name for p in (tmp_path / "stop").iterdir()] == ["a.png"]  # what came before
+    done = run_ebmm("distort", str(mixed), "--skip-bad", "-o", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png", "e.png"]
+    assert len(done.stdout.splitlines()) == 3
+    warnings = done.stderr.strip().splitlines()
+    assert [w.endswith("(skipped)") for w in warnings] == [True, True, False]
+    assert "b_text.png" in warnings[0] and "d_zero.png" in warnings[1]
+    assert warnings[2] == "ebmm distort: skipped 2 bad file(s)"

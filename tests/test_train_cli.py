@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ebmm_cli.cli import app
 from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
-from ebmm_cli.store import load_model, save_model
+from ebmm_cli.store import load_memory, load_model, save_model
 from tests.conftest import run_ebmm
 
 runner = CliRunner()
@@ -364,3 +364,49 @@ def test_write_that_overflows_names_the_step_and_leaves_nothing(
     )
     assert "Traceback" not in result.output and not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["huge.safetensors"]
+
+
+def test_write_read_energy_skip_bad_files(
+    run_dir: Path, omniglot_dir: Path, tmp_path: Path
+) -> None:
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    good = sorted((omniglot_dir / "Latin" / "character01").glob("*.png"))[:3]
+    for name, src in zip(("a.png", "c.png", "e.png"), good, strict=True):
+        (mixed / name).write_bytes(src.read_bytes())
+    (mixed / "b_text.png").write_text("not an image")
+    model, memory = run_dir / "model.safetensors", tmp_path / "m.safetensors"
+
+    stopped = runner.invoke(app, ["write", "--model", str(model), str(mixed), "-o", str(memory)])
+    assert stopped.exit_code == 2 and "b_text.png" in stopped.stderr and not memory.exists()
+    wrote = runner.invoke(
+        app, ["write", "--model", str(model), str(mixed), "-o", str(memory), "--skip-bad"]
+    )
+    assert wrote.exit_code == 0, wrote.output
+    assert load_memory(memory)[1].patterns == 3
+    assert "skipped 1 bad file(s)" in wrote.stderr
+
+    out = tmp_path / "r"
+    read = runner.invoke(
+        app,
+        [
+            "read",
+            "--memory",
+            str(memory),
+            str(mixed),
+            "-o",
+            str(out),
+            "--skip-bad",
+            "--batch-size",
+            "2",
+        ],
+    )
+    assert read.exit_code == 0, read.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png", "e.png"]
+    energies = runner.invoke(
+        app, ["energy", "--memory", str(memory), str(mixed), "--skip-bad", "--json"]
+    )
+    assert energies.exit_code == 0, energies.output
+    doc = json.loads(energies.stdout)
+    assert [Path(r["path"]).name for r in doc["images"]] == ["a.png", "c.png", "e.png"]
+    assert doc["groups"][0]["count"] == 3
