@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import resource
+import signal
 import subprocess
 import sys
 import zipfile
@@ -241,9 +243,7 @@ def _mixed_folder(omniglot_dir: Path, tmp_path: Path) -> Path:
     return mixed
 
 
-def test_skip_bad_skips_with_a_warning_each_and_a_count(
-    omniglot_dir: Path, tmp_path: Path
-) -> None:
+def test_skip_bad_skips_with_a_warning_each_and_a_count(omniglot_dir: Path, tmp_path: Path) -> None:
     mixed = _mixed_folder(omniglot_dir, tmp_path)
     stopped = run_ebmm("distort", str(mixed), "-o", str(tmp_path / "stop"))
     assert stopped.returncode == 2
@@ -258,3 +258,56 @@ def test_skip_bad_skips_with_a_warning_each_and_a_count(
     assert [w.endswith("(skipped)") for w in warnings] == [True, True, False]
     assert "b_text.png" in warnings[0] and "d_zero.png" in warnings[1]
     assert warnings[2] == "ebmm distort: skipped 2 bad file(s)"
+
+
+def test_odd_paths_and_a_missing_path_on_stdin(omniglot_dir: Path, tmp_path: Path) -> None:
+    src = sorted((omniglot_dir / "Latin" / "character01").glob("*.png"))[0].read_bytes()
+    odd = tmp_path / "my chars" / "ünïcode ñ"
+    odd.mkdir(parents=True)
+    for name in ("-dash.png", "with space.png", "日本.png"):
+        (odd / name).write_bytes(src)
+    done = run_ebmm("distort", str(tmp_path / "my chars"), "-o", str(tmp_path / "out 1"))
+    assert done.returncode == 0, done.stderr
+    written = sorted(p.name for p in (tmp_path / "out 1" / "ünïcode ñ").iterdir())
+    assert written == ["-dash.png", "with space.png", "日本.png"]
+    # A file whose name starts with a dash, after `--`, from its own folder.
+    alone = run_ebmm("distort", "-o", str(tmp_path / "out 2"), "--", "-dash.png", cwd=odd)
+    assert alone.returncode == 0, alone.stderr
+    assert [p.name for p in (tmp_path / "out 2").iterdir()] == ["-dash.png"]
+    missing = run_ebmm(
+        "distort",
+        "-",
+        "-o",
+        str(tmp_path / "out 3"),
+        stdin=f"{odd / '日本.png'}\n{odd / 'gone.png'}\n",
+    )
+    assert missing.returncode == 2
+    (line,) = missing.stderr.strip().splitlines()
+    assert line.startswith("ebmm distort: ") and "gone.png" in line
+
+
+def _file_size_limit() -> None:
+    """In the child: files may not grow past 100 bytes (a full disk, as far as writes go)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+
+def test_full_disk_and_unwritable_folder_leave_nothing(omniglot_dir: Path, tmp_path: Path) -> None:
+    char = omniglot_dir / "Latin" / "character01"
+    out = tmp_path / "out"
+    full = subprocess.run(
+        [sys.executable, "-m", "ebmm_cli", "distort", str(char), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit,
+    )
+    assert full.returncode == 1, full.stderr
+    (line,) = full.stderr.strip().splitlines()
+    assert line.startswith(f"ebmm distort: {out}") and "write failed (File too large)" in line
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+    (tmp_path / "file").write_text("a file, not a folder")
+    blocked = run_ebmm("distort", str(char), "-o", str(tmp_path / "file" / "sub"))
+    assert blocked.returncode == 2
+    assert blocked.stderr.strip() == (
+        f"ebmm distort: {tmp_path / 'file' / 'sub'}: cannot write here (Not a directory)"
+    )
