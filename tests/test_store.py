@@ -103,6 +103,7 @@ def test_model_given_as_memory_and_reverse(files) -> None:
         ("bad config", "bad model config"),
         ("wrong shape", "has shape"),
         ("nan", "NaN or infinite"),
+        ("inf", "NaN or infinite"),
         ("missing", "no such file"),
     ],
 )
@@ -121,12 +122,12 @@ def test_bad_files_are_refused_with_the_reason(
         _rewrite_header(model_path, bad, lambda h: h["__metadata__"].pop("format"))
     elif case == "bad config":
         _rewrite_header(model_path, bad, _set_meta("config", '{"energy": 3}'))
-    elif case in ("wrong shape", "nan"):
+    elif case in ("wrong shape", "nan", "inf"):
         state = {k: v.clone() for k, v in model.state_dict().items()}
         if case == "wrong shape":
             state["energy.head.out.bias"] = torch.zeros(2)
         else:
-            state["energy.head.out.bias"][0] = float("nan")
+            state["energy.head.out.bias"][0] = float(case)
         header = json.loads(
             model_path.read_bytes()[8:][: struct.unpack("<Q", model_path.read_bytes()[:8])[0]]
         )["__metadata__"]

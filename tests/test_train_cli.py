@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import resource
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -410,3 +414,44 @@ def test_write_read_energy_skip_bad_files(
     doc = json.loads(energies.stdout)
     assert [Path(r["path"]).name for r in doc["images"]] == ["a.png", "c.png", "e.png"]
     assert doc["groups"][0]["count"] == 3
+
+
+def test_write_onto_a_full_disk_leaves_nothing(
+    run_dir: Path, omniglot_dir: Path, tmp_path: Path
+) -> None:
+    def file_size_limit() -> None:  # in the child: no file may grow past 100 bytes
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    out = tmp_path / "out" / "m.safetensors"
+    chars = omniglot_dir / "Latin" / "character02"
+    command = ["write", "--model", str(run_dir / "model.safetensors"), str(chars), "-o", str(out)]
+    full = subprocess.run(
+        [sys.executable, "-m", "ebmm_cli", *command],
+        capture_output=True,
+        text=True,
+        preexec_fn=file_size_limit,
+    )
+    assert full.returncode == 1, full.stderr
+    assert full.stderr.strip().splitlines()[-1] == (
+        f"ebmm write: {out}: write failed (File too large); nothing written"
+    )
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_training_skips_and_counts_non_finite_steps(first_order: bool, tmp_path: Path) -> None:
+    model = default_model_config(
+        "rnn", "binary", None, 1, None, RuleConfig(write_steps=2, read_steps=2), "erase:8", "mse"
+    )
+    config = TrainConfig(
+        model, batch_size=4, steps=3, eval_every=3, eval_episodes=2, first_order=first_order,
+        device="cpu",
+    )  # fmt: skip
+    trainer = Trainer.create(config, tmp_path / "run")
+    with torch.no_grad():
+        trainer.model.rules.write_rate.fill_(float("inf"))  # every write leaves the reals
+    trainer.run()
+    (last,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert last["step"] == 3 and last["skipped"] == 3 and last["train_loss"] is None
+    assert last["heldout_nonfinite"] == 2
