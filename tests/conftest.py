@@ -11,6 +11,8 @@ import io
 import json
 import os
 import pickle
+import resource
+import signal
 import subprocess
 import sys
 import tarfile
@@ -181,3 +183,10 @@ def run_ebmm(
         env=env,
         timeout=300,
     )
+
+
+def limit_file_size() -> None:
+    """`preexec_fn` for a child process: no file may grow past 100 bytes, and writing
+    past it fails with EFBIG instead of a kill. A full disk, as far as writes can tell."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import resource
-import signal
 import subprocess
 import sys
 import zipfile
@@ -18,7 +16,7 @@ from typer.testing import CliRunner
 from ebmm_cli import __version__
 from ebmm_cli.cli import Kind, app
 from ebmm_cli.distort import KINDS
-from tests.conftest import run_ebmm
+from tests.conftest import limit_file_size, run_ebmm
 from tests.test_imageio import _png_header_only
 
 runner = CliRunner()
@@ -286,12 +284,6 @@ def test_odd_paths_and_a_missing_path_on_stdin(omniglot_dir: Path, tmp_path: Pat
     assert line.startswith("ebmm distort: ") and "gone.png" in line
 
 
-def _file_size_limit() -> None:
-    """In the child: files may not grow past 100 bytes (a full disk, as far as writes go)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
-
-
 def test_full_disk_and_unwritable_folder_leave_nothing(omniglot_dir: Path, tmp_path: Path) -> None:
     char = omniglot_dir / "Latin" / "character01"
     out = tmp_path / "out"
@@ -299,7 +291,7 @@ def test_full_disk_and_unwritable_folder_leave_nothing(omniglot_dir: Path, tmp_p
         [sys.executable, "-m", "ebmm_cli", "distort", str(char), "-o", str(out)],
         capture_output=True,
         text=True,
-        preexec_fn=_file_size_limit,
+        preexec_fn=limit_file_size,
     )
     assert full.returncode == 1, full.stderr
     (line,) = full.stderr.strip().splitlines()

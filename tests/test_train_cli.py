@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
-import signal
 import subprocess
 import sys
 import zipfile
@@ -19,7 +17,7 @@ from ebmm_cli.cli import app
 from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
 from ebmm_cli.store import load_memory, load_model, save_model
-from tests.conftest import run_ebmm
+from tests.conftest import limit_file_size, run_ebmm
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -419,10 +417,6 @@ def test_write_read_energy_skip_bad_files(
 def test_write_onto_a_full_disk_leaves_nothing(
     run_dir: Path, omniglot_dir: Path, tmp_path: Path
 ) -> None:
-    def file_size_limit() -> None:  # in the child: no file may grow past 100 bytes
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
-
     out = tmp_path / "out" / "m.safetensors"
     chars = omniglot_dir / "Latin" / "character02"
     command = ["write", "--model", str(run_dir / "model.safetensors"), str(chars), "-o", str(out)]
@@ -430,7 +424,7 @@ def test_write_onto_a_full_disk_leaves_nothing(
         [sys.executable, "-m", "ebmm_cli", *command],
         capture_output=True,
         text=True,
-        preexec_fn=file_size_limit,
+        preexec_fn=limit_file_size,
     )
     assert full.returncode == 1, full.stderr
     assert full.stderr.strip().splitlines()[-1] == (
