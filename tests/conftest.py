@@ -190,3 +190,16 @@ def limit_file_size() -> None:
     past it fails with EFBIG instead of a kill. A full disk, as far as writes can tell."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+
+def mixed_folder(omniglot_dir: Path, tmp_path: Path) -> Path:
+    """`tmp_path/mixed`: three real characters (a, c, e) and two bad files sorted in
+    between them (b_text.png: text; d_zero.png: 0 bytes)."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    good = sorted((omniglot_dir / "Latin" / "character01").glob("*.png"))[:3]
+    for name, src in zip(("a.png", "c.png", "e.png"), good, strict=True):
+        (mixed / name).write_bytes(src.read_bytes())
+    (mixed / "b_text.png").write_text("not an image")
+    (mixed / "d_zero.png").write_bytes(b"")
+    return mixed

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from ebmm_cli import __version__
 from ebmm_cli.cli import Kind, app
 from ebmm_cli.distort import KINDS
-from tests.conftest import limit_file_size, run_ebmm
+from tests.conftest import limit_file_size, mixed_folder, run_ebmm
 from tests.test_imageio import _png_header_only
 
 runner = CliRunner()
@@ -229,20 +229,8 @@ def test_bad_input_gives_one_line_and_exit_2(case: str, omniglot_dir: Path, tmp_
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
 
 
-def _mixed_folder(omniglot_dir: Path, tmp_path: Path) -> Path:
-    """Three real characters and two bad files, sorted in between them."""
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    good = sorted((omniglot_dir / "Latin" / "character01").glob("*.png"))[:3]
-    for name, src in zip(("a.png", "c.png", "e.png"), good, strict=True):
-        (mixed / name).write_bytes(src.read_bytes())
-    (mixed / "b_text.png").write_text("not an image")
-    (mixed / "d_zero.png").write_bytes(b"")
-    return mixed
-
-
 def test_skip_bad_skips_with_a_warning_each_and_a_count(omniglot_dir: Path, tmp_path: Path) -> None:
-    mixed = _mixed_folder(omniglot_dir, tmp_path)
+    mixed = mixed_folder(omniglot_dir, tmp_path)
     stopped = run_ebmm("distort", str(mixed), "-o", str(tmp_path / "stop"))
     assert stopped.returncode == 2
     (line,) = stopped.stderr.strip().splitlines()

@@ -17,7 +17,7 @@ from ebmm_cli.cli import app
 from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
 from ebmm_cli.store import load_memory, load_model, save_model
-from tests.conftest import limit_file_size, run_ebmm
+from tests.conftest import limit_file_size, mixed_folder, run_ebmm
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -371,12 +371,7 @@ def test_write_that_overflows_names_the_step_and_leaves_nothing(
 def test_write_read_energy_skip_bad_files(
     run_dir: Path, omniglot_dir: Path, tmp_path: Path
 ) -> None:
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    good = sorted((omniglot_dir / "Latin" / "character01").glob("*.png"))[:3]
-    for name, src in zip(("a.png", "c.png", "e.png"), good, strict=True):
-        (mixed / name).write_bytes(src.read_bytes())
-    (mixed / "b_text.png").write_text("not an image")
+    mixed = mixed_folder(omniglot_dir, tmp_path)
     model, memory = run_dir / "model.safetensors", tmp_path / "m.safetensors"
 
     stopped = runner.invoke(app, ["write", "--model", str(model), str(mixed), "-o", str(memory)])
@@ -386,7 +381,7 @@ def test_write_read_energy_skip_bad_files(
     )
     assert wrote.exit_code == 0, wrote.output
     assert load_memory(memory)[1].patterns == 3
-    assert "skipped 1 bad file(s)" in wrote.stderr
+    assert "skipped 2 bad file(s)" in wrote.stderr
 
     out = tmp_path / "r"
     read = runner.invoke(
