@@ -29,7 +29,7 @@ for spec in binary:rnn-64,rnn-96 omniglot:conv-2,conv-4,conv-14,fc-18,fc-63 \
         --minutes "$MINUTES" --device cuda --out "$work/$experiment" >"$work/$experiment.out" 2>&1 &
 done
 wait
-timeout 80 python3 examples/train_speed.py --steps 3 --device cuda >"$work/speed.out" 2>&1
+timeout 120 python3 examples/bench.py --steps 3 --device cuda --json "$work/bench.json" >"$work/speed.out" 2>&1
 tar czf "$OUT/results.tgz" -C "$work" --exclude='*.safetensors' .
 for model in binary/rnn-64 binary/rnn-96 omniglot/conv-4 cifar10/conv-4; do
     cp "$work/$model/model.safetensors" "$OUT/$(echo "$model" | tr / -).safetensors" 2>/dev/null

@@ -57,3 +57,24 @@ def test_a_run_killed_at_random_moments_ends_as_if_never_killed(tmp_path: Path) 
     assert len(report["killed_after_checkpoint_steps"]) == 2  # real SIGKILLs landed
     assert report["identical_metrics"] and report["identical_model"]
     assert report["temporary_files_left"] == [] and result.returncode == 0
+
+
+@pytest.mark.slow
+def test_the_benchmark_in_ci_size_measures_every_part(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    script = ROOT / "examples" / "bench.py"
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--data-root", str(data_root), "--json", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["protocol"] == "report" and row["images"] == 5 and row["device"] == "cpu"
+    for key in ("second_s_per_step", "first_s_per_step", "write_ms", "read_ms", "peak_mib"):
+        assert row[key] > 0, key
+    # A second-order step backpropagates through the write: it cannot be cheaper.
+    assert row["second_s_per_step"] > row["first_s_per_step"]
+    assert set(result["startup"]) == {"help_s", "distort_s"}
+    assert "CPUs" in result["machine"]

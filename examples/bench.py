@@ -1,0 +1,215 @@
+"""Speed benchmark: meta-training steps, write and read, peak memory, CLI start-up.
+
+For each protocol, in its own child process (so that its peak memory is its own):
+
+- report: conv on Omniglot 28x28, 5 images per episode, 7x7 noise block, SSIM+MSE;
+- paper:  conv on Omniglot 32x32, 64 images, 16x16 occlusion, MSE (4,616 floats);
+- binary: rnn on 128-bit strings, 64 patterns, eraseblock:64 (8,256 floats);
+
+all with T = K = 5, it times `--steps` meta-training steps, second and first order (after
+one warm-up step each), and `--steps` inference writes and reads of one episode; then it
+times `ebmm --help` and `ebmm distort` on five Omniglot images in fresh processes. It
+prints a table and, with `--json FILE`, writes every number with the machine it ran on.
+
+    python examples/bench.py --data-root ../shared/data --steps 5 --json bench.json
+    python examples/bench.py --data-root ../shared/data --quick     # CI-sized: seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ebmm_cli.meta import Batch, Trainer
+
+PROTOCOLS: dict[str, dict] = {
+    "report": dict(memory="conv", size=28, batch=5, distortion="noise:7", loss="ssim+mse"),
+    "paper": dict(memory="conv", size=32, batch=64, distortion="occlude:16", loss="mse"),
+    "binary": dict(memory="rnn", size=None, batch=64, distortion="eraseblock:64", loss="mse"),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Mean seconds of `fn()` over `repeats` calls, after one warm-up call."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def _step(trainer: Trainer, batches: Iterator[Batch]) -> None:
+    trainer.train_step(next(batches))
+
+
+def measure(name: str, data_root: str | None, steps: int, device: str) -> dict:
+    """Every timing of one protocol, in this process."""
+    from ebmm_cli.memory import RuleConfig, retrieve, write_memory
+    from ebmm_cli.meta import TrainConfig, default_model_config
+
+    p = PROTOCOLS[name]
+    dataset = "binary" if p["memory"] == "rnn" else "omniglot"
+    row: dict = {"protocol": name, "images": p["batch"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for order in ("second", "first"):
+            model = default_model_config(
+                p["memory"], dataset, p["size"], 1, None, RuleConfig(), p["distortion"], p["loss"]
+            )
+            config = TrainConfig(
+                model,
+                data_root=data_root,
+                batch_size=p["batch"],
+                shots=None,  # random images: the same tensors, without learn2learn's sampler
+                first_order=order == "first",
+                device=device,
+                eval_episodes=1,
+            )
+            trainer = Trainer.create(config, Path(tmp) / order)
+            batches = iter([trainer.batch() for _ in range(steps + 1)])
+            seconds = _timed(partial(_step, trainer, batches), trainer.device, steps)
+            row[f"{order}_s_per_step"] = seconds
+            row[f"{order}_images_per_s"] = p["batch"] / seconds
+        trainer.model.eval()
+        batch = trainer.batch()
+        memory = write_memory(trainer.model, batch.patterns).detach()
+        row["write_ms"] = 1e3 * _timed(
+            lambda: write_memory(trainer.model, batch.patterns), trainer.device, steps
+        )
+        row["read_ms"] = 1e3 * _timed(
+            lambda: retrieve(trainer.model, memory, batch.queries), trainer.device, steps
+        )
+    if trainer.device.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
+        row["peak_kind"] = "CUDA allocated"
+    else:
+        row["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row["peak_kind"] = "process RSS"
+    row["device"] = str(trainer.device)
+    return row
+
+
+def sample_pngs(data_root: str | None, out: Path, n: int = 5) -> list[Path]:
+    """`n` Omniglot PNGs copied into `out`, from the extracted tree or the official zip."""
+    root = Path(data_root) / "omniglot" if data_root else None
+    if root is None:
+        return []
+    found = sorted(root.glob("images_background/*/*/*.png"))[:n]
+    if found:
+        return found
+    archive = root / "images_background.zip"
+    if not archive.exists():
+        return []
+    with zipfile.ZipFile(archive) as z:
+        names = sorted(m for m in z.namelist() if m.endswith(".png"))[:n]
+        for name in names:
+            (out / Path(name).name).write_bytes(z.read(name))
+    return [out / Path(name).name for name in names]
+
+
+def startup(data_root: str | None, repeats: int) -> dict:
+    """Median wall seconds of `ebmm --help` and of `ebmm distort` on five Omniglot PNGs."""
+    ebmm = [sys.executable, "-m", "ebmm_cli"]
+    commands = {"help_s": [*ebmm, "--help"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        images = sample_pngs(data_root, Path(tmp))
+        if images:
+            out = str(Path(tmp) / "out")
+            commands["distort_s"] = [*ebmm, "distort", *map(str, images), "--out", out, "--force"]
+        result = {}
+        for key, command in commands.items():
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True)
+                times.append(time.perf_counter() - start)
+            result[key] = statistics.median(times)
+    return result
+
+
+def machine() -> str:
+    cpus = len(os.sched_getaffinity(0))
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.node()}: {cpus} CPUs, {torch.get_num_threads()} torch threads{gpu}"
+
+
+def table(rows: list[dict], start: dict) -> str:
+    lines = [
+        "| protocol | images | 2nd order s/step | images/s | 1st order s/step | images/s "
+        "| write ms | read ms | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['protocol']} | {r['images']} | {r['second_s_per_step']:.3f} "
+            f"| {r['second_images_per_s']:.1f} | {r['first_s_per_step']:.3f} "
+            f"| {r['first_images_per_s']:.1f} | {r['write_ms']:.0f} | {r['read_ms']:.0f} "
+            f"| {r['peak_mib']:.0f} ({r['peak_kind']}) |"
+        )
+    lines.append("")
+    lines.extend(f"{k.removesuffix('_s')} start-up: {v:.2f} s" for k, v in start.items())
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=os.environ.get("EBMM_DATA") or None)
+    parser.add_argument("--protocols", default="report,paper,binary")
+    parser.add_argument("--steps", type=int, default=5, help="timed repetitions of each part")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="report protocol, 1 step: CI-sized")
+    parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.data_root, args.steps, args.device)))
+        return
+    names = ["report"] if args.quick else args.protocols.split(",")
+    steps = 1 if args.quick else args.steps
+    unknown = set(names) - set(PROTOCOLS)
+    if unknown:
+        parser.error(f"unknown protocol(s) {sorted(unknown)}; choose from {sorted(PROTOCOLS)}")
+    rows = []
+    for name in names:
+        child = [sys.executable, __file__, "--child", name, "--steps", str(steps)]
+        child += ["--device", args.device]
+        if args.data_root:
+            child += ["--data-root", args.data_root]
+        out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.splitlines()[-1]))
+    start = startup(args.data_root, 1 if args.quick else 3)
+    print(table(rows, start))
+    if args.json:
+        result = {
+            "machine": machine(),
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "steps": steps,
+            "rows": rows,
+            "startup": start,
+        }
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
