@@ -215,15 +215,16 @@ def write(
         # leaf would also differentiate through θ(t)'s own dependence on x, which is
         # wrong and grows the graph exponentially with the steps.
         x = patterns.detach().requires_grad_(True)
+        values = list(theta.values())
         with torch.enable_grad():
             e = energy(net, theta, x)
-            (gx,) = torch.autograd.grad(e.sum(), x, create_graph=True)
+            # One backward pass gives both ∇x E (kept differentiable: the gradient-norm
+            # term is differentiated again) and ∇θ E summed over the batch.
+            gx, *g_energy = torch.autograd.grad(e.sum(), [x, *values], create_graph=True)
             grad_norm = gx.flatten(1).pow(2).sum(1).mean()
-            values = list(theta.values())
-            g_energy = torch.autograd.grad(
-                e.mean(), values, create_graph=create_graph, retain_graph=True
-            )
             g_norm = torch.autograd.grad(grad_norm, values, create_graph=create_graph)
+        n = patterns.shape[0]
+        g_energy = [g / n if create_graph else g.detach() / n for g in g_energy]
         if not create_graph:
             _check_finite(e, f"write step {t + 1} of {rates.shape[0]}: the energy")
             _check_finite(gx, f"write step {t + 1} of {rates.shape[0]}: the energy gradient")
