@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers, memory_names
+from ebmm_cli.energy.blocks import MemoryBottleneck, ResBlock
 from ebmm_cli.memory import ModelConfig
 
 
@@ -86,3 +90,19 @@ def test_signed_rnn_is_a_reparametrisation_of_the_papers() -> None:
 def test_model_files_from_before_signed_load_unsigned() -> None:
     old = '{"energy": {"kind": "rnn", "shape": [128], "dynamic": null}, "rules": {}}'
     assert ModelConfig.from_json(old).energy.signed is False
+
+
+def test_downscaling_skips_pool_before_projecting_which_equals_the_papers_order() -> None:
+    """The skip path pools, then applies the 1x1 projection (4x fewer pixels); the paper's
+    order, project then pool, gives the same block output: a 1x1 convolution is affine
+    per pixel and a padding-free average is a convex combination."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 9, 9, dtype=torch.float64)
+    res, bottleneck = ResBlock(16, 24).double(), MemoryBottleneck(16, 24, 8, 4, True).double()
+    pool = partial(F.avg_pool2d, kernel_size=3, stride=2, padding=1, count_include_pad=False)
+    y = res.norm2(res.conv2(F.silu(res.norm1(res.conv1(x)))))
+    assert torch.allclose(res(x), F.silu(y + pool(res.skip(x))))
+    b = bottleneck
+    h = torch.tanh(b.reduce_norm(b.reduce(x)))
+    h = torch.tanh(b.norm(torch.cat([b.static(h), b.memory(h)], 1)))
+    assert torch.allclose(bottleneck(x), h + pool(b.skip(x)))
