@@ -76,6 +76,10 @@ class MemoryBottleneck(nn.Module):
 class ConvGatedRecurrence(nn.Module):
     """A convolutional gated recurrent block run for `hops` steps from a zero state:
     h <- u * tanh(LN(conv3x3[x, h])) + (1 - u) * h, with u = sigmoid(LN(conv1x1[x, h])).
+
+    Each convolution of [x, h] is the sum of its x part, the same every hop and so
+    computed once, and its h part, zero on the first hop: 3 hops cost 3 half
+    convolutions instead of 3 whole ones. Parameters are the paper's.
     """
 
     def __init__(self, cin: int, hidden: int, hops: int) -> None:
@@ -88,12 +92,21 @@ class ConvGatedRecurrence(nn.Module):
         self.hops = hops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.new_zeros(x.shape[0], self.hidden, *x.shape[2:])
+        cin = x.shape[1]
+        wc, wg = self.candidate.weight, self.gate.weight
+        cx = F.conv2d(x, wc[:, :cin], self.candidate.bias, padding=1)
+        gx = F.conv2d(x, wg[:, :cin], self.gate.bias)
+        wc_h, wg_h = wc[:, cin:], wg[:, cin:]  # sliced once: one gradient scatter each
+        h = None
         for _ in range(self.hops):
-            z = torch.cat([x, h], 1)
-            candidate = torch.tanh(self.candidate_norm(self.candidate(z)))
-            u = torch.sigmoid(self.gate_norm(self.gate(z)))
-            h = u * candidate + (1 - u) * h
+            c, g = cx, gx
+            if h is not None:
+                c = c + F.conv2d(h, wc_h, padding=1)
+                g = g + F.conv2d(h, wg_h)
+            candidate = torch.tanh(self.candidate_norm(c))
+            u = torch.sigmoid(self.gate_norm(g))
+            h = u * candidate if h is None else u * candidate + (1 - u) * h
+        assert h is not None, "hops >= 1"
         return h
 
 
@@ -101,6 +114,7 @@ class GatedRecurrence(nn.Module):
     """The vector form: h <- u * LN(tanh(Linear[x, h])) + (1 - u) * h, u = sigmoid(Linear[x, h]).
 
     (The paper's pseudocode reads `u * c + (1 - u) * c`, surely meaning `(1 - u) * state`.)
+    Unlike the convolutional block, splitting [x, h] here measured no faster (fc, 28x28).
     """
 
     def __init__(self, cin: int, hidden: int, hops: int) -> None:
