@@ -457,6 +457,14 @@ def train(
             "loses at most this much.",
         ),
     ] = 2.0,
+    episodes_per_step: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Episodes written and read per meta-step (per process under torchrun); "
+            "the step follows their mean loss.",
+        ),
+    ] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and of all episodes.")] = 0,
     device: Device = "auto",
     resume: Annotated[
@@ -467,14 +475,20 @@ def train(
         ),
     ] = False,
 ) -> None:
-    """Meta-train an energy-based memory: write episodes, read distorted queries, learn."""
+    """Meta-train an energy-based memory: write episodes, read distorted queries, learn.
+
+    Several processes: torchrun --nproc-per-node N -m ebmm_cli train ... (each process
+    draws its own episodes; gradients are averaged; rank 0 writes the files).
+    """
     from ebmm_cli.memory import RuleConfig
-    from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
+    from ebmm_cli.meta import TrainConfig, Trainer, default_model_config, init_distributed
 
     if steps is None and minutes is None:
         raise EbmmError("--steps", "give --steps and/or --minutes")
+    distributed = init_distributed(device)
     if resume:
-        trainer = Trainer.resume(out, steps, minutes)
+        # Under torchrun each process takes its own GPU, whatever the run used before.
+        trainer = Trainer.resume(out, steps, minutes, distributed)
     else:
         if (out / "checkpoint.safetensors").exists():
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
@@ -518,12 +532,16 @@ def train(
             rule_lr=rule_lr,
             first_order=first_order,
             seed=seed,
-            device=device,
+            device=distributed or device,
             eval_every=eval_every,
             eval_episodes=eval_episodes,
             checkpoint_minutes=checkpoint_minutes,
+            episodes_per_step=episodes_per_step,
         )
         trainer = Trainer.create(config, out)
+    if trainer.rank > 0:  # rank 0 shows progress and the summary
+        trainer.run()
+        return
     try:
         with _train_progress(trainer.config.steps, trainer.config.minutes) as update:
             path = trainer.run(update)

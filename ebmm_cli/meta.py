@@ -7,12 +7,20 @@ backpropagating through the read and, by default, through the write's own gradie
 steps (second order; `first_order` treats each write gradient as a constant).
 Outer optimiser: AdamW, weight decay 1e-6, gradient clipping by global norm 0.05 (the
 paper's). The library never prints: progress goes to a callback.
+
+Distributed (torchrun, `init_distributed`): every process holds the same model, draws
+its own episodes, and all-reduces its gradients before the identical clipped AdamW step
+(a manual all-reduce, as learn2learn's distributed examples do: DistributedDataParallel
+does not support the double backward through the write). Rank 0 alone decides when to
+stop and to checkpoint, evaluates and writes files.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -21,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
@@ -42,6 +51,10 @@ class TrainConfig:
     from their good values, so they need larger steps than the paper's 5e-5. Both decay
     along a cosine to `lr_floor` times their value over the run's budget (`steps` and/or
     `minutes`): short runs end on small steps instead of on noise.
+
+    `episodes_per_step` episodes are written and read per process and meta-step; under
+    torchrun each of the world's processes draws its own, and the step's gradient is
+    the mean over all of them.
     """
 
     model: ModelConfig
@@ -59,6 +72,7 @@ class TrainConfig:
     eval_every: int = 25
     eval_episodes: int = 20
     checkpoint_minutes: float = 2.0
+    episodes_per_step: int = 1
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -82,6 +96,30 @@ def resolve_device(name: str) -> torch.device:
         raise EbmmError("--device", f"unknown device {name!r}; use auto, cpu or cuda[:i]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EbmmError("--device", f"{name} requested but no CUDA GPU is available")
+    return device
+
+
+# Rank r > 0 draws its episodes from seed + r * RANK_SEED_STRIDE: streams that never meet
+# each other's, or the held-out ones (seed + 10,000 and + 20,000), for any sane seed.
+RANK_SEED_STRIDE = 1_000_003
+
+
+def init_distributed(device: str) -> str | None:
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1): NCCL with one
+    GPU per process (LOCAL_RANK) on CUDA, gloo on the CPU; the group is left at exit.
+    Returns this process's device, or None for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if dist.is_initialized():
+        return device
+    if resolve_device(device).type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = "cpu"
+        dist.init_process_group("gloo")
+    atexit.register(dist.destroy_process_group)
     return device
 
 
@@ -135,10 +173,17 @@ class Trainer:
             groups.append({"params": rule_params, "lr": config.rule_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-6)
         self.base_lrs = [g["lr"] for g in groups]
+        if config.episodes_per_step < 1:
+            raise EbmmError("--episodes-per-step", "must be at least 1")
+        self.rank, self.world = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        )
         train_data, held_data, self.heldout_split = _datasets(config)
-        self.episodes = Episodes(train_data, config.batch_size, config.shots, seed=config.seed)
+        self.episodes, self.generator = self._streams(train_data, self.rank, 0)
         self.heldout = heldout_batches(held_data, config, self.distortion)
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        if self.world > 1:  # the same start everywhere, whatever each process built
+            for tensor in self.model.state_dict().values():
+                dist.broadcast(tensor, 0)
         self.step = 0
         self.elapsed = 0.0
         self.skipped = 0
@@ -146,6 +191,14 @@ class Trainer:
         # train_loss, so a checkpoint keeps them too.
         self.window: list[float] = []
         self.metrics: list[dict[str, Any]] = []
+
+    def _streams(self, data: Any, rank: int, step: int) -> tuple[Episodes, torch.Generator]:
+        """Rank `rank`'s episode stream and query-distortion generator. Rank 0's are the
+        single-process run's; a rank that a resumed checkpoint did not have starts fresh
+        ones at the resumed `step`."""
+        seed = self.config.seed + rank * RANK_SEED_STRIDE + step
+        episodes = Episodes(data, self.config.batch_size, self.config.shots, seed=seed)
+        return episodes, torch.Generator().manual_seed(seed + 1)
 
     @classmethod
     def create(cls, config: TrainConfig, out: Path) -> Trainer:
@@ -155,8 +208,11 @@ class Trainer:
         return cls(config, model, out)
 
     @classmethod
-    def resume(cls, out: Path, steps: int | None, minutes: float | None) -> Trainer:
-        """Continue from `out/checkpoint.safetensors`; only the stopping rule may change.
+    def resume(
+        cls, out: Path, steps: int | None, minutes: float | None, device: str | None = None
+    ) -> Trainer:
+        """Continue from `out/checkpoint.safetensors`; only the stopping rule (and, for a
+        distributed run's processes, `device`) may change.
 
         Temporary files a killed run left half-written (`atomic_path`'s `.NAME.*.tmp`)
         are removed: the files they were replacing are still whole.
@@ -172,18 +228,25 @@ class Trainer:
             config = TrainConfig.from_json(state["train_config"])
         except (KeyError, ValueError, TypeError) as e:
             raise EbmmError(path, f"damaged training config ({e})") from None
-        trainer = cls(replace(config, steps=steps, minutes=minutes), model, out)
+        config = replace(config, steps=steps, minutes=minutes)
+        trainer = cls(config if device is None else replace(config, device=device), model, out)
         trainer.optimizer.load_state_dict(optimizer)
         trainer.step, trainer.elapsed = int(state["step"]), float(state["elapsed"])
         trainer.skipped = int(state["skipped"])
         trainer.window = [float(v) for v in state.get("window", [])]
-        trainer.episodes.load_state(
-            {
-                "random": _as_tuple(state["episodes_random"]),
-                "generator": state["episodes_generator"],
-            }
-        )
-        trainer.generator.set_state(state["generator"])
+        prefix = "" if trainer.rank == 0 else f"rank{trainer.rank}_"
+        if f"{prefix}generator" in state:
+            trainer.episodes.load_state(
+                {
+                    "random": _as_tuple(state[f"{prefix}episodes_random"]),
+                    "generator": state[f"{prefix}episodes_generator"],
+                }
+            )
+            trainer.generator.set_state(state[f"{prefix}generator"])
+        else:  # more processes than the checkpointed run had
+            trainer.episodes, trainer.generator = trainer._streams(
+                trainer.episodes.dataset, trainer.rank, trainer.step
+            )
         random.setstate(_as_tuple(state["python_random"]))
         torch.set_rng_state(state["torch_rng"])
         trainer.metrics = [
@@ -196,10 +259,37 @@ class Trainer:
         queries = self.distortion(patterns, self.generator)
         return Batch(patterns.to(self.device), queries.to(self.device))
 
-    def train_step(self, batch: Batch) -> float | None:
-        """One meta-gradient step; returns the loss, or None if it was not finite."""
+    def train_step(self, batches: list[Batch]) -> float | None:
+        """One meta-gradient step on the mean loss of `batches` (and, distributed, of
+        every process's batches); returns that loss, or None if it was not finite
+        anywhere (then nothing changes)."""
         self.model.train()
-        kind = self.config.model.loss
+        self.optimizer.zero_grad(set_to_none=True)
+        share = 1.0 / (len(batches) * self.world)
+        total, finite = 0.0, True
+        for batch in batches:
+            loss, iterates = self._episode_loss(batch)
+            if loss is None or not torch.isfinite(loss):
+                finite = False
+                break
+            (loss * share).backward()  # episode by episode: one episode's graph at a time
+            total += float(loss.detach()) / iterates * share
+        params = list(self.model.parameters())
+        if self.world > 1:
+            total, finite = self._all_reduce(params, total, finite)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        return total
+
+    def _episode_loss(self, batch: Batch) -> tuple[torch.Tensor | None, int]:
+        """Write one episode, read its queries: the loss summed over read iterates (None
+        if a first-order write left the reals) and the number of iterates."""
         try:  # a first-order write checks its own steps
             memory = write_memory(
                 self.model,
@@ -208,19 +298,35 @@ class Trainer:
                 generator=self.generator,
             )
         except FloatingPointError:
-            return None
+            return None, 1
         iterates = retrieve(self.model, memory, batch.queries, create_graph=True)
+        kind = self.config.model.loss
         loss = sum(reconstruction_loss(kind, x, batch.patterns).mean() for x in iterates)
-        self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return None
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.05)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.step()
-        return float(loss.detach()) / len(iterates)
+        return loss, len(iterates)
+
+    def _all_reduce(
+        self, params: list[torch.nn.Parameter], total: float, finite: bool
+    ) -> tuple[float, bool]:
+        """Sum every process's gradient shares, loss shares and failures in one
+        all-reduce: afterwards each process holds the mean gradient over all episodes."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        tail = torch.tensor([total, 0.0 if finite else 1.0], device=self.device)
+        flat = torch.cat([g.flatten() for g in grads] + [tail])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return float(flat[-2]), bool(flat[-1] == 0)
+
+    def _from_rank0(self, *values: float) -> list[float]:
+        """Rank 0's `values` on every process: decisions that must agree (stop, the
+        learning-rate clock, checkpoint) follow one clock."""
+        if self.world == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, 0)
+        return tensor.tolist()
 
     def evaluate(self) -> dict[str, float]:
         """Held-out retrieval on the fixed held-out episodes (see `evaluate_episodes`)."""
@@ -228,17 +334,25 @@ class Trainer:
 
     def run(self, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
         """Train until `steps` or `minutes` (whichever first); save the model, checkpoint,
-        metrics and curve. On KeyboardInterrupt, save a checkpoint and re-raise."""
+        metrics and curve. On KeyboardInterrupt, save a checkpoint and re-raise.
+        Distributed, every process calls it; rank 0 evaluates and writes."""
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        lead = self.rank == 0
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
         start = time.monotonic() - self.elapsed
         last_checkpoint = time.monotonic()
         rate_clock, rate_steps = time.monotonic(), self.step
         heldout = self.metrics[-1]["heldout_loss"] if self.metrics else None
         try:
-            while not self._done(time.monotonic() - start):
-                self._schedule_lr(time.monotonic() - start)
-                loss = self.train_step(self.batch())
+            while True:
+                done, self.elapsed = self._from_rank0(
+                    self._done(time.monotonic() - start), time.monotonic() - start
+                )
+                if done:
+                    break
+                self._schedule_lr(self.elapsed)
+                loss = self.train_step([self.batch() for _ in range(cfg.episodes_per_step)])
                 self.step += 1
                 if loss is None:
                     self.skipped += 1
@@ -246,14 +360,15 @@ class Trainer:
                     self.window.append(loss)
                 self.elapsed = time.monotonic() - start
                 if self.step % cfg.eval_every == 0:
-                    record = self._record(self.window)
-                    heldout = record["heldout_loss"]
+                    if lead:
+                        heldout = self._record(self.window)["heldout_loss"]
+                        self._save_outputs()
                     self.window = []
-                    self._save_outputs()
-                if time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
+                due = time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60
+                if self._from_rank0(due)[0]:
                     self.save_checkpoint()
                     last_checkpoint = time.monotonic()
-                if on_progress is not None:
+                if on_progress is not None and lead:
                     now = time.monotonic()
                     rate = (self.step - rate_steps) / max(now - rate_clock, 1e-9)
                     on_progress(
@@ -268,12 +383,13 @@ class Trainer:
                         }
                     )
         except KeyboardInterrupt:
-            self.save_checkpoint()
+            self.save_checkpoint(gather=False)  # the other processes may be gone already
             raise
-        if self.window or not self.metrics or self.metrics[-1]["step"] != self.step:
+        if lead and (self.window or not self.metrics or self.metrics[-1]["step"] != self.step):
             self._record(self.window)
             self.window = []
-        self._save_outputs()
+        if lead:
+            self._save_outputs()
         self.save_checkpoint()
         return self.out / "model.safetensors"
 
@@ -315,22 +431,39 @@ class Trainer:
             tmp.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
         plot_curves(self.metrics, self.out / "loss.png")
 
-    def save_checkpoint(self) -> None:
-        """Model, optimiser, step and every random state, so a resumed run is identical."""
-        episodes = self.episodes.state()
+    def save_checkpoint(self, gather: bool = True) -> None:
+        """Model, optimiser, step and every random state, so a resumed run is identical.
+        Distributed, every process must call it (with `gather`): rank 0 collects the
+        others' episode streams and writes; without `gather` rank 0 writes its own only,
+        and the others' streams restart fresh on resume."""
+        streams = [self._stream_state()]
+        if self.world > 1 and gather:
+            streams = [None] * self.world
+            dist.all_gather_object(streams, self._stream_state())
+        if self.rank != 0:
+            return
         state = {
             "step": self.step,
             "elapsed": self.elapsed,
             "skipped": self.skipped,
             "window": self.window,
+            "world_size": self.world,
             "train_config": self.config.to_json(),
-            "episodes_random": episodes["random"],
-            "episodes_generator": episodes["generator"],
-            "generator": self.generator.get_state(),
             "python_random": random.getstate(),
             "torch_rng": torch.get_rng_state(),
         }
+        for rank, stream in enumerate(streams):
+            prefix = "" if rank == 0 else f"rank{rank}_"
+            state.update({prefix + k: v for k, v in stream.items()})
         save_checkpoint(self.out / "checkpoint.safetensors", self.model, self.optimizer, state)
+
+    def _stream_state(self) -> dict[str, Any]:
+        episodes = self.episodes.state()
+        return {
+            "episodes_random": episodes["random"],
+            "episodes_generator": episodes["generator"],
+            "generator": self.generator.get_state(),
+        }
 
 
 def _as_tuple(value: Any) -> Any:

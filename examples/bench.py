@@ -60,7 +60,7 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
 
 
 def _step(trainer: Trainer, batches: Iterator[Batch]) -> None:
-    trainer.train_step(next(batches))
+    trainer.train_step([next(batches)])
 
 
 def measure(name: str, data_root: str | None, steps: int, device: str) -> dict:

@@ -1,0 +1,116 @@
+"""Distributed meta-training on PyTorch's engine (gloo on the CPU): a step of two processes
+is a single-process step over the union of their episodes, and torchrun runs `ebmm train`
+end to end, resumable at another world size."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors import safe_open
+
+from ebmm_cli.distort import Distortion
+from ebmm_cli.memory import RuleConfig
+from ebmm_cli.meta import Batch, TrainConfig, Trainer, default_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config() -> TrainConfig:
+    rules = RuleConfig(write_lr=1.0, read_lr=5.0)
+    model = default_model_config("rnn", "binary", None, 1, 16, rules, "eraseblock:64", "mse")
+    return TrainConfig(model, batch_size=8, steps=1, device="cpu", eval_episodes=1)
+
+
+def _episode(index: int) -> Batch:
+    """Episode `index`: the same tensors in any process."""
+    generator = torch.Generator().manual_seed(index)
+    patterns = torch.randint(0, 2, (8, 128), generator=generator).float()
+    return Batch(patterns, Distortion.parse("eraseblock:64")(patterns, generator))
+
+
+def _step(trainer: Trainer, batches: list[Batch]) -> dict[str, torch.Tensor]:
+    """One step; the (clipped) gradients it applied and the parameters after it."""
+    assert trainer.train_step(batches) is not None
+    out = {}
+    for name, p in trainer.model.named_parameters():  # no gradient: zero (all-reduced)
+        out[f"grad.{name}"] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        out[f"param.{name}"] = p.detach().clone()
+    return out
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trainer = Trainer.create(_config(), Path(out) / f"rank{rank}")
+        assert (trainer.rank, trainer.world) == (rank, world)
+        result = _step(trainer, [_episode(rank)])
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_take_the_single_process_step_over_both_episodes(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = _step(Trainer.create(_config(), tmp_path / "single"), [_episode(0), _episode(1)])
+    alone = _step(Trainer.create(_config(), tmp_path / "alone"), [_episode(0)])
+    for key, value in single.items():
+        for rank in ranks:  # both processes end the step identical, and equal to one process
+            assert torch.allclose(rank[key], value, rtol=1e-5, atol=1e-7), key
+    # ... and the step did use the other process's episode.
+    grads = [k for k in single if k.startswith("grad.")]
+    assert any(not torch.allclose(single[k], alone[k], rtol=1e-3) for k in grads)
+
+
+def _torchrun(nproc: int, out: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    command += ["--master-port", str(_free_port()), "-m", "ebmm_cli", "train", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_torchrun_trains_writes_once_and_resumes_at_another_world_size(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = _torchrun(
+        2, out, "--dataset", "binary", "--memory", "rnn", "--batch-size", "8",
+        "--dynamic", "16", "--steps", "2", "--eval-every", "1", "--eval-episodes", "1",
+        "--episodes-per-step", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("model.safetensors") == 1  # rank 0 alone reports
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    with safe_open(out / "checkpoint.safetensors", "pt") as f:
+        state = json.loads(f.metadata()["state"])
+        keys = set(f.keys())
+    assert state["world_size"] == 2 and state["step"] == 2
+    assert {"state.generator", "state.rank1_generator"} <= keys  # both streams kept
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+    # Three processes continue the two-process run: the third draws a fresh stream.
+    again = _torchrun(3, out, "--resume", "--steps", "3")
+    assert again.returncode == 0, again.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    with safe_open(out / "checkpoint.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["state"])["world_size"] == 3
+        assert "state.rank2_generator" in set(f.keys())
