@@ -9,8 +9,10 @@ torch is imported inside the commands that need it, so `ebmm --help` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -474,6 +476,13 @@ def train(
             "(only --steps/--minutes may change)."
         ),
     ] = False,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            help="Profile meta-steps 3 to 5 with torch.profiler: the top operators in "
+            "OUT/profile.txt, a trace for Perfetto or chrome://tracing in OUT/profile-trace.json.",
+        ),
+    ] = False,
 ) -> None:
     """Meta-train an energy-based memory: write episodes, read distorted queries, learn.
 
@@ -543,8 +552,11 @@ def train(
         trainer.run()
         return
     try:
-        with _train_progress(trainer.config.steps, trainer.config.minutes) as update:
-            path = trainer.run(update)
+        with (
+            _train_progress(trainer.config.steps, trainer.config.minutes) as update,
+            _profiled(out, trainer.device, profile) as tick,
+        ):
+            path = trainer.run(lambda info: (update(info), tick()))
     except KeyboardInterrupt:
         print(
             f"ebmm train: interrupted at step {trainer.step}; checkpoint saved in "
@@ -577,9 +589,31 @@ def _channels(dataset: str, data_root: Path | None) -> int:
     return int(data[0][0].shape[0])
 
 
+@contextlib.contextmanager
+def _profiled(out: Path, device: Any, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A per-step callback that drives torch.profiler over steps 3-5 (after one step of
+    warm-up and one skipped), then writes its table and trace into `out`."""
+    if not enabled:
+        yield lambda: None
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    def save(prof: Any) -> None:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        (out / "profile.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+        prof.export_chrome_trace(str(out / "profile-trace.json"))
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(
+        activities=activities, schedule=schedule(wait=1, warmup=1, active=3), on_trace_ready=save
+    ) as prof:
+        yield prof.step
+
+
 def _train_progress(steps: int | None, minutes: float | None) -> Any:
     """A rich progress bar on stderr: step, loss, held-out loss, steps/s, ETA."""
-    import contextlib
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -1013,7 +1047,6 @@ def _progress(total: int, label: str) -> Any:
 
     stdout is left alone when it is a pipe, so printed paths reach the next command.
     """
-    import contextlib
 
     from rich.console import Console
     from rich.progress import Progress

@@ -159,6 +159,12 @@ class Trainer:
         self.config = config
         self.out = out
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            # TF32 matmuls and convolutions (fp32 range, 10-bit mantissa): meta-gradients
+            # are clipped, averaged by AdamW and far noisier than that rounding. The
+            # command line's write and read stay in full fp32.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.model = model.to(self.device)
         self.distortion = Distortion.parse(config.model.distortion)
         if config.model.loss not in LOSSES:

@@ -444,3 +444,14 @@ def test_training_skips_and_counts_non_finite_steps(first_order: bool, tmp_path:
     (last,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert last["step"] == 3 and last["skipped"] == 3 and last["train_loss"] is None
     assert last["heldout_nonfinite"] == 2
+
+
+def test_train_profile_writes_the_operator_table_and_a_trace(
+    data_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "prof"
+    _train(data_root, out, "--steps", "5", "--profile")
+    table = (out / "profile.txt").read_text()
+    assert "aten::" in table and "ProfilerStep" in table
+    trace = json.loads((out / "profile-trace.json").read_text())
+    assert any(e.get("name", "").startswith("aten::conv") for e in trace["traceEvents"])
