@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ebmm_cli.data import Episodes, load_dataset
-from ebmm_cli.energy import EnergyConfig, build_energy
+from ebmm_cli.energy import EnergyConfig, build_energy, memory_layers
 from ebmm_cli.memory import (
     RuleConfig,
     Rules,
@@ -226,3 +226,61 @@ def test_write_and_read_stop_at_the_first_non_finite_step() -> None:
     broken = {k: torch.full_like(v, float("nan")) for k, v in initial_memory(net).items()}
     with pytest.raises(FloatingPointError, match="read step 1 of 3: the energy gradient"):
         read(net, _rules(), broken, x)
+
+
+def _plain_write(net: nn.Module, rules: Rules, patterns: torch.Tensor, create_graph: bool) -> dict:
+    """The write as equation (4) reads, with no shortcut: the whole network on a fresh
+    leaf every step, and ∇x E, ∇θ E and ∇θ ||∇x E||² from three autograd calls."""
+    theta_bar = initial_memory(net)
+    theta = dict(theta_bar)
+    rates, alphas, betas = rules.write_schedule()
+    for t in range(rates.shape[0]):
+        x = patterns.detach().requires_grad_(True)
+        e = energy(net, theta, x)
+        (gx,) = torch.autograd.grad(e.sum(), x, create_graph=True)
+        values = list(theta.values())
+        g_e = torch.autograd.grad(e.mean(), values, create_graph=create_graph, retain_graph=True)
+        g_n = torch.autograd.grad(
+            gx.pow(2).flatten(1).sum(1).mean(), values, create_graph=create_graph
+        )
+        layer = {n: i for i, names in enumerate(memory_layers(net).values()) for n in names}
+        theta = {
+            n: theta[n]
+            - rates[t, layer[n], 0] * ge
+            - rates[t, layer[n], 1] * alphas[t] * gn
+            - rates[t, layer[n], 2] * betas[t] * 2 * (theta[n] - theta_bar[n])
+            for (n, ge, gn) in zip(theta, g_e, g_n, strict=True)
+        }
+    return theta
+
+
+@pytest.mark.parametrize("kind", ["conv", "fc", "rnn"])
+@pytest.mark.parametrize("second_order", [True, False])
+def test_the_fast_write_gives_the_plain_writes_memory_and_meta_gradients(
+    kind, second_order
+) -> None:
+    """`write` takes ∇x E and ∇θ E from one backward pass; the memory it writes and the
+    meta-gradients through it must be the plain write's."""
+    torch.manual_seed(0)
+    shape = (16,) if kind == "rnn" else (1, 16, 16)
+    net = build_energy(EnergyConfig(kind, shape, 2)).double()
+    config = RuleConfig(write_steps=2, read_steps=2, write_lr=0.3, alpha=0.7, beta=0.2)
+    rules = Rules(config, layers=len(memory_layers(net))).double()
+    with torch.no_grad():  # distinct rates per step, layer and term
+        rules.write_rate.add_(torch.rand_like(rules.write_rate))
+    patterns = torch.rand(3, *shape, dtype=torch.float64)
+    queries = (patterns + 0.1 * torch.randn_like(patterns)).clamp(0, 1)
+    results = []
+    for writer in (write, _plain_write):
+        theta = writer(net, rules, patterns, create_graph=second_order)
+        loss = sum((x - patterns).pow(2).sum() for x in read(net, rules, theta, queries, True))
+        params = [p for p in net.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results.append((theta, grads))
+    (ours, our_grads), (plain, plain_grads) = results
+    for n in plain:
+        assert torch.allclose(ours[n], plain[n], rtol=1e-9, atol=1e-12), n
+    for a, b in zip(our_grads, plain_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
