@@ -683,6 +683,14 @@ def write(
     seed: Annotated[int, typer.Option(help="Seed of the decoder read's adaptation queries.")] = 0,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Overwrite an existing memory file.")] = False,
+    append: Annotated[
+        bool,
+        typer.Option(
+            help="Add the images to the memory in --out (written by the same model): T more "
+            "write steps from it, on the new images only. Models meta-trained on one-batch "
+            "writes recall appended memories poorly (see the README).",
+        ),
+    ] = False,
     skip_bad: SkipBad = False,
 ) -> None:
     """Write images into a new memory file (T gradient steps from the meta-learned start).
@@ -695,11 +703,22 @@ def write(
     from ebmm_cli.imageio import collect_images, load_batch
     from ebmm_cli.memory import write_memory
     from ebmm_cli.meta import resolve_device
-    from ebmm_cli.store import load_model, save_memory
+    from ebmm_cli.store import load_memory, load_model, save_memory
 
-    if out.exists() and not force:
-        raise EbmmError(out, "exists; use --force to overwrite")
     net = load_model(model)
+    stored = None
+    if append:
+        if force:
+            raise EbmmError("--append", "adds to --out; it cannot be combined with --force")
+        if not out.exists():
+            raise EbmmError(out, "no memory file to append to; drop --append to create one")
+        owner, stored = load_memory(out)
+        if net.decoder is not None:
+            raise EbmmError(out, "a decoder-read memory cannot be appended to")
+        if not _same_model(owner, net):
+            raise EbmmError(out, f"was written by another model than {model}")
+    elif out.exists() and not force:
+        raise EbmmError(out, "exists; use --force to overwrite, or --append to add to it")
     shape = _image_shape(net, model)
     found = collect_images(images, sys.stdin)
     if any(img.path.resolve() == out.resolve() for img in found):
@@ -712,13 +731,26 @@ def write(
     dev = resolve_device(device)
     try:
         memory = write_memory(
-            net.to(dev), batch.images.to(dev), generator=torch.Generator().manual_seed(seed)
+            net.to(dev),
+            batch.images.to(dev),
+            generator=torch.Generator().manual_seed(seed),
+            append_to=None if stored is None else stored.to(dev),
         )
     except FloatingPointError as e:
         raise EbmmError(model, str(e), exit_code=1) from None
     save_memory(net, memory.detach(), out)
     _count_skipped("write", len(batch.skipped))
     print(out)
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """Same configuration and the same slow weights and rules (both on the CPU)."""
+    import torch
+
+    if a.config.to_json() != b.config.to_json():
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _image_shape(net: Any, path: Path) -> tuple[int, ...]:

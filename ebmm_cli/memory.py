@@ -183,7 +183,11 @@ def _check_finite(values: torch.Tensor, what: str) -> None:
 
 
 def write(
-    net: nn.Module, rules: Rules, patterns: torch.Tensor, create_graph: bool = False
+    net: nn.Module,
+    rules: Rules,
+    patterns: torch.Tensor,
+    create_graph: bool = False,
+    start: Params | None = None,
 ) -> Params:
     """Write a batch of clean patterns (N, ...) into a new memory: T steps of (4) on (3).
 
@@ -194,6 +198,8 @@ def write(
         create_graph: keep the graph of each step, for second-order meta-gradients.
             Without it, each step's gradient is a constant (first order), but the result
             still depends on θ̄ and on the rates.
+        start: θ(0), a memory written before (appending); default θ̄. The β term still
+            pulls towards θ̄.
 
     Returns:
         θ(T), the written memory: {parameter name: tensor}.
@@ -208,6 +214,10 @@ def write(
     """
     theta_bar = initial_memory(net)
     theta = dict(theta_bar)
+    if start is not None:  # a stored memory is a constant: differentiate from it
+        theta = {
+            k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in start.items()
+        }
     layers = list(memory_layers(net).values())
     rates, alphas, betas = rules.write_schedule()
     for t in range(rates.shape[0]):
@@ -367,15 +377,25 @@ def write_memory(
     patterns: torch.Tensor,
     create_graph: bool = False,
     generator: torch.Generator | None = None,
+    append_to: Memory | None = None,
 ) -> Memory:
     """Write a batch into a new `Memory`: the energy write, then (decoder read) the
-    decoder's MAML adaptation to the batch. `generator` draws the adaptation's queries."""
-    theta = write(model.energy, model.rules, patterns, create_graph=create_graph)
+    decoder's MAML adaptation to the batch. `generator` draws the adaptation's queries.
+
+    `append_to` continues writing from that memory instead of θ̄: T more steps on the new
+    patterns only (the earlier ones are not seen again, so they may fade). The decoder
+    read cannot append: its adaptation needs every stored pattern.
+    """
+    if append_to is not None and model.decoder is not None:
+        raise ValueError("a decoder-read memory cannot be appended to")
+    start = None if append_to is None else append_to.params
+    theta = write(model.energy, model.rules, patterns, create_graph=create_graph, start=start)
     decoder = None
     if model.decoder is not None:
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         decoder = adapt_decoder(model, theta, patterns, generator, create_graph)
-    return Memory(theta, decoder, patterns.shape[0])
+    stored = patterns.shape[0] + (0 if append_to is None else append_to.patterns)
+    return Memory(theta, decoder, stored)
 
 
 def adapt_decoder(

@@ -455,3 +455,39 @@ def test_train_profile_writes_the_operator_table_and_a_trace(
     assert "aten::" in table and "ProfilerStep" in table
     trace = json.loads((out / "profile-trace.json").read_text())
     assert any(e.get("name", "").startswith("aten::conv") for e in trace["traceEvents"])
+
+
+def test_write_append_continues_the_stored_memory(
+    run_dir: Path, data_root: Path, omniglot_dir: Path, tmp_path: Path
+) -> None:
+    model = str(run_dir / "model.safetensors")
+    first, second = omniglot_dir / "Latin" / "character01", omniglot_dir / "Latin" / "character02"
+    memory, alone = tmp_path / "m.safetensors", tmp_path / "alone.safetensors"
+
+    def write(*args: str) -> subprocess.CompletedProcess:
+        return run_ebmm("write", "--model", model, "--device", "cpu", *args)
+
+    assert write(str(first), "-o", str(memory)).returncode == 0
+    before = memory.read_bytes()
+    missing = write(str(second), "-o", str(tmp_path / "none.safetensors"), "--append")
+    assert missing.returncode == 2 and "no memory file to append to" in missing.stderr
+    exists = write(str(second), "-o", str(memory))
+    assert exists.returncode == 2 and "--append" in exists.stderr
+    assert memory.read_bytes() == before  # refused: untouched
+
+    appended = write(str(second), "-o", str(memory), "--append")
+    assert appended.returncode == 0, appended.stderr
+    assert write(str(second), "-o", str(alone)).returncode == 0
+    _, stored = load_memory(memory)
+    _, fresh = load_memory(alone)
+    assert stored.patterns == 40  # 20 drawings of each character
+    # T more steps from the first memory, not from the meta-learned start
+    assert any(not torch.equal(stored.params[k], fresh.params[k]) for k in fresh.params)
+
+    other = tmp_path / "other"
+    _train(data_root, other, "--steps", "1", "--seed", "7")
+    wrong = run_ebmm(
+        "write", "--model", str(other / "model.safetensors"), str(second), "-o", str(memory),
+        "--append", "--device", "cpu",
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "written by another model" in wrong.stderr
