@@ -47,14 +47,22 @@ def _step(trainer: Trainer, batches: list[Batch]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, poison: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         trainer = Trainer.create(_config(), Path(out) / f"rank{rank}")
         assert (trainer.rank, trainer.world) == (rank, world)
-        result = _step(trainer, [_episode(rank)])
-        torch.save(result, Path(out) / f"rank{rank}.pt")
+        batch = _episode(rank)
+        if poison:  # the last rank's queries hold NaN: its loss is not finite
+            if rank == world - 1:
+                batch.queries[0, 0] = float("nan")
+            before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            assert trainer.train_step([batch]) is None  # skipped on every rank
+            after = trainer.model.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before)
+            return
+        torch.save(_step(trainer, [batch]), Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -66,7 +74,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_take_the_single_process_step_over_both_episodes(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), False), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = _step(Trainer.create(_config(), tmp_path / "single"), [_episode(0), _episode(1)])
     alone = _step(Trainer.create(_config(), tmp_path / "alone"), [_episode(0)])
@@ -76,6 +84,11 @@ def test_two_processes_take_the_single_process_step_over_both_episodes(tmp_path:
     # ... and the step did use the other process's episode.
     grads = [k for k in single if k.startswith("grad.")]
     assert any(not torch.allclose(single[k], alone[k], rtol=1e-3) for k in grads)
+
+
+def test_a_non_finite_loss_on_one_process_skips_the_step_on_all(tmp_path: Path) -> None:
+    # each worker asserts that its step returned None and left every parameter as it was
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
 
 
 def _torchrun(nproc: int, out: Path, *args: str) -> subprocess.CompletedProcess:
