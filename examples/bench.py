@@ -13,6 +13,7 @@ prints a table and, with `--json FILE`, writes every number with the machine it 
 
     python examples/bench.py --data-root ../shared/data --steps 5 --json bench.json
     python examples/bench.py --data-root ../shared/data --quick     # CI-sized: seconds
+    python examples/bench.py --protocols paper --processes 2        # under torchrun (gloo)
 """
 
 from __future__ import annotations
@@ -63,14 +64,17 @@ def _step(trainer: Trainer, batches: Iterator[Batch]) -> None:
     trainer.train_step([next(batches)])
 
 
-def measure(name: str, data_root: str | None, steps: int, device: str) -> dict:
-    """Every timing of one protocol, in this process."""
+def measure(name: str, data_root: str | None, steps: int, device: str) -> dict | None:
+    """Every timing of one protocol, in this process. Under torchrun, the meta-training
+    steps of all processes together (images = all processes' episodes); rank 0 reports."""
     from ebmm_cli.memory import RuleConfig, retrieve, write_memory
-    from ebmm_cli.meta import TrainConfig, default_model_config
+    from ebmm_cli.meta import TrainConfig, default_model_config, init_distributed
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = init_distributed(device) or device
     p = PROTOCOLS[name]
     dataset = "binary" if p["memory"] == "rnn" else "omniglot"
-    row: dict = {"protocol": name, "images": p["batch"]}
+    row: dict = {"protocol": name, "images": p["batch"] * world, "processes": world}
     with tempfile.TemporaryDirectory() as tmp:
         for order in ("second", "first"):
             model = default_model_config(
@@ -89,7 +93,9 @@ def measure(name: str, data_root: str | None, steps: int, device: str) -> dict:
             batches = iter([trainer.batch() for _ in range(steps + 1)])
             seconds = _timed(partial(_step, trainer, batches), trainer.device, steps)
             row[f"{order}_s_per_step"] = seconds
-            row[f"{order}_images_per_s"] = p["batch"] / seconds
+            row[f"{order}_images_per_s"] = row["images"] / seconds
+        if world > 1:  # write and read do not change with processes
+            return row if trainer.rank == 0 else None
         trainer.model.eval()
         batch = trainer.batch()
         memory = write_memory(trainer.model, batch.patterns).detach()
@@ -160,11 +166,14 @@ def table(rows: list[dict], start: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        rest = "| - | - | - |"  # distributed rows time training only
+        if "write_ms" in r:
+            peak = f"{r['peak_mib']:.0f} ({r['peak_kind']})"
+            rest = f"| {r['write_ms']:.0f} | {r['read_ms']:.0f} | {peak} |"
         lines.append(
             f"| {r['protocol']} | {r['images']} | {r['second_s_per_step']:.3f} "
             f"| {r['second_images_per_s']:.1f} | {r['first_s_per_step']:.3f} "
-            f"| {r['first_images_per_s']:.1f} | {r['write_ms']:.0f} | {r['read_ms']:.0f} "
-            f"| {r['peak_mib']:.0f} ({r['peak_kind']}) |"
+            f"| {r['first_images_per_s']:.1f} {rest}"
         )
     lines.append("")
     lines.extend(f"{k.removesuffix('_s')} start-up: {v:.2f} s" for k, v in start.items())
@@ -179,10 +188,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="report protocol, 1 step: CI-sized")
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="time meta-training under torchrun with N"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.data_root, args.steps, args.device)))
+        row = measure(args.child, args.data_root, args.steps, args.device)
+        if row is not None:
+            print(json.dumps(row))
         return
     names = ["report"] if args.quick else args.protocols.split(",")
     steps = 1 if args.quick else args.steps
@@ -192,6 +206,8 @@ def main() -> None:
     rows = []
     for name in names:
         child = [sys.executable, __file__, "--child", name, "--steps", str(steps)]
+        if args.processes > 1:  # torchrun's own defaults: OMP_NUM_THREADS=1 per process
+            child[1:1] = ["-m", "torch.distributed.run", "--nproc-per-node", str(args.processes)]
         child += ["--device", args.device]
         if args.data_root:
             child += ["--data-root", args.data_root]
