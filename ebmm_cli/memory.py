@@ -182,12 +182,51 @@ def _check_finite(values: torch.Tensor, what: str) -> None:
         raise FloatingPointError(f"{what} holds NaN or infinite values")
 
 
+WriteGrads = tuple[torch.Tensor, torch.Tensor, Params, Params]
+
+
+def _write_grads(
+    net: nn.Module, theta: Params, patterns: torch.Tensor, create_graph: bool
+) -> WriteGrads:
+    """E, ∇x E, ∇θ Σ E and ∇θ mean ||∇x E||² at θ, with torch.autograd."""
+    # A fresh leaf each step: ∇x E is the partial derivative at fixed θ(t). Reusing one
+    # leaf would also differentiate through θ(t)'s own dependence on x, which is wrong
+    # and grows the graph exponentially with the steps.
+    x = patterns.detach().requires_grad_(True)
+    values = list(theta.values())
+    with torch.enable_grad():
+        e = energy(net, theta, x)
+        # One backward pass gives both ∇x E (kept differentiable: the gradient-norm term
+        # is differentiated again) and ∇θ E summed over the batch.
+        gx, *g_energy = torch.autograd.grad(e.sum(), [x, *values], create_graph=True)
+        grad_norm = gx.flatten(1).pow(2).sum(1).mean()
+        g_norm = torch.autograd.grad(grad_norm, values, create_graph=create_graph)
+    return e, gx, dict(zip(theta, g_energy, strict=True)), dict(zip(theta, g_norm, strict=True))
+
+
+def _write_grads_functional(
+    net: nn.Module, theta: Params, patterns: torch.Tensor, create_graph: bool
+) -> WriteGrads:
+    """`_write_grads` with torch.func (vmap-able): one forward and one backward give E,
+    ∇x E and ∇θ Σ E; the gradient norm is differentiated once more. Transforms take
+    partial derivatives, so no fresh leaf is needed."""
+
+    def grad_norm(th: Params) -> tuple[torch.Tensor, tuple]:
+        e, pullback = torch.func.vjp(lambda t, x: functional_call(net, t, (x,)), th, patterns)
+        g_theta, gx = pullback(torch.ones_like(e))
+        return gx.flatten(1).pow(2).sum(1).mean(), (e, gx, g_theta)
+
+    g_norm, (e, gx, g_energy) = torch.func.grad(grad_norm, has_aux=True)(theta)
+    return e, gx, g_energy, g_norm
+
+
 def write(
     net: nn.Module,
     rules: Rules,
     patterns: torch.Tensor,
     create_graph: bool = False,
     start: Params | None = None,
+    functional: bool = False,
 ) -> Params:
     """Write a batch of clean patterns (N, ...) into a new memory: T steps of (4) on (3).
 
@@ -200,6 +239,9 @@ def write(
             still depends on θ̄ and on the rates.
         start: θ(0), a memory written before (appending); default θ̄. The β term still
             pulls towards θ̄.
+        functional: take the gradients with torch.func instead of torch.autograd, so
+            that `torch.func.vmap` can write many episodes at once (`write_episodes`);
+            the same values, no finiteness checks, and 10-20% slower for one episode.
 
     Returns:
         θ(T), the written memory: {parameter name: tensor}.
@@ -220,31 +262,20 @@ def write(
         }
     layers = list(memory_layers(net).values())
     rates, alphas, betas = rules.write_schedule()
+    step_grads = _write_grads_functional if functional else _write_grads
     for t in range(rates.shape[0]):
-        # A fresh leaf each step: ∇x E is the partial derivative at fixed θ(t). Reusing one
-        # leaf would also differentiate through θ(t)'s own dependence on x, which is
-        # wrong and grows the graph exponentially with the steps.
-        x = patterns.detach().requires_grad_(True)
-        values = list(theta.values())
-        with torch.enable_grad():
-            e = energy(net, theta, x)
-            # One backward pass gives both ∇x E (kept differentiable: the gradient-norm
-            # term is differentiated again) and ∇θ E summed over the batch.
-            gx, *g_energy = torch.autograd.grad(e.sum(), [x, *values], create_graph=True)
-            grad_norm = gx.flatten(1).pow(2).sum(1).mean()
-            g_norm = torch.autograd.grad(grad_norm, values, create_graph=create_graph)
-        n = patterns.shape[0]
-        g_energy = [g / n if create_graph else g.detach() / n for g in g_energy]
-        if not create_graph:
+        e, gx, g_energy, g_norm = step_grads(net, theta, patterns, create_graph)
+        if not create_graph and not functional:
             _check_finite(e, f"write step {t + 1} of {rates.shape[0]}: the energy")
             _check_finite(gx, f"write step {t + 1} of {rates.shape[0]}: the energy gradient")
-        g_energy = dict(zip(theta, g_energy, strict=True))
-        g_norm = dict(zip(theta, g_norm, strict=True))
+        if not create_graph:  # first order: the step's gradients are constants
+            g_energy = {n: g.detach() for n, g in g_energy.items()}
+            g_norm = {n: g.detach() for n, g in g_norm.items()}
         new = {}
         for li, names in enumerate(layers):
             r_e, r_g, r_b = rates[t, li]
             for n in names:
-                step = r_e * g_energy[n] + r_g * alphas[t] * g_norm[n]
+                step = r_e * g_energy[n] / len(patterns) + r_g * alphas[t] * g_norm[n]
                 step = step + r_b * betas[t] * 2 * (theta[n] - theta_bar[n])
                 new[n] = theta[n] - step
         theta = new
@@ -258,6 +289,7 @@ def read(
     queries: torch.Tensor,
     create_graph: bool = False,
     steps: int | None = None,
+    functional: bool = False,
 ) -> list[torch.Tensor]:
     """Read: K steps of projected gradient descent with Nesterov momentum, per (1).
 
@@ -267,6 +299,7 @@ def read(
         create_graph: keep the graph (meta-training); otherwise iterates are detached.
         steps: K; default the model's. Beyond the learned schedule the last step size
             and momentum are kept.
+        functional: ∇x E with torch.func, for `torch.func.vmap` (see `write`).
 
     Returns:
         The iterates [x(1), ..., x(K)]; the last one is the retrieval.
@@ -285,15 +318,41 @@ def read(
     for k in range(k_steps):
         gamma, psi = gammas[min(k, len(gammas) - 1)], psis[min(k, len(psis) - 1)]
         look = (x + psi * v).clamp(0.0, 1.0)
-        _, g = energy_grad(net, memory, look, create_graph=create_graph)
-        if not create_graph:
-            _check_finite(g, f"read step {k + 1} of {k_steps}: the energy gradient")
+        if functional:
+            g = torch.func.grad(lambda y: functional_call(net, memory, (y,)).sum())(look)
+        else:
+            _, g = energy_grad(net, memory, look, create_graph=create_graph)
+            if not create_graph:
+                _check_finite(g, f"read step {k + 1} of {k_steps}: the energy gradient")
         v = psi * v - gamma * g
         x = (x + v).clamp(0.0, 1.0)
         if not create_graph:
             x, v = x.detach(), v.detach()
         iterates.append(x)
     return iterates
+
+
+def write_episodes(
+    net: nn.Module, rules: Rules, patterns: torch.Tensor, create_graph: bool = False
+) -> Params:
+    """Write E episodes (E, N, ...) into E memories at once: `write` under
+    `torch.func.vmap`, so each kernel runs once over all episodes instead of E times
+    (the memories become grouped weights). Returns {name: (E, ...)}."""
+    return torch.func.vmap(lambda x: write(net, rules, x, create_graph, functional=True))(patterns)
+
+
+def read_episodes(
+    net: nn.Module,
+    rules: Rules,
+    memories: Params,
+    queries: torch.Tensor,
+    create_graph: bool = False,
+) -> list[torch.Tensor]:
+    """Read E episodes' queries (E, B, ...) from their memories (`write_episodes`) at
+    once: `read` under `torch.func.vmap`. Returns the iterates, each (E, B, ...)."""
+    return torch.func.vmap(lambda m, q: read(net, rules, m, q, create_graph, functional=True))(
+        memories, queries
+    )
 
 
 @dataclass(frozen=True)

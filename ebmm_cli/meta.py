@@ -36,7 +36,16 @@ from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.distort import Distortion
 from ebmm_cli.energy import EnergyConfig
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.memory import Model, ModelConfig, RuleConfig, energy, retrieve, write_memory
+from ebmm_cli.memory import (
+    Model,
+    ModelConfig,
+    RuleConfig,
+    energy,
+    read_episodes,
+    retrieve,
+    write_episodes,
+    write_memory,
+)
 from ebmm_cli.store import load_checkpoint, save_checkpoint, save_model
 
 LOSSES = ("mse", "ssim+mse")
@@ -268,18 +277,20 @@ class Trainer:
     def train_step(self, batches: list[Batch]) -> float | None:
         """One meta-gradient step on the mean loss of `batches` (and, distributed, of
         every process's batches); returns that loss, or None if it was not finite
-        anywhere (then nothing changes)."""
+        anywhere (then nothing changes). Several episodes of the gradient read are
+        written and read together, under `torch.func.vmap`."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         share = 1.0 / (len(batches) * self.world)
+        together = len(batches) > 1 and self.model.decoder is None
         total, finite = 0.0, True
-        for batch in batches:
-            loss, iterates = self._episode_loss(batch)
-            if loss is None or not torch.isfinite(loss):
+        for group in [batches] if together else [[b] for b in batches]:
+            losses, iterates = self._episode_losses(group)
+            if losses is None or not torch.isfinite(losses).all():
                 finite = False
                 break
-            (loss * share).backward()  # episode by episode: one episode's graph at a time
-            total += float(loss.detach()) / iterates * share
+            (losses.sum() * share).backward()  # group by group: one group's graph at a time
+            total += float(losses.detach().sum()) / iterates * share
         params = list(self.model.parameters())
         if self.world > 1:
             total, finite = self._all_reduce(params, total, finite)
@@ -293,22 +304,32 @@ class Trainer:
         self.optimizer.step()
         return total
 
-    def _episode_loss(self, batch: Batch) -> tuple[torch.Tensor | None, int]:
-        """Write one episode, read its queries: the loss summed over read iterates (None
-        if a first-order write left the reals) and the number of iterates."""
-        try:  # a first-order write checks its own steps
-            memory = write_memory(
-                self.model,
-                batch.patterns,
-                create_graph=not self.config.first_order,
-                generator=self.generator,
-            )
-        except FloatingPointError:
-            return None, 1
-        iterates = retrieve(self.model, memory, batch.queries, create_graph=True)
-        kind = self.config.model.loss
-        loss = sum(reconstruction_loss(kind, x, batch.patterns).mean() for x in iterates)
-        return loss, len(iterates)
+    def _episode_losses(self, group: list[Batch]) -> tuple[torch.Tensor | None, int]:
+        """Write each episode, read its queries: each episode's loss summed over read
+        iterates, shape (len(group),) (None if a first-order write left the reals), and
+        the number of iterates. One episode goes through `write_memory` (any read);
+        several through `write_episodes` and `read_episodes` (the gradient read)."""
+        kind, second = self.config.model.loss, not self.config.first_order
+        patterns = torch.stack([b.patterns for b in group])
+        if len(group) == 1:
+            try:  # a first-order write checks its own steps
+                memory = write_memory(
+                    self.model, patterns[0], create_graph=second, generator=self.generator
+                )
+            except FloatingPointError:
+                return None, 1
+            iterates = [x[None] for x in retrieve(self.model, memory, group[0].queries, True)]
+        else:
+            energy_net, rules = self.model.energy, self.model.rules
+            queries = torch.stack([b.queries for b in group])
+            memories = write_episodes(energy_net, rules, patterns, create_graph=second)
+            iterates = read_episodes(energy_net, rules, memories, queries, create_graph=True)
+        flat = patterns.flatten(0, 1)
+        losses = sum(
+            reconstruction_loss(kind, x.flatten(0, 1), flat).view(len(group), -1).mean(1)
+            for x in iterates
+        )
+        return losses, len(iterates)
 
     def _all_reduce(
         self, params: list[torch.nn.Parameter], total: float, finite: bool

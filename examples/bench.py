@@ -14,6 +14,7 @@ prints a table and, with `--json FILE`, writes every number with the machine it 
     python examples/bench.py --data-root ../shared/data --steps 5 --json bench.json
     python examples/bench.py --data-root ../shared/data --quick     # CI-sized: seconds
     python examples/bench.py --protocols paper --processes 2        # under torchrun (gloo)
+    python examples/bench.py --protocols report --episodes 8        # 8 episodes per step
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
     return (time.perf_counter() - start) / repeats
 
 
-def _step(trainer: Trainer, batches: Iterator[Batch]) -> None:
-    trainer.train_step([next(batches)])
+def _step(trainer: Trainer, batches: Iterator[list[Batch]]) -> None:
+    trainer.train_step(next(batches))
 
 
-def measure(name: str, data_root: str | None, steps: int, device: str) -> dict | None:
+def measure(
+    name: str, data_root: str | None, steps: int, device: str, episodes: int = 1
+) -> dict | None:
     """Every timing of one protocol, in this process. Under torchrun, the meta-training
     steps of all processes together (images = all processes' episodes); rank 0 reports."""
     from ebmm_cli.memory import RuleConfig, retrieve, write_memory
@@ -74,7 +77,12 @@ def measure(name: str, data_root: str | None, steps: int, device: str) -> dict |
     device = init_distributed(device) or device
     p = PROTOCOLS[name]
     dataset = "binary" if p["memory"] == "rnn" else "omniglot"
-    row: dict = {"protocol": name, "images": p["batch"] * world, "processes": world}
+    row: dict = {
+        "protocol": name,
+        "images": p["batch"] * episodes * world,
+        "episodes_per_step": episodes,
+        "processes": world,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for order in ("second", "first"):
             model = default_model_config(
@@ -90,7 +98,7 @@ def measure(name: str, data_root: str | None, steps: int, device: str) -> dict |
                 eval_episodes=1,
             )
             trainer = Trainer.create(config, Path(tmp) / order)
-            batches = iter([trainer.batch() for _ in range(steps + 1)])
+            batches = iter([[trainer.batch() for _ in range(episodes)] for _ in range(steps + 1)])
             seconds = _timed(partial(_step, trainer, batches), trainer.device, steps)
             row[f"{order}_s_per_step"] = seconds
             row[f"{order}_images_per_s"] = row["images"] / seconds
@@ -191,10 +199,13 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=1, help="time meta-training under torchrun with N"
     )
+    parser.add_argument(
+        "--episodes", type=int, default=1, help="episodes per meta-step (written together)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        row = measure(args.child, args.data_root, args.steps, args.device)
+        row = measure(args.child, args.data_root, args.steps, args.device, args.episodes)
         if row is not None:
             print(json.dumps(row))
         return
@@ -206,6 +217,7 @@ def main() -> None:
     rows = []
     for name in names:
         child = [sys.executable, __file__, "--child", name, "--steps", str(steps)]
+        child += ["--episodes", str(args.episodes)]
         if args.processes > 1:  # torchrun's own defaults: OMP_NUM_THREADS=1 per process
             child[1:1] = ["-m", "torch.distributed.run", "--nproc-per-node", str(args.processes)]
         child += ["--device", args.device]

@@ -79,8 +79,15 @@ def test_two_processes_take_the_single_process_step_over_both_episodes(tmp_path:
     single = _step(Trainer.create(_config(), tmp_path / "single"), [_episode(0), _episode(1)])
     alone = _step(Trainer.create(_config(), tmp_path / "alone"), [_episode(0)])
     for key, value in single.items():
-        for rank in ranks:  # both processes end the step identical, and equal to one process
-            assert torch.allclose(rank[key], value, rtol=1e-5, atol=1e-7), key
+        # Both processes end the step equal to one process, which writes and reads its two
+        # episodes together (vmap) while each process has one: the same sums in another
+        # order. Gradients agree to ~1e-9; AdamW's first step divides by |g| + 1e-8, so on
+        # near-zero gradients that rounding moves a parameter by up to ~0.2% of a step
+        # (lr 1e-3): parameters are compared to 1% of one.
+        for rank in ranks:
+            tolerance = {"atol": 1e-7} if key.startswith("grad.") else {"atol": 1e-5}
+            assert torch.allclose(rank[key], value, rtol=1e-5, **tolerance), key
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # the processes agree exactly
     # ... and the step did use the other process's episode.
     grads = [k for k in single if k.startswith("grad.")]
     assert any(not torch.allclose(single[k], alone[k], rtol=1e-3) for k in grads)

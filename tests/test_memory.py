@@ -17,7 +17,9 @@ from ebmm_cli.memory import (
     energy_grad,
     initial_memory,
     read,
+    read_episodes,
     write,
+    write_episodes,
 )
 
 
@@ -284,3 +286,37 @@ def test_the_fast_write_gives_the_plain_writes_memory_and_meta_gradients(
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["conv", "fc", "rnn"])
+@pytest.mark.parametrize("second_order", [True, False])
+def test_episodes_written_together_equal_episodes_written_one_by_one(kind, second_order) -> None:
+    """`write_episodes`/`read_episodes` (torch.func.vmap over episodes) give each
+    episode's memory, iterates and meta-gradients exactly as `write`/`read` one by one."""
+    torch.manual_seed(0)
+    shape = (16,) if kind == "rnn" else (1, 16, 16)
+    net = build_energy(EnergyConfig(kind, shape, 2)).double()
+    rules = Rules(RuleConfig(write_steps=2, read_steps=2), len(memory_layers(net))).double()
+    patterns = torch.rand(3, 4, *shape, dtype=torch.float64)  # 3 episodes of 4
+    queries = (patterns + 0.1 * torch.randn_like(patterns)).clamp(0, 1)
+    params = list(net.parameters()) + list(rules.parameters())
+
+    memories = write_episodes(net, rules, patterns, create_graph=second_order)
+    together = read_episodes(net, rules, memories, queries, create_graph=True)
+    loss = sum((x - patterns).pow(2).sum() for x in together)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+
+    loss_each = 0
+    for e in range(3):
+        theta = write(net, rules, patterns[e], create_graph=second_order)
+        for n, v in theta.items():
+            assert torch.allclose(memories[n][e], v, rtol=1e-10, atol=1e-12), n
+        each = read(net, rules, theta, queries[e], create_graph=True)
+        for a, b in zip(together, each, strict=True):
+            assert torch.allclose(a[e], b, rtol=1e-10, atol=1e-12)
+        loss_each = loss_each + sum((x - patterns[e]).pow(2).sum() for x in each)
+    grads_each = torch.autograd.grad(loss_each, params, allow_unused=True)
+    for a, b in zip(grads, grads_each, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
