@@ -30,6 +30,8 @@ for spec in binary:rnn-64,rnn-96 omniglot:conv-2,conv-4,conv-14,fc-18,fc-63 \
 done
 wait
 timeout 120 python3 examples/bench.py --steps 3 --device cuda --json "$work/bench.json" >"$work/speed.out" 2>&1
+timeout 120 python3 examples/bench.py --protocols report,paper --episodes 8 --steps 3 --device cuda \
+    --json "$work/bench-8ep.json" >>"$work/speed.out" 2>&1
 tar czf "$OUT/results.tgz" -C "$work" --exclude='*.safetensors' .
 for model in binary/rnn-64 binary/rnn-96 omniglot/conv-4 cifar10/conv-4; do
     cp "$work/$model/model.safetensors" "$OUT/$(echo "$model" | tr / -).safetensors" 2>/dev/null
