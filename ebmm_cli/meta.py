@@ -341,8 +341,9 @@ class Trainer:
         flat = torch.cat([g.flatten() for g in grads] + [tail])
         dist.all_reduce(flat)
         offset = 0
-        for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        for p in params:  # a parameter no loss reaches (the energy's offset) stays without
+            if p.grad is not None:  # one on every process, as in a single process
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         return float(flat[-2]), bool(flat[-1] == 0)
 
