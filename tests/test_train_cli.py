@@ -491,3 +491,15 @@ def test_write_append_continues_the_stored_memory(
         "--append", "--device", "cpu",
     )  # fmt: skip
     assert wrong.returncode == 2 and "written by another model" in wrong.stderr
+
+    decoder_run, decoder_memory = tmp_path / "decoder", tmp_path / "d.safetensors"
+    _train(data_root, decoder_run, "--steps", "1", "--read", "decoder")
+    decoder_model = str(decoder_run / "model.safetensors")
+    made = run_ebmm("write", "--model", decoder_model, str(first), "-o", str(decoder_memory))
+    assert made.returncode == 0, made.stderr
+    kept = decoder_memory.read_bytes()
+    refused = run_ebmm(
+        "write", "--model", decoder_model, str(second), "-o", str(decoder_memory), "--append",
+    )  # fmt: skip
+    assert refused.returncode == 2 and "cannot be appended to" in refused.stderr
+    assert decoder_memory.read_bytes() == kept
