@@ -38,10 +38,12 @@ def _episode(index: int) -> Batch:
 
 
 def _step(trainer: Trainer, batches: list[Batch]) -> dict[str, torch.Tensor]:
-    """One step; the (clipped) gradients it applied and the parameters after it."""
+    """One step; the (clipped) gradients it applied, which parameters got none, and the
+    parameters after it."""
     assert trainer.train_step(batches) is not None
     out = {}
-    for name, p in trainer.model.named_parameters():  # no gradient: zero (all-reduced)
+    for name, p in trainer.model.named_parameters():
+        out[f"nograd.{name}"] = torch.tensor(float(p.grad is None))
         out[f"grad.{name}"] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
         out[f"param.{name}"] = p.detach().clone()
     return out
@@ -77,6 +79,9 @@ def test_two_processes_take_the_single_process_step_over_both_episodes(tmp_path:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), False), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = _step(Trainer.create(_config(), tmp_path / "single"), [_episode(0), _episode(1)])
+    # The energy's offset gets no gradient alone, so AdamW leaves it (no weight decay):
+    # after the all-reduce it must get none either (compared below as "nograd.*").
+    assert any(v.item() for k, v in single.items() if k.startswith("nograd."))
     alone = _step(Trainer.create(_config(), tmp_path / "alone"), [_episode(0)])
     for key, value in single.items():
         # Both processes end the step equal to one process, which writes and reads its two
