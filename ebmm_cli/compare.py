@@ -128,12 +128,16 @@ def episode_metrics(
     return values
 
 
-def _summary(values: list[float]) -> dict[str, float]:
+def _summary(values: list[float]) -> dict[str, Any]:
+    """Mean and 5th/95th percentiles, and the values themselves in episode order: every
+    method sees the same episodes, so two methods' values pair up (a paired difference
+    says more about a small gap than two overlapping intervals)."""
     t = torch.tensor(values, dtype=torch.float64)
     return {
         "mean": float(t.mean()),
         "p5": float(torch.quantile(t, 0.05)),
         "p95": float(torch.quantile(t, 0.95)),
+        "episodes": values,
     }
 
 
@@ -194,7 +198,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_metric(m: dict[str, float] | None) -> str:
+def format_metric(m: dict[str, Any] | None) -> str:
     if m is None:
         return "-"
     digits = 3 if abs(m["mean"]) < 10 else 1

@@ -46,6 +46,12 @@ def test_every_method_sees_identical_queries() -> None:
     again = make_episodes(config)
     assert torch.equal(again[32][2].queries, a.seen[5])
     assert [r["method"] for r in rows] == ["a", "hopfield-pinv", "b"] * 2
+    # per-episode values come in episode order, so two methods' values pair up
+    erased = [
+        float(((e.queries > 0.5) != (e.patterns > 0.5)).sum(1).double().mean()) for e in again[32]
+    ]
+    assert rows[3]["hamming"]["episodes"] == pytest.approx(erased)
+    assert rows[5]["hamming"]["episodes"] == rows[3]["hamming"]["episodes"]
 
 
 def test_identity_error_is_the_queries_error() -> None:
@@ -53,6 +59,7 @@ def test_identity_error_is_the_queries_error() -> None:
     episodes = make_episodes(config)
     (row,) = run([Identity()], episodes)
     assert row["hamming"]["mean"] == pytest.approx(10.0)
+    assert row["hamming"]["episodes"] == pytest.approx([10.0] * 4)
     assert row["sq_error"]["mean"] == pytest.approx(10.0)
     assert row["memory_floats"] == 0 and row["ssim"] is None
 
@@ -89,8 +96,11 @@ def test_compare_json_is_complete(tmp_path: Path) -> None:
             if metric == "ssim":
                 assert row[metric] is None
             else:
-                assert set(row[metric]) == {"mean", "p5", "p95"}
+                assert set(row[metric]) == {"mean", "p5", "p95", "episodes"}
                 assert row[metric]["p5"] <= row[metric]["p95"]
+                values = row[metric]["episodes"]
+                assert len(values) == 3
+                assert row[metric]["mean"] == pytest.approx(sum(values) / 3)
     pinv16 = next(r for r in doc["rows"] if r["method"] == "hopfield-pinv" and r["patterns"] == 16)
     assert pinv16["memory_floats"] == 8_256 and pinv16["hamming"]["mean"] == 0
     assert (tmp_path / "t.md").read_text().count("\n") == 14
