@@ -4,7 +4,8 @@ Each experiment meta-trains its EBMM models with `ebmm train` (several at once w
 `--jobs`, e.g. on a GPU), then runs `ebmm compare` on the same seeded episodes for the
 models and the baselines, and writes into OUT: one run folder per model, `compare.json`
 (`ebmm compare --json`), `compare.md`, `compare.png` (error against memory size or
-number of patterns) and `summary.json` (machine, budget, wall times).
+number of patterns) and `summary.json` (machine, budget, wall times; for binary strings
+also each model's paired difference from the pseudo-inverse Hopfield net, episode by episode).
 
     binary    128-bit strings, eraseblock:64, rnn at 8,256 floats trained at 64 and at 96
               patterns; Hopfield (Hebb, Storkey, pseudo-inverse), modern Hopfield,
@@ -59,6 +60,7 @@ EXPERIMENTS: dict[str, dict] = {
             "--distortion", "eraseblock:64", "--episodes", "50",
             "--baselines", f"identity,nearest,{HOPFIELD}",
         ],
+        "paired": ("hopfield-pinv", "hamming"),
     },
     "omniglot": {
         "runs": {
@@ -132,6 +134,33 @@ def train(out: Path, name: str, args: list[str], common: list[str]) -> dict:
     return {"name": name, "wall_s": round(time.monotonic() - start, 1), "last": last}
 
 
+def paired(rows: list[dict], baseline: str, metric: str) -> list[dict]:
+    """Each model against `baseline` on the same episodes, per number of patterns: the
+    mean of the per-episode differences (model minus baseline; below 0, the model is
+    ahead), a 95% bootstrap interval of that mean, and the episodes each side wins."""
+    generator = torch.Generator().manual_seed(0)
+    base = {r["patterns"]: r[metric]["episodes"] for r in rows if r["method"] == baseline}
+    out = []
+    for row in rows:
+        if not row["method"].startswith("ebmm:") or row["patterns"] not in base:
+            continue
+        diff = torch.tensor(row[metric]["episodes"], dtype=torch.float64) - torch.tensor(
+            base[row["patterns"]], dtype=torch.float64
+        )
+        picks = torch.randint(len(diff), (10_000, len(diff)), generator=generator)
+        levels = torch.tensor([0.025, 0.975], dtype=diff.dtype)
+        low, high = torch.quantile(diff[picks].mean(1), levels).tolist()
+        out.append(
+            {
+                "method": row["method"], "against": baseline, "metric": metric,
+                "patterns": row["patterns"], "mean_difference": float(diff.mean()),
+                "bootstrap_95": [low, high],
+                "model_better": int((diff < 0).sum()), "baseline_better": int((diff > 0).sum()),
+            }
+        )  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
@@ -187,6 +216,15 @@ def main() -> None:
     )  # fmt: skip
     (args.out / "compare.json").write_text(result.stdout)
     summary["compare_wall_s"] = round(time.monotonic() - start, 1)
+    if "paired" in spec:
+        summary["paired"] = paired(json.loads(result.stdout)["rows"], *spec["paired"])
+        for p in summary["paired"]:
+            print(
+                f"{p['method']} - {p['against']}, {p['metric']} at {p['patterns']}: "
+                f"{p['mean_difference']:+.2f} [{p['bootstrap_95'][0]:+.2f}, "
+                f"{p['bootstrap_95'][1]:+.2f}], better on {p['model_better']} episodes, "
+                f"worse on {p['baseline_better']}"
+            )
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print((args.out / "compare.md").read_text())
 

@@ -36,6 +36,15 @@ def test_binary_reproduction_trains_compares_and_resumes(tmp_path: Path) -> None
     assert {"identity", "hopfield-pinv", "hopfield-storkey", "modern-hopfield"} <= methods
     assert (tmp_path / "compare.md").read_text().count("ebmm:rnn-64") == 5
     assert (tmp_path / "compare.png").stat().st_size > 1000
+    # the paired difference from the pseudo-inverse net, on the same two episodes
+    pinv = {r["patterns"]: r["hamming"] for r in rows if r["method"] == "hopfield-pinv"}
+    assert [p["patterns"] for p in summary["paired"]] == [16, 32, 48, 64, 96]
+    for p, row in zip(summary["paired"], ours, strict=True):
+        difference = row["hamming"]["mean"] - pinv[p["patterns"]]["mean"]
+        assert p["mean_difference"] == pytest.approx(difference)
+        low, high = p["bootstrap_95"]
+        assert low - 1e-9 <= p["mean_difference"] <= high + 1e-9
+        assert p["model_better"] + p["baseline_better"] <= 2
 
     # A second call resumes the finished run from its checkpoint instead of restarting it.
     again = reproduce(tmp_path, "--minutes", "0.02")
