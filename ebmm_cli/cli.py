@@ -21,6 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 from ebmm_cli import __version__
+from ebmm_cli.choices import DISTORTIONS, LOSSES, MEMORIES, READS, SCHEDULES
 from ebmm_cli.errors import EbmmError
 
 
@@ -122,17 +123,16 @@ def _root(
     """Energy-based memory models from the shell."""
 
 
-class Kind(StrEnum):
-    """Distortion kinds (the same names as `ebmm_cli.distort.KINDS`)."""
+def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """A Typer choice type whose values are the library's names (`ebmm_cli.choices`)."""
+    return StrEnum(name, [(v, v) for v in values])
 
-    noise = "noise"
-    occlude = "occlude"
-    saltpepper = "saltpepper"
-    flip = "flip"
-    erase = "erase"
-    randomize = "randomize"
-    eraseblock = "eraseblock"
-    randomizeblock = "randomizeblock"
+
+Kind = _choices("Kind", DISTORTIONS)
+Memory = _choices("Memory", MEMORIES)
+ReadKind = _choices("ReadKind", READS)
+Schedule = _choices("Schedule", SCHEDULES)
+Loss = _choices("Loss", LOSSES)
 
 
 def _fill_value(text: str) -> float | None:
@@ -186,7 +186,7 @@ def distort(
             "[bold]erase[/] (to 0.5), [bold]randomize[/]: --bits pixels inverted, erased, "
             "randomised; [bold]eraseblock[/], [bold]randomizeblock[/]: a contiguous run of them."
         ),
-    ] = Kind.noise,
+    ] = Kind("noise"),
     block: Annotated[
         int,
         typer.Option(
@@ -271,35 +271,6 @@ def distort(
     _count_skipped("distort", skipped)
 
 
-class Memory(StrEnum):
-    """Energy network kinds."""
-
-    conv = "conv"
-    fc = "fc"
-    rnn = "rnn"
-
-
-class ReadKind(StrEnum):
-    """Read rules."""
-
-    gd = "gd"
-    decoder = "decoder"
-
-
-class Schedule(StrEnum):
-    """Rule schedules."""
-
-    learned = "learned"
-    fixed = "fixed"
-
-
-class Loss(StrEnum):
-    """Meta-training losses."""
-
-    mse = "mse"
-    ssim_mse = "ssim+mse"
-
-
 DataRoot = Annotated[
     Path | None,
     typer.Option(
@@ -329,13 +300,14 @@ def train(
         ),
     ] = Path("run"),
     memory: Annotated[
-        Memory,
+        Memory | None,
         typer.Option(
+            show_default=False,
             help="Energy network: [bold]conv[/] (ResNet, "
-            "convolutional memory), [bold]fc[/] (fully-connected memory), [bold]rnn[/] (gated RNN "
-            "for 128-bit strings)."
+            "convolutional memory; the default for images), [bold]fc[/] (fully-connected "
+            "memory), [bold]rnn[/] (gated RNN for 128-bit strings; the default for binary).",
         ),
-    ] = Memory.conv,
+    ] = None,
     dataset: DatasetName = "omniglot",
     data_root: DataRoot = None,
     image_size: Annotated[
@@ -344,9 +316,17 @@ def train(
             min=8,
             show_default=False,
             help="Image side: "
-            "28 (the report) or 32 (the paper). Default: 28 for Omniglot, 32 for CIFAR.",
+            "28 (the report) or 32 (the paper). Default: 28 for Omniglot and folders, 32 for "
+            "CIFAR.",
         ),
     ] = None,
+    invert: Annotated[
+        bool,
+        typer.Option(
+            help="A folder of dark strokes on light (scans): train on ink = 1, and let the "
+            "model invert image files on the way in and out. Omniglot always is.",
+        ),
+    ] = False,
     batch_size: Annotated[
         int,
         typer.Option(min=1, help="N, patterns written per episode (the report 5, the paper 64)."),
@@ -367,7 +347,7 @@ def train(
             help="[bold]gd[/]: descend the energy (the paper); "
             "[bold]decoder[/]: a MAML-adapted decoder (the report)."
         ),
-    ] = ReadKind.gd,
+    ] = ReadKind("gd"),
     schedule: Annotated[
         Schedule,
         typer.Option(
@@ -375,7 +355,7 @@ def train(
             "α, β, read steps and momenta (the paper); [bold]fixed[/]: the report's constants "
             "(write rate 0.5/0.05, α = 0.5 ×0.95, γ₁ = 500 halved)."
         ),
-    ] = Schedule.learned,
+    ] = Schedule("learned"),
     write_lr: Annotated[
         float | None,
         typer.Option(
@@ -404,7 +384,7 @@ def train(
     loss: Annotated[
         Loss,
         typer.Option(help="mse (the paper) or ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report)."),
-    ] = Loss.mse,
+    ] = Loss("mse"),
     dynamic: Annotated[
         int | None,
         typer.Option(
@@ -489,8 +469,8 @@ def train(
     Several processes: torchrun --nproc-per-node N -m ebmm_cli train ... (each process
     draws its own episodes; gradients are averaged; rank 0 writes the files).
     """
-    from ebmm_cli.memory import RuleConfig
-    from ebmm_cli.meta import TrainConfig, Trainer, default_model_config, init_distributed
+    from ebmm_cli.meta import Trainer, init_distributed
+    from ebmm_cli.runconfig import train_config
 
     if steps is None and minutes is None:
         raise EbmmError("--steps", "give --steps and/or --minutes")
@@ -501,45 +481,28 @@ def train(
     else:
         if (out / "checkpoint.safetensors").exists():
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
-        spec = distortion or ("eraseblock:64" if dataset == "binary" else "noise:7")
-        kind = "rnn" if dataset == "binary" else memory.value
-        if (dataset == "binary") != (memory == Memory.rnn):
-            raise EbmmError("--memory", "binary strings take --memory rnn, and rnn takes only them")
-        chosen: dict[str, Any] = {
-            "write_steps": write_steps,
-            "read_steps": read_steps,
-            "read": read.value,
-        }
-        for option, value in (("write_lr", write_lr), ("read_lr", read_lr)):
-            if value is not None:
-                if not 0 < value <= 1e6:
-                    raise EbmmError(f"--{option.replace('_', '-')}", "must be in (0, 1e6]")
-                chosen[option] = value
-        if schedule == Schedule.fixed:
-            rules = RuleConfig.report(kind, **chosen)
-        else:
-            rules = RuleConfig(**chosen)
-        channels = _channels(dataset, data_root)
-        model = default_model_config(
-            kind,
-            dataset,
-            image_size or _default_size(dataset),
-            channels,
-            dynamic,
-            rules,
-            spec,
-            loss.value,
-        )
-        config = TrainConfig(
-            model,
-            data_root=str(data_root) if data_root else None,
+        config = train_config(
+            dataset=dataset,
+            memory=memory.value if memory else None,
+            data_root=data_root,
+            image_size=image_size,
+            invert=invert,
             batch_size=batch_size,
-            shots=shots or None,
+            shots=shots,
+            write_steps=write_steps,
+            read_steps=read_steps,
+            read=read.value,
+            schedule=schedule.value,
+            write_lr=write_lr,
+            read_lr=read_lr,
+            distortion=distortion,
+            loss=loss.value,
+            dynamic=dynamic,
             steps=steps,
             minutes=minutes,
+            first_order=first_order,
             lr=lr,
             rule_lr=rule_lr,
-            first_order=first_order,
             seed=seed,
             device=distributed or device,
             eval_every=eval_every,
@@ -573,22 +536,6 @@ def train(
     print(summary, file=sys.stderr)
 
 
-def _default_size(dataset: str) -> int | None:
-    return 28 if dataset == "omniglot" else 32 if dataset in ("cifar10", "fc100") else None
-
-
-def _channels(dataset: str, data_root: Path | None) -> int:
-    """Image channels of a dataset: Omniglot 1, CIFAR 3, a folder: its first image's."""
-    if dataset in ("omniglot", "binary"):
-        return 1
-    if dataset in ("cifar10", "fc100"):
-        return 3
-    from ebmm_cli.data import load_dataset
-
-    data = load_dataset(dataset, "train", data_root, None)
-    return int(data[0][0].shape[0])
-
-
 @contextlib.contextmanager
 def _profiled(out: Path, device: Any, enabled: bool) -> Iterator[Callable[[], None]]:
     """A per-step callback that drives torch.profiler over steps 3-5 (after one step of
@@ -613,14 +560,45 @@ def _profiled(out: Path, device: Any, enabled: bool) -> Iterator[Callable[[], No
 
 
 def _train_progress(steps: int | None, minutes: float | None) -> Any:
-    """A rich progress bar on stderr: step, loss, held-out loss, steps/s, ETA."""
+    """Progress on stderr: a rich bar (step, loss, held-out loss, steps/s, ETA) on a
+    terminal; otherwise (a log file, `nohup`) one plain line per held-out evaluation."""
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    def fields(info: dict[str, Any]) -> dict[str, str]:
+        rate = info["steps_per_s"]
+        left = []
+        if info["steps"] is not None and rate > 0:
+            left.append((info["steps"] - info["step"]) / rate)
+        if info["minutes"] is not None:
+            left.append(info["minutes"] * 60 - info["elapsed"])
+        loss, held = info["loss"], info["heldout_loss"]
+        return {
+            "rate": f"{rate:.2f}",
+            "eta": f"{max(min(left), 0) / 60:.1f} min" if left else "-",
+            "loss": "-" if loss is None else f"{loss:.4f}",
+            "heldout": "-" if held is None else f"{held:.4f}",
+        }
+
     @contextlib.contextmanager
     def bar() -> Any:
         console = Console(stderr=True)
+        if not console.is_terminal:
+
+            def line(info: dict[str, Any]) -> None:
+                if info["evaluated"]:
+                    f = fields(info)
+                    print(
+                        f"ebmm train: step {info['step']}, {info['elapsed'] / 60:.1f} min: "
+                        f"loss {f['loss']}, held-out {f['heldout']}, {f['rate']} steps/s, "
+                        f"ETA {f['eta']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+            yield line
+            return
         columns = [
             TextColumn("step {task.completed}"),
             BarColumn(),
@@ -630,29 +608,9 @@ def _train_progress(steps: int | None, minutes: float | None) -> Any:
             ),
             TimeElapsedColumn(),
         ]
-        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        with Progress(*columns, console=console) as progress:
             task = progress.add_task("train", total=steps, loss="-", heldout="-", rate="-", eta="-")
-
-            def update(info: dict[str, Any]) -> None:
-                rate = info["steps_per_s"]
-                left = []
-                if info["steps"] is not None and rate > 0:
-                    left.append((info["steps"] - info["step"]) / rate)
-                if info["minutes"] is not None:
-                    left.append(info["minutes"] * 60 - info["elapsed"])
-                eta = f"{max(min(left), 0) / 60:.1f} min" if left else "-"
-                loss = info["loss"]
-                held = info["heldout_loss"]
-                progress.update(
-                    task,
-                    completed=info["step"],
-                    rate=f"{rate:.2f}",
-                    eta=eta,
-                    loss="-" if loss is None else f"{loss:.4f}",
-                    heldout="-" if held is None else f"{held:.4f}",
-                )
-
-            yield update
+            yield lambda info: progress.update(task, completed=info["step"], **fields(info))
 
     return bar()
 
@@ -700,9 +658,9 @@ def write(
     """
     import torch
 
+    from ebmm_cli.device import resolve_device
     from ebmm_cli.imageio import collect_images, load_batch
-    from ebmm_cli.memory import write_memory
-    from ebmm_cli.meta import resolve_device
+    from ebmm_cli.model import same_model, write_memory
     from ebmm_cli.store import load_memory, load_model, save_memory
 
     net = load_model(model)
@@ -715,7 +673,7 @@ def write(
         owner, stored = load_memory(out)
         if net.decoder is not None:
             raise EbmmError(out, "a decoder-read memory cannot be appended to")
-        if not _same_model(owner, net):
+        if not same_model(owner, net):
             raise EbmmError(out, f"was written by another model than {model}")
     elif out.exists() and not force:
         raise EbmmError(out, "exists; use --force to overwrite, or --append to add to it")
@@ -741,16 +699,6 @@ def write(
     save_memory(net, memory.detach(), out)
     _count_skipped("write", len(batch.skipped))
     print(out)
-
-
-def _same_model(a: Any, b: Any) -> bool:
-    """Same configuration and the same slow weights and rules (both on the CPU)."""
-    import torch
-
-    if a.config.to_json() != b.config.to_json():
-        return False
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _image_shape(net: Any, path: Path) -> tuple[int, ...]:
@@ -794,9 +742,9 @@ def read(
     """Retrieve stored images from distorted queries; prints each written path."""
     import torch
 
-    from ebmm_cli.imageio import collect_images, load_batch, output_paths, save_image
-    from ebmm_cli.memory import retrieve
-    from ebmm_cli.meta import resolve_device
+    from ebmm_cli.device import resolve_device
+    from ebmm_cli.imageio import collect_images, load_batch, output_paths, save_image, to_file
+    from ebmm_cli.model import retrieve
     from ebmm_cli.store import load_memory
 
     net, mem = load_memory(memory)
@@ -830,7 +778,7 @@ def read(
             except FloatingPointError as e:
                 raise EbmmError(memory, f"{e} (queries from {chunk[0].path})", 1) from None
             for i, index in enumerate(batch.kept):
-                frames = [_to_file(it[i], invert, batch.channels[i]) for it in iterates]
+                frames = [to_file(it[i], invert, batch.channels[i]) for it in iterates]
                 target = targets[start + index]
                 save_image(frames[-1], target)
                 if save_iterates:
@@ -838,15 +786,6 @@ def read(
                 print(target, flush=True)
                 advance()
     _count_skipped("read", skipped)
-
-
-def _to_file(x: Any, invert: bool, channels: int) -> Any:
-    """A model-space (C, H, W) image as written to a file: inverted back, in the query's
-    own mode (a grayscale query read by a colour model comes back as its mean)."""
-    x = 1.0 - x if invert else x
-    if channels == 1 and x.shape[0] != 1:
-        x = x.mean(0, keepdim=True)
-    return x
 
 
 @app.command()
@@ -881,9 +820,9 @@ def energy(
 
     import torch
 
-    from ebmm_cli.imageio import collect_images, load_batch
+    from ebmm_cli.device import resolve_device
+    from ebmm_cli.imageio import collect_images, group_table, load_batch
     from ebmm_cli.memory import energy as energy_of
-    from ebmm_cli.meta import resolve_device
     from ebmm_cli.store import load_memory
 
     net, mem = load_memory(memory)
@@ -910,17 +849,7 @@ def energy(
     _count_skipped("energy", skipped)
     if not measured:
         raise EbmmError(found[0].group, "no readable images")
-    groups: dict[str, list[float]] = {}
-    for image, value in zip(measured, values, strict=True):
-        groups.setdefault(str(image.group), []).append(value)
-    result = {
-        "images": [
-            {"path": str(i.path), "energy": v} for i, v in zip(measured, values, strict=True)
-        ],
-        "groups": [
-            {"path": g, "count": len(v), "mean": sum(v) / len(v)} for g, v in groups.items()
-        ],
-    }
+    result = group_table(measured, values, "energy")
     if json_output:
         print(json.dumps(result, indent=2))
         return
@@ -974,12 +903,14 @@ def compare(
     ] = None,
     shots: Annotated[int, typer.Option(min=0, help="Images per class (0: ignore classes).")] = 1,
     distortion: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Query distortion KIND:N (the paper: "
-            "occlude:16 for images; see README for binary strings)."
+            show_default=False,
+            help="Query distortion KIND:N (the paper: occlude:16 for images; see README for "
+            "binary strings). Default: the first model's training distortion, else the "
+            "dataset's (noise:7 for images, eraseblock:64 for binary).",
         ),
-    ] = "occlude:16",
+    ] = None,
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the episodes and queries.")] = 0,
     device: Device = "auto",
@@ -1008,16 +939,20 @@ def compare(
 
     from ebmm_cli import compare as harness
     from ebmm_cli.atomic import atomic_path
+    from ebmm_cli.choices import dataset_defaults
+    from ebmm_cli.device import resolve_device
     from ebmm_cli.distort import Distortion
-    from ebmm_cli.meta import resolve_device
     from ebmm_cli.store import load_model
 
-    Distortion.parse(distortion)
     counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
     methods: list[Any] = harness.methods_from(baselines.split(","))
     dev = resolve_device(device)
     loaded = [(path, load_model(path).to(dev)) for path in model or []]
-    shape = loaded[0][1].config.energy.shape if loaded else None
+    first = loaded[0][1].config if loaded else None
+    if distortion is None:
+        distortion = first.distortion if first else dataset_defaults(dataset).distortion
+    Distortion.parse(distortion)
+    shape = first.energy.shape if first else None
     config = harness.CompareConfig(
         dataset=dataset,
         data_root=str(data_root) if data_root else None,
@@ -1028,6 +963,7 @@ def compare(
         distortion=distortion,
         episodes=episodes,
         seed=seed,
+        invert=bool(first and first.invert_files),
     )
     eps = harness.make_episodes(config, shape)
     data_shape = next(iter(eps.values()))[0].shape

@@ -21,8 +21,8 @@ from ebmm_cli import baselines
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.distort import Distortion
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.memory import Model, retrieve, write_memory
-from ebmm_cli.meta import ssim
+from ebmm_cli.metrics import ssim
+from ebmm_cli.model import Model, retrieve, write_memory
 
 METRICS = ("sq_error", "mse", "hamming", "ssim", "psnr", "write_ms", "read_ms")
 
@@ -61,7 +61,8 @@ class ModelMethod:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """The benchmark: data, episode sizes, distortion, number of episodes, seed."""
+    """The benchmark: data, episode sizes, distortion, number of episodes, seed; `invert`
+    reads a folder's images as ink = 1 (for a model trained with `--invert`)."""
 
     dataset: str = "omniglot"
     data_root: str | None = None
@@ -72,6 +73,7 @@ class CompareConfig:
     distortion: str = "occlude:16"
     episodes: int = 20
     seed: int = 0
+    invert: bool = False
 
 
 @dataclass
@@ -88,15 +90,17 @@ def make_episodes(
 ) -> dict[int, list[Episode]]:
     """The seeded episodes and queries every method sees, per number of patterns."""
     size = config.image_size if config.image_size else (shape[-1] if shape else None)
-    data = load_dataset(config.dataset, config.split, config.data_root, size)
-    distortion = Distortion.parse(config.distortion)
+    data = load_dataset(config.dataset, config.split, config.data_root, size, invert=config.invert)
+    binary = isinstance(data, BinaryStrings)
+    pattern = (data.bits,) if binary else tuple(data[0][0].shape)
+    distortion = Distortion.parse(config.distortion, pattern)
     out: dict[int, list[Episode]] = {}
     for n in config.patterns:
         try:
             stream = Episodes(
                 data,
                 n,
-                None if isinstance(data, BinaryStrings) else config.shots,
+                None if binary else config.shots,
                 seed=config.seed + n,
             )
         except EbmmError as e:

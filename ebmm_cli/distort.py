@@ -31,18 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ebmm_cli.choices import DISTORTIONS as KINDS
 from ebmm_cli.errors import EbmmError
 
-KINDS = (
-    "noise",
-    "occlude",
-    "saltpepper",
-    "flip",
-    "erase",
-    "randomize",
-    "eraseblock",
-    "randomizeblock",
-)
 _POSITIONAL = ("flip", "erase", "randomize", "eraseblock", "randomizeblock")
 
 
@@ -173,8 +164,10 @@ class Distortion:
     bits: int = 64
 
     @classmethod
-    def parse(cls, spec: str) -> Distortion:
-        """Parse `KIND:N` (`noise:7`, `occlude:16`, `saltpepper:0.1`, `flip:64`)."""
+    def parse(cls, spec: str, shape: tuple[int, ...] | None = None) -> Distortion:
+        """Parse `KIND:N` (`noise:7`, `occlude:16`, `saltpepper:0.1`, `flip:64`), and check
+        it against one pattern's `shape` when given. Errors name `--distortion`, the option
+        that takes this form (`check_shape` alone names `ebmm distort`'s options)."""
         kind, _, arg = spec.partition(":")
         if kind not in KINDS:
             raise EbmmError("--distortion", f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -191,6 +184,11 @@ class Distortion:
             except ValueError:
                 raise EbmmError("--distortion", f"bad parameter {arg!r} in {spec!r}") from None
         d.validate()
+        if shape is not None:
+            try:
+                d.check_shape(shape)
+            except EbmmError as e:
+                raise EbmmError("--distortion", f"{spec}: {e.problem}") from None
         return d
 
     def validate(self) -> None:

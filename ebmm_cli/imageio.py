@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -291,3 +291,28 @@ def load_batch(
         notes.append(f"repeated {widened} grayscale image(s) over the model's {channels} channels")
     stacked = torch.stack(batch) if batch else torch.zeros(0, channels, size, size)
     return Batch(stacked, own, notes, kept, skipped)
+
+
+def to_file(x: torch.Tensor, invert: bool, channels: int) -> torch.Tensor:
+    """`load_batch` undone for one model-space (C, H, W) image: inverted back when the
+    model inverts its files, in the input file's own mode (`channels`: a grayscale query
+    read by a colour model comes back as its mean)."""
+    x = 1.0 - x if invert else x
+    if channels == 1 and x.shape[0] != 1:
+        x = x.mean(0, keepdim=True)
+    return x
+
+
+def group_table(images: Sequence[InputImage], values: Sequence[float], name: str) -> dict[str, Any]:
+    """One value per image, and their mean per input group (the folder named on the
+    command line): `{"images": [{"path", name}], "groups": [{"path", "count", "mean"}]}`,
+    in input order."""
+    groups: dict[str, list[float]] = {}
+    for image, value in zip(images, values, strict=True):
+        groups.setdefault(str(image.group), []).append(value)
+    return {
+        "images": [{"path": str(i.path), name: v} for i, v in zip(images, values, strict=True)],
+        "groups": [
+            {"path": g, "count": len(v), "mean": sum(v) / len(v)} for g, v in groups.items()
+        ],
+    }

@@ -7,7 +7,7 @@ named `memory`; the rest of the network is slow and fixed by meta-training).
 
     write    W(x, θ) = E(x; θ) + α ||∇x E(x; θ)||² + β ||θ − θ̄||²                    (3)
              θ(t+1)  = θ(t) − η(t) · (1/N) Σi ∇θ W(xi, θ(t)),   θ(0) = θ̄             (4)
-             η: one positive (softplus) rate per step t, written layer and loss term.
+             η: one positive (softplus) rate per step t, written layer and term (`WRITE_TERMS`).
 
     read     x̂(k)   = proj(x(k) + ψ(k) v(k))                  Nesterov look-ahead
              v(k+1) = ψ(k) v(k) − γ(k) ∇x E(x̂(k); θ)
@@ -23,20 +23,22 @@ momentum. Everything here is plain torch over an explicit dict of memory paramet
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
-from ebmm_cli.energy.decoder import Decoder
+from ebmm_cli.energy import memory_layers
 
 Params = dict[str, torch.Tensor]
+
+WRITE_TERMS = ("energy", "grad_norm", "prior")
+"""The terms of the write loss W (3), E + α ||∇x E||² + β ||θ − θ̄||², in the order of the
+last axis of the write rates: each step and written layer has one rate per term."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class Rules(nn.Module):
         t, k = config.write_steps, config.read_steps
         learned = config.schedule == "learned"
         values = {
-            "write_rate": torch.full((t, layers, 3), _inv_softplus(config.write_lr)),
+            "write_rate": torch.full((t, layers, len(WRITE_TERMS)), _inv_softplus(config.write_lr)),
             "alpha": torch.tensor(_inv_softplus(config.alpha) if config.alpha > 0 else -30.0),
             "beta": torch.tensor(_inv_softplus(config.beta) if config.beta > 0 else -30.0),
             "read_rate": torch.tensor(_inv_softplus(config.read_lr)),
@@ -129,7 +131,7 @@ class Rules(nn.Module):
                 self.register_buffer(name, value)
 
     def write_schedule(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rates (T, layers, 3 terms), α (T,) and β (T,) for each write step."""
+        """Rates (T, layers, len(WRITE_TERMS)), α (T,) and β (T,) for each write step."""
         t = self.config.write_steps
         rates = F.softplus(self.write_rate)
         if self.config.schedule == "fixed":
@@ -182,13 +184,34 @@ def _check_finite(values: torch.Tensor, what: str) -> None:
         raise FloatingPointError(f"{what} holds NaN or infinite values")
 
 
-WriteGrads = tuple[torch.Tensor, torch.Tensor, Params, Params]
+class WriteGrads(NamedTuple):
+    """One write step's derivatives at θ(t); both batch terms are means over the N patterns.
+
+    Attributes:
+        energy: E(xi; θ), (N,).
+        input_grad: ∇x E(xi; θ), (N, ...), the partial derivative at fixed θ.
+        energy_term: ∇θ (1/N) Σi E(xi; θ), by parameter name.
+        grad_norm_term: ∇θ (1/N) Σi ||∇x E(xi; θ)||², by parameter name.
+    """
+
+    energy: torch.Tensor
+    input_grad: torch.Tensor
+    energy_term: Params
+    grad_norm_term: Params
+
+    def finite(self) -> torch.Tensor:
+        """Whether E and ∇x E are all finite, in the order of `_NON_FINITE`: a (2,) bool
+        tensor, so that checking it can wait until the write is done."""
+        return torch.stack([self.energy.isfinite().all(), self.input_grad.isfinite().all()])
 
 
-def _write_grads(
+_BatchSums = tuple[torch.Tensor, torch.Tensor, Params, Params]
+
+
+def _batch_sums_autograd(
     net: nn.Module, theta: Params, patterns: torch.Tensor, create_graph: bool
-) -> WriteGrads:
-    """E, ∇x E, ∇θ Σ E and ∇θ mean ||∇x E||² at θ, with torch.autograd."""
+) -> _BatchSums:
+    """E, ∇x E, ∇θ Σi E and ∇θ Σi ||∇x E||² at θ, with torch.autograd."""
     # A fresh leaf each step: ∇x E is the partial derivative at fixed θ(t). Reusing one
     # leaf would also differentiate through θ(t)'s own dependence on x, which is wrong
     # and grows the graph exponentially with the steps.
@@ -199,25 +222,115 @@ def _write_grads(
         # One backward pass gives both ∇x E (kept differentiable: the gradient-norm term
         # is differentiated again) and ∇θ E summed over the batch.
         gx, *g_energy = torch.autograd.grad(e.sum(), [x, *values], create_graph=True)
-        grad_norm = gx.flatten(1).pow(2).sum(1).mean()
-        g_norm = torch.autograd.grad(grad_norm, values, create_graph=create_graph)
+        g_norm = torch.autograd.grad(gx.pow(2).sum(), values, create_graph=create_graph)
     return e, gx, dict(zip(theta, g_energy, strict=True)), dict(zip(theta, g_norm, strict=True))
 
 
-def _write_grads_functional(
-    net: nn.Module, theta: Params, patterns: torch.Tensor, create_graph: bool
-) -> WriteGrads:
-    """`_write_grads` with torch.func (vmap-able): one forward and one backward give E,
-    ∇x E and ∇θ Σ E; the gradient norm is differentiated once more. Transforms take
-    partial derivatives, so no fresh leaf is needed."""
+def _batch_sums_functional(net: nn.Module, theta: Params, patterns: torch.Tensor) -> _BatchSums:
+    """`_batch_sums_autograd` with torch.func (vmap-able): one forward and one backward
+    give E, ∇x E and ∇θ Σi E; the gradient norm is differentiated once more. Transforms
+    take partial derivatives, so no fresh leaf is needed."""
 
     def grad_norm(th: Params) -> tuple[torch.Tensor, tuple]:
         e, pullback = torch.func.vjp(lambda t, x: functional_call(net, t, (x,)), th, patterns)
         g_theta, gx = pullback(torch.ones_like(e))
-        return gx.flatten(1).pow(2).sum(1).mean(), (e, gx, g_theta)
+        return gx.pow(2).sum(), (e, gx, g_theta)
 
     g_norm, (e, gx, g_energy) = torch.func.grad(grad_norm, has_aux=True)(theta)
     return e, gx, g_energy, g_norm
+
+
+def _write_grads(
+    net: nn.Module, theta: Params, patterns: torch.Tensor, create_graph: bool, functional: bool
+) -> WriteGrads:
+    """The step's `WriteGrads`, with torch.func when `functional` (for `vmap`), else with
+    torch.autograd (faster for one episode). Both differentiate sums over the batch, made
+    means here by one division by N. Without `create_graph` the θ-gradients are detached:
+    first order treats them as constants."""
+    if functional:
+        e, gx, g_energy, g_norm = _batch_sums_functional(net, theta, patterns)
+    else:
+        e, gx, g_energy, g_norm = _batch_sums_autograd(net, theta, patterns, create_graph)
+    n = patterns.shape[0]
+
+    def mean(sums: Params) -> Params:
+        return {k: (g if create_graph else g.detach()) / n for k, g in sums.items()}
+
+    return WriteGrads(e, gx, mean(g_energy), mean(g_norm))
+
+
+def write_step(
+    net: nn.Module,
+    theta: Params,
+    theta_bar: Params,
+    patterns: torch.Tensor,
+    layers: list[list[str]],
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    create_graph: bool = False,
+    functional: bool = False,
+) -> tuple[Params, WriteGrads]:
+    """One write step θ(t) -> θ(t+1): gradient descent on the write loss W of (3), per (4).
+
+        W(x, θ) = E(x; θ) + α ||∇x E(x; θ)||² + β ||θ − θ̄||²                          (3)
+                  energy    grad_norm           prior
+        θ(t+1)  = θ(t) − η(t) · (1/N) Σi ∇θ W(xi, θ(t))                              (4)
+
+    η(t) holds one rate per written layer and term of W (`WRITE_TERMS`), so a layer's
+    parameter p moves by
+
+        − η_energy ∇p mean E − η_grad_norm α ∇p mean ||∇x E||² − η_prior β 2 (p − p̄).
+
+    Both batch terms are means over the N patterns, taken the same way by both gradient
+    implementations: the gradient of the sum, divided by N. ∇x E is the partial
+    derivative at fixed θ(t).
+
+    Args:
+        net: the energy network.
+        theta: θ(t).
+        theta_bar: θ̄, the anchor of the prior term.
+        patterns: the N patterns xi being written.
+        layers: the written parameters' names by layer (`memory_layers`), one per row of
+            `eta`.
+        eta: η(t), the rates (layers, len(WRITE_TERMS)).
+        alpha: α(t).
+        beta: β(t).
+        create_graph: as in `write`; without it the step's gradients are constants.
+        functional: as in `write`.
+
+    Returns:
+        θ(t+1), and the step's `WriteGrads` (its E and ∇x E are for `write`'s check).
+    """
+    grads = _write_grads(net, theta, patterns, create_graph, functional)
+    new = {}
+    for names, (r_energy, r_grad_norm, r_prior) in zip(layers, eta, strict=True):
+        for n in names:
+            new[n] = theta[n] - (
+                r_energy * grads.energy_term[n]
+                + r_grad_norm * alpha * grads.grad_norm_term[n]
+                + r_prior * beta * 2 * (theta[n] - theta_bar[n])
+            )
+    return new, grads
+
+
+_NON_FINITE = ("the energy", "the energy gradient")
+
+
+def _raise_first_non_finite(finite: list[torch.Tensor]) -> None:
+    """Raise FloatingPointError naming the first write step, and within it the first of
+    `_NON_FINITE`, that left the reals. `finite` holds each step's `WriteGrads.finite`:
+    checked once after the last step, with one host sync, so that the steps never wait
+    for the device; the steps after a non-finite one only spread NaN."""
+    if not finite:  # T = 0
+        return
+    bad = (~torch.stack(finite)).flatten().nonzero()
+    if len(bad):
+        step, what = divmod(int(bad[0]), len(_NON_FINITE))
+        raise FloatingPointError(
+            f"write step {step + 1} of {len(finite)}: {_NON_FINITE[what]} holds NaN or "
+            "infinite values"
+        )
 
 
 def write(
@@ -262,23 +375,16 @@ def write(
         }
     layers = list(memory_layers(net).values())
     rates, alphas, betas = rules.write_schedule()
-    step_grads = _write_grads_functional if functional else _write_grads
-    for t in range(rates.shape[0]):
-        e, gx, g_energy, g_norm = step_grads(net, theta, patterns, create_graph)
-        if not create_graph and not functional:
-            _check_finite(e, f"write step {t + 1} of {rates.shape[0]}: the energy")
-            _check_finite(gx, f"write step {t + 1} of {rates.shape[0]}: the energy gradient")
-        if not create_graph:  # first order: the step's gradients are constants
-            g_energy = {n: g.detach() for n, g in g_energy.items()}
-            g_norm = {n: g.detach() for n, g in g_norm.items()}
-        new = {}
-        for li, names in enumerate(layers):
-            r_e, r_g, r_b = rates[t, li]
-            for n in names:
-                step = r_e * g_energy[n] / len(patterns) + r_g * alphas[t] * g_norm[n]
-                step = step + r_b * betas[t] * 2 * (theta[n] - theta_bar[n])
-                new[n] = theta[n] - step
-        theta = new
+    check = not create_graph and not functional  # meta-training checks its loss instead
+    finite = []
+    for eta, alpha, beta in zip(rates, alphas, betas, strict=True):
+        theta, grads = write_step(
+            net, theta, theta_bar, patterns, layers, eta, alpha, beta, create_graph, functional
+        )
+        if check:
+            finite.append(grads.finite())
+    if check:
+        _raise_first_non_finite(finite)
     return theta
 
 
@@ -353,146 +459,3 @@ def read_episodes(
     return torch.func.vmap(lambda m, q: read(net, rules, m, q, create_graph, functional=True))(
         memories, queries
     )
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a model; stored as JSON in its files.
-
-    Args:
-        energy: the energy network.
-        rules: the write and read rules.
-        distortion: the distortion it was meta-trained on (`KIND:N`); the decoder read
-            also adapts to it when writing.
-        loss: the meta-training loss, `mse` or `ssim+mse`.
-        dataset: what it was meta-trained on (provenance only).
-        invert_files: image files hold dark strokes on light (Omniglot's PNGs) while the
-            model sees ink = 1; the CLI inverts files on the way in and out.
-    """
-
-    energy: EnergyConfig
-    rules: RuleConfig
-    distortion: str = "noise:7"
-    loss: str = "mse"
-    dataset: str = "omniglot"
-    invert_files: bool = False
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        """Parse `to_json`'s output; raises ValueError, TypeError or KeyError if malformed."""
-        raw = json.loads(text)
-        energy_raw = dict(raw.pop("energy"))
-        energy_raw["shape"] = tuple(int(v) for v in energy_raw["shape"])
-        return cls(energy=EnergyConfig(**energy_raw), rules=RuleConfig(**raw.pop("rules")), **raw)
-
-
-class Model(nn.Module):
-    """An EBMM: the energy network, its rules and, for the decoder read, the decoder."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.energy = build_energy(config.energy)
-        self.rules = Rules(config.rules, len(memory_layers(self.energy)))
-        shape = config.energy.shape
-        self.decoder = Decoder(shape[0], shape[1]) if config.rules.read == "decoder" else None
-
-    def memory_floats(self) -> int:
-        """Floats a written memory holds: the energy's written layers, plus the decoder's
-        adapted weights for the decoder read."""
-        floats = memory_floats(self.energy)
-        if self.decoder is not None:
-            floats += sum(p.numel() for p in self.decoder.parameters())
-        return floats
-
-
-@dataclass
-class Memory:
-    """A written memory: the written energy parameters θ(T) and, for the decoder read,
-    the decoder's adapted parameters; `patterns` counts the stored patterns."""
-
-    params: Params
-    decoder: Params | None
-    patterns: int
-
-    def detach(self) -> Memory:
-        """The same memory cut from the graph that wrote it."""
-        return self._map(lambda v: v.detach())
-
-    def to(self, device: torch.device) -> Memory:
-        """The same memory on `device`."""
-        return self._map(lambda v: v.to(device))
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Memory:
-        decoder = None if self.decoder is None else {k: fn(v) for k, v in self.decoder.items()}
-        return Memory({k: fn(v) for k, v in self.params.items()}, decoder, self.patterns)
-
-
-def write_memory(
-    model: Model,
-    patterns: torch.Tensor,
-    create_graph: bool = False,
-    generator: torch.Generator | None = None,
-    append_to: Memory | None = None,
-) -> Memory:
-    """Write a batch into a new `Memory`: the energy write, then (decoder read) the
-    decoder's MAML adaptation to the batch. `generator` draws the adaptation's queries.
-
-    `append_to` continues writing from that memory instead of θ̄: T more steps on the new
-    patterns only (the earlier ones are not seen again, so they may fade). The decoder
-    read cannot append: its adaptation needs every stored pattern.
-    """
-    if append_to is not None and model.decoder is not None:
-        raise ValueError("a decoder-read memory cannot be appended to")
-    start = None if append_to is None else append_to.params
-    theta = write(model.energy, model.rules, patterns, create_graph=create_graph, start=start)
-    decoder = None
-    if model.decoder is not None:
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        decoder = adapt_decoder(model, theta, patterns, generator, create_graph)
-    stored = patterns.shape[0] + (0 if append_to is None else append_to.patterns)
-    return Memory(theta, decoder, stored)
-
-
-def adapt_decoder(
-    model: Model,
-    theta: Params,
-    patterns: torch.Tensor,
-    generator: torch.Generator,
-    create_graph: bool,
-) -> Params:
-    """The report's decoder read, adapted with learn2learn's MAML on the written batch:
-    a few SGD steps on the error of decoding distorted copies of the patterns (drawn with
-    the model's training distortion) back to the patterns."""
-    from ebmm_cli._learn2learn import import_learn2learn
-    from ebmm_cli.distort import Distortion
-
-    l2l = import_learn2learn()
-    rules = model.config.rules
-    maml = l2l.algorithms.MAML(model.decoder, lr=rules.decoder_lr, first_order=not create_graph)
-    learner = maml.clone()
-    noisy = Distortion.parse(model.config.distortion)(patterns, generator)
-    _, grad = energy_grad(model.energy, theta, noisy, create_graph=create_graph)
-    for _ in range(rules.decoder_steps):
-        learner.adapt(F.mse_loss(learner(noisy, grad), patterns))
-    return dict(learner.module.named_parameters())
-
-
-def retrieve(
-    model: Model,
-    memory: Memory,
-    queries: torch.Tensor,
-    create_graph: bool = False,
-    steps: int | None = None,
-) -> list[torch.Tensor]:
-    """Read queries from a memory: the iterates of the gradient read, or the decoder's
-    single retrieval. The last element is the answer."""
-    if model.decoder is None:
-        return read(model.energy, model.rules, memory.params, queries, create_graph, steps)
-    assert memory.decoder is not None, "a decoder model's memory carries decoder weights"
-    _, grad = energy_grad(model.energy, memory.params, queries, create_graph=create_graph)
-    out = functional_call(model.decoder, memory.decoder, (queries, grad))
-    return [out if create_graph else out.detach()]

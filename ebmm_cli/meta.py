@@ -24,7 +24,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,80 +33,14 @@ import torch.distributed as dist
 
 from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
-from ebmm_cli.distort import Distortion
-from ebmm_cli.energy import EnergyConfig
+from ebmm_cli.device import resolve_device
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.memory import (
-    Model,
-    ModelConfig,
-    RuleConfig,
-    energy,
-    read_episodes,
-    retrieve,
-    write_episodes,
-    write_memory,
-)
+from ebmm_cli.evaluation import Batch, evaluate_episodes, heldout_batches, plot_curves
+from ebmm_cli.memory import read_episodes, write_episodes
+from ebmm_cli.metrics import reconstruction_loss
+from ebmm_cli.model import Model, retrieve, write_memory
+from ebmm_cli.runconfig import TrainConfig
 from ebmm_cli.store import load_checkpoint, save_checkpoint, save_model
-
-LOSSES = ("mse", "ssim+mse")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One meta-training run. `model` fixes the network and rules; the rest the run.
-
-    `lr` is AdamW's learning rate for the network; `rule_lr` for the rule parameters
-    (write rates, α, β, read steps and momenta), which are few, scalar and start far
-    from their good values, so they need larger steps than the paper's 5e-5. Both decay
-    along a cosine to `lr_floor` times their value over the run's budget (`steps` and/or
-    `minutes`): short runs end on small steps instead of on noise.
-
-    `episodes_per_step` episodes are written and read per process and meta-step; under
-    torchrun each of the world's processes draws its own, and the step's gradient is
-    the mean over all of them.
-    """
-
-    model: ModelConfig
-    data_root: str | None = None
-    batch_size: int = 5
-    shots: int | None = 1
-    steps: int | None = None
-    minutes: float | None = None
-    lr: float = 1e-3
-    rule_lr: float = 3e-2
-    lr_floor: float = 0.1
-    first_order: bool = False
-    seed: int = 0
-    device: str = "auto"
-    eval_every: int = 25
-    eval_episodes: int = 20
-    checkpoint_minutes: float = 2.0
-    episodes_per_step: int = 1
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["model"] = json.loads(self.model.to_json())
-        return json.dumps(data, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        data = json.loads(text)
-        data["model"] = ModelConfig.from_json(json.dumps(data["model"]))
-        return cls(**data)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else the CPU; `cuda` without a GPU is refused."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EbmmError("--device", f"unknown device {name!r}; use auto, cpu or cuda[:i]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EbmmError("--device", f"{name} requested but no CUDA GPU is available")
-    return device
-
 
 # Rank r > 0 draws its episodes from seed + r * RANK_SEED_STRIDE: streams that never meet
 # each other's, or the held-out ones (seed + 10,000 and + 20,000), for any sane seed.
@@ -132,33 +66,114 @@ def init_distributed(device: str) -> str | None:
     return device
 
 
-def reconstruction_loss(kind: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-pattern loss (B,): `mse` (mean squared error over pixels; the paper's squared
-    error up to scale) or `ssim+mse` = 0.5 MSE + 0.5 (1 - SSIM) (the report, piqa SSIM)."""
-    mse = (x - target).pow(2).flatten(1).mean(1)
-    if kind == "mse":
-        return mse
-    return 0.5 * mse + 0.5 * (1.0 - ssim(x, target))
+class MetaStep:
+    """One meta-gradient step, apart from the loop around it: episodes in; the mean loss
+    out and the clipped AdamW step applied (distributed: after one all-reduce).
 
+    It holds the optimiser and nothing of the run's bookkeeping (schedule, evaluation,
+    checkpoints, files), so it can be timed, profiled or captured on its own.
+    """
 
-def ssim(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SSIM (piqa, 11x11 Gaussian window) of each image pair, (B,)."""
-    from piqa import SSIM
+    def __init__(self, model: Model, config: TrainConfig, device: torch.device, world: int) -> None:
+        self.model = model
+        self.loss = config.model.loss
+        self.second_order = not config.first_order
+        self.device = device
+        self.world = world
+        rule_params = list(model.rules.parameters())
+        rule_ids = {id(p) for p in rule_params}
+        net_params = [p for p in model.parameters() if id(p) not in rule_ids]
+        groups = [{"params": net_params, "lr": config.lr}]
+        if rule_params:
+            groups.append({"params": rule_params, "lr": config.rule_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-6)
+        self.base_lrs = [g["lr"] for g in groups]
 
-    metric = SSIM(n_channels=x.shape[1], reduction="none").to(x.device)
-    return metric(x.clamp(0, 1), target.clamp(0, 1))
+    def scale_lr(self, scale: float) -> None:
+        """Set every parameter group's rate to `scale` times its base rate."""
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * scale
 
+    def __call__(self, batches: list[Batch], generator: torch.Generator) -> float | None:
+        """One meta-gradient step on the mean loss of `batches` (and, distributed, of
+        every process's batches); returns that loss, or None if it was not finite
+        anywhere (then nothing changes). Several episodes of the gradient read are
+        written and read together, under `torch.func.vmap`. `generator` draws the decoder
+        read's adaptation queries."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        share = 1.0 / (len(batches) * self.world)
+        together = len(batches) > 1 and self.model.decoder is None
+        total, finite = 0.0, True
+        for group in [batches] if together else [[b] for b in batches]:
+            losses, iterates = self._episode_losses(group, generator)
+            if losses is None or not torch.isfinite(losses).all():
+                finite = False
+                break
+            (losses.sum() * share).backward()  # group by group: one group's graph at a time
+            total += float(losses.detach().sum()) / iterates * share
+        params = list(self.model.parameters())
+        if self.world > 1:
+            total, finite = self._all_reduce(params, total, finite)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        return total
 
-@dataclass
-class Batch:
-    """One episode on the device: clean patterns and their distorted queries."""
+    def _episode_losses(
+        self, group: list[Batch], generator: torch.Generator
+    ) -> tuple[torch.Tensor | None, int]:
+        """Write each episode, read its queries: each episode's loss summed over read
+        iterates, shape (len(group),) (None if a first-order write left the reals), and
+        the number of iterates. One episode goes through `write_memory` (any read);
+        several through `write_episodes` and `read_episodes` (the gradient read)."""
+        second = self.second_order
+        patterns = torch.stack([b.patterns for b in group])
+        if len(group) == 1:
+            try:  # a first-order write checks its own steps
+                memory = write_memory(
+                    self.model, patterns[0], create_graph=second, generator=generator
+                )
+            except FloatingPointError:
+                return None, 1
+            iterates = [x[None] for x in retrieve(self.model, memory, group[0].queries, True)]
+        else:
+            energy_net, rules = self.model.energy, self.model.rules
+            queries = torch.stack([b.queries for b in group])
+            memories = write_episodes(energy_net, rules, patterns, create_graph=second)
+            iterates = read_episodes(energy_net, rules, memories, queries, create_graph=True)
+        flat = patterns.flatten(0, 1)
+        losses = sum(
+            reconstruction_loss(self.loss, x.flatten(0, 1), flat).view(len(group), -1).mean(1)
+            for x in iterates
+        )
+        return losses, len(iterates)
 
-    patterns: torch.Tensor
-    queries: torch.Tensor
+    def _all_reduce(
+        self, params: list[torch.nn.Parameter], total: float, finite: bool
+    ) -> tuple[float, bool]:
+        """Sum every process's gradient shares, loss shares and failures in one
+        all-reduce: afterwards each process holds the mean gradient over all episodes."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        tail = torch.tensor([total, 0.0 if finite else 1.0], device=self.device)
+        flat = torch.cat([g.flatten() for g in grads] + [tail])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:  # a parameter no loss reaches (the energy's offset) stays without
+            if p.grad is not None:  # one on every process, as in a single process
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return float(flat[-2]), bool(flat[-1] == 0)
 
 
 class Trainer:
-    """Holds a run's state: model, optimiser, episode streams and generators.
+    """The training loop and its bookkeeping around a `MetaStep`: episode streams and
+    generators, the learning-rate schedule, held-out evaluation, checkpoints and files.
 
     Use `Trainer.create(config, out)` for a new run, `Trainer.resume(out)` to continue
     one from `out/checkpoint.safetensors`, then `run()`.
@@ -175,27 +190,13 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.model = model.to(self.device)
-        self.distortion = Distortion.parse(config.model.distortion)
-        if config.model.loss not in LOSSES:
-            raise EbmmError("--loss", f"unknown loss {config.model.loss!r}; use mse or ssim+mse")
-        if config.model.loss != "mse" and config.model.energy.kind == "rnn":
-            raise EbmmError("--loss", "ssim+mse needs images; use mse for binary strings")
-        rule_params = list(model.rules.parameters())
-        rule_ids = {id(p) for p in rule_params}
-        net_params = [p for p in model.parameters() if id(p) not in rule_ids]
-        groups = [{"params": net_params, "lr": config.lr}]
-        if rule_params:
-            groups.append({"params": rule_params, "lr": config.rule_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-6)
-        self.base_lrs = [g["lr"] for g in groups]
-        if config.episodes_per_step < 1:
-            raise EbmmError("--episodes-per-step", "must be at least 1")
         self.rank, self.world = (
             (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         )
+        self.meta_step = MetaStep(self.model, config, self.device, self.world)
         train_data, held_data, self.heldout_split = _datasets(config)
         self.episodes, self.generator = self._streams(train_data, self.rank, 0)
-        self.heldout = heldout_batches(held_data, config, self.distortion)
+        self.heldout = heldout_batches(held_data, config, self.model.distortion)
         if self.world > 1:  # the same start everywhere, whatever each process built
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, 0)
@@ -245,7 +246,7 @@ class Trainer:
             raise EbmmError(path, f"damaged training config ({e})") from None
         config = replace(config, steps=steps, minutes=minutes)
         trainer = cls(config if device is None else replace(config, device=device), model, out)
-        trainer.optimizer.load_state_dict(optimizer)
+        trainer.meta_step.optimizer.load_state_dict(optimizer)
         trainer.step, trainer.elapsed = int(state["step"]), float(state["elapsed"])
         trainer.skipped = int(state["skipped"])
         trainer.window = [float(v) for v in state.get("window", [])]
@@ -271,81 +272,8 @@ class Trainer:
 
     def batch(self) -> Batch:
         patterns, _ = self.episodes.sample()
-        queries = self.distortion(patterns, self.generator)
+        queries = self.model.distortion(patterns, self.generator)
         return Batch(patterns.to(self.device), queries.to(self.device))
-
-    def train_step(self, batches: list[Batch]) -> float | None:
-        """One meta-gradient step on the mean loss of `batches` (and, distributed, of
-        every process's batches); returns that loss, or None if it was not finite
-        anywhere (then nothing changes). Several episodes of the gradient read are
-        written and read together, under `torch.func.vmap`."""
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        share = 1.0 / (len(batches) * self.world)
-        together = len(batches) > 1 and self.model.decoder is None
-        total, finite = 0.0, True
-        for group in [batches] if together else [[b] for b in batches]:
-            losses, iterates = self._episode_losses(group)
-            if losses is None or not torch.isfinite(losses).all():
-                finite = False
-                break
-            (losses.sum() * share).backward()  # group by group: one group's graph at a time
-            total += float(losses.detach().sum()) / iterates * share
-        params = list(self.model.parameters())
-        if self.world > 1:
-            total, finite = self._all_reduce(params, total, finite)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.step()
-        return total
-
-    def _episode_losses(self, group: list[Batch]) -> tuple[torch.Tensor | None, int]:
-        """Write each episode, read its queries: each episode's loss summed over read
-        iterates, shape (len(group),) (None if a first-order write left the reals), and
-        the number of iterates. One episode goes through `write_memory` (any read);
-        several through `write_episodes` and `read_episodes` (the gradient read)."""
-        kind, second = self.config.model.loss, not self.config.first_order
-        patterns = torch.stack([b.patterns for b in group])
-        if len(group) == 1:
-            try:  # a first-order write checks its own steps
-                memory = write_memory(
-                    self.model, patterns[0], create_graph=second, generator=self.generator
-                )
-            except FloatingPointError:
-                return None, 1
-            iterates = [x[None] for x in retrieve(self.model, memory, group[0].queries, True)]
-        else:
-            energy_net, rules = self.model.energy, self.model.rules
-            queries = torch.stack([b.queries for b in group])
-            memories = write_episodes(energy_net, rules, patterns, create_graph=second)
-            iterates = read_episodes(energy_net, rules, memories, queries, create_graph=True)
-        flat = patterns.flatten(0, 1)
-        losses = sum(
-            reconstruction_loss(kind, x.flatten(0, 1), flat).view(len(group), -1).mean(1)
-            for x in iterates
-        )
-        return losses, len(iterates)
-
-    def _all_reduce(
-        self, params: list[torch.nn.Parameter], total: float, finite: bool
-    ) -> tuple[float, bool]:
-        """Sum every process's gradient shares, loss shares and failures in one
-        all-reduce: afterwards each process holds the mean gradient over all episodes."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        tail = torch.tensor([total, 0.0 if finite else 1.0], device=self.device)
-        flat = torch.cat([g.flatten() for g in grads] + [tail])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:  # a parameter no loss reaches (the energy's offset) stays without
-            if p.grad is not None:  # one on every process, as in a single process
-                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-        return float(flat[-2]), bool(flat[-1] == 0)
 
     def _from_rank0(self, *values: float) -> list[float]:
         """Rank 0's `values` on every process: decisions that must agree (stop, the
@@ -380,14 +308,16 @@ class Trainer:
                 if done:
                     break
                 self._schedule_lr(self.elapsed)
-                loss = self.train_step([self.batch() for _ in range(cfg.episodes_per_step)])
+                batches = [self.batch() for _ in range(cfg.episodes_per_step)]
+                loss = self.meta_step(batches, self.generator)
                 self.step += 1
                 if loss is None:
                     self.skipped += 1
                 else:
                     self.window.append(loss)
                 self.elapsed = time.monotonic() - start
-                if self.step % cfg.eval_every == 0:
+                evaluated = self.step % cfg.eval_every == 0
+                if evaluated:
                     if lead:
                         heldout = self._record(self.window)["heldout_loss"]
                         self._save_outputs()
@@ -408,6 +338,7 @@ class Trainer:
                             "steps_per_s": rate,
                             "elapsed": self.elapsed,
                             "minutes": cfg.minutes,
+                            "evaluated": evaluated,
                         }
                     )
         except KeyboardInterrupt:
@@ -430,8 +361,7 @@ class Trainer:
         if cfg.minutes:
             progress = max(progress, elapsed / (cfg.minutes * 60))
         scale = cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * scale
+        self.meta_step.scale_lr(scale)
 
     def _done(self, elapsed: float) -> bool:
         cfg = self.config
@@ -483,7 +413,9 @@ class Trainer:
         for rank, stream in enumerate(streams):
             prefix = "" if rank == 0 else f"rank{rank}_"
             state.update({prefix + k: v for k, v in stream.items()})
-        save_checkpoint(self.out / "checkpoint.safetensors", self.model, self.optimizer, state)
+        save_checkpoint(
+            self.out / "checkpoint.safetensors", self.model, self.meta_step.optimizer, state
+        )
 
     def _stream_state(self) -> dict[str, Any]:
         episodes = self.episodes.state()
@@ -509,120 +441,14 @@ def _datasets(config: TrainConfig) -> tuple[Any, Any, str]:
     """Training data, held-out data, and the held-out split's name."""
     name = config.model.dataset
     size = config.model.energy.shape[-1] if config.model.energy.kind != "rnn" else None
-    train = load_dataset(name, "train", config.data_root, size)
+    invert = config.model.invert_files
+    train = load_dataset(name, "train", config.data_root, size, invert=invert)
     if isinstance(train, BinaryStrings):
         return train, train, "fresh random strings"
     split = "val" if name == "fc100" else "test"
     try:
-        return train, load_dataset(name, split, config.data_root, size), split
+        return train, load_dataset(name, split, config.data_root, size, invert=invert), split
     except EbmmError:
         # No held-out split here (e.g. a plain folder or CIFAR-10 JPEG folders with only
         # train/): evaluate on other training episodes, and say so in the metrics.
         return train, train, "train (no held-out split found)"
-
-
-def heldout_batches(
-    data: Any, config: TrainConfig, distortion: Distortion, count: int | None = None
-) -> list[Batch]:
-    """`count` (default `config.eval_episodes`) held-out episodes with their queries, the
-    same for every call with the same config: the run's fixed evaluation set."""
-    episodes = Episodes(data, config.batch_size, config.shots, seed=config.seed + 10_000)
-    generator = torch.Generator().manual_seed(config.seed + 20_000)
-    device = resolve_device(config.device)
-    batches = []
-    for _ in range(count if count is not None else config.eval_episodes):
-        patterns, _ = episodes.sample()
-        batches.append(Batch(patterns.to(device), distortion(patterns, generator).to(device)))
-    return batches
-
-
-def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
-    """Mean over episodes of: the training loss of the retrieval, MSE and SSIM of the
-    retrieval and of the query, and the mean energy (under the written memory) of the
-    originals, the queries and the retrievals (the report's table). Episodes whose write
-    or read leaves the reals are left out of the means and counted in `nonfinite`; if
-    all are, the means are NaN."""
-    model.eval()
-    kind = model.config.loss
-    sums: dict[str, float] = {}
-    finite = 0
-    for batch in batches:
-        try:
-            memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
-            memory = memory.detach()
-            iterates = retrieve(model, memory, batch.queries)
-        except FloatingPointError:
-            continue
-        finite += 1
-        out = iterates[-1]
-        with torch.no_grad():
-            values = {
-                "loss": sum(reconstruction_loss(kind, x, batch.patterns).mean() for x in iterates)
-                / len(iterates),
-                "mse": (out - batch.patterns).pow(2).mean(),
-                "query_mse": (batch.queries - batch.patterns).pow(2).mean(),
-                "energy_original": energy(model.energy, memory.params, batch.patterns).mean(),
-                "energy_query": energy(model.energy, memory.params, batch.queries).mean(),
-                "energy_retrieved": energy(model.energy, memory.params, out).mean(),
-            }
-            if batch.patterns.dim() == 4:
-                values["ssim"] = ssim(out, batch.patterns).mean()
-                values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    keys = sums or dict.fromkeys(("loss", "mse", "query_mse"), math.nan)
-    totals = {k: sums[k] / finite if finite else math.nan for k in keys}
-    totals["nonfinite"] = len(batches) - finite
-    return totals
-
-
-def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
-    """Training and held-out loss against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    steps = [m["step"] for m in metrics]
-    train = [(m["step"], m["train_loss"]) for m in metrics if m["train_loss"] is not None]
-    if train:
-        ax.plot(*zip(*train, strict=True), label="training loss (mean since last point)")
-    ax.plot(steps, [m["heldout_loss"] for m in metrics], label="held-out loss")
-    if metrics and "heldout_query_mse" in metrics[0]:
-        ratio = [m["heldout_mse"] / max(m["heldout_query_mse"], 1e-12) for m in metrics]
-        ax2 = ax.twinx()
-        ax2.plot(steps, ratio, color="tab:green", linestyle="--", label="held-out MSE / query MSE")
-        ax2.set_ylabel("MSE ratio")
-        ax2.legend(loc="upper center", fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per read iterate")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def default_model_config(
-    memory: str,
-    dataset: str,
-    image_size: int | None,
-    channels: int,
-    dynamic: int | None,
-    rules: RuleConfig,
-    distortion: str,
-    loss: str,
-) -> ModelConfig:
-    """A model config from the CLI's options (binary strings: 128 bits, signed `rnn` input)."""
-    if memory == "rnn":
-        shape: tuple[int, ...] = (128,)
-    else:
-        shape = (channels, image_size or 28, image_size or 28)
-    return ModelConfig(
-        energy=EnergyConfig(memory, shape, dynamic, signed=memory == "rnn"),
-        rules=rules,
-        distortion=distortion,
-        loss=loss,
-        dataset=dataset,
-    )

@@ -23,7 +23,7 @@ from ebmm_cli import __version__
 from ebmm_cli.atomic import atomic_path
 from ebmm_cli.energy import memory_names
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.memory import Memory, Model, ModelConfig
+from ebmm_cli.model import Memory, Model, ModelConfig
 
 FORMAT_VERSION = "1"
 MODEL, MEMORY, CHECKPOINT = "ebmm.model", "ebmm.memory", "ebmm.checkpoint"

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from ebmm_cli.meta import Batch, Trainer
+from ebmm_cli.evaluation import Batch
+from ebmm_cli.meta import Trainer
 
 PROTOCOLS: dict[str, dict] = {
     "report": dict(memory="conv", size=28, batch=5, distortion="noise:7", loss="ssim+mse"),
@@ -62,7 +63,7 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
 
 
 def _step(trainer: Trainer, batches: Iterator[list[Batch]]) -> None:
-    trainer.train_step(next(batches))
+    trainer.meta_step(next(batches), trainer.generator)
 
 
 def measure(
@@ -70,8 +71,9 @@ def measure(
 ) -> dict | None:
     """Every timing of one protocol, in this process. Under torchrun, the meta-training
     steps of all processes together (images = all processes' episodes); rank 0 reports."""
-    from ebmm_cli.memory import RuleConfig, retrieve, write_memory
-    from ebmm_cli.meta import TrainConfig, default_model_config, init_distributed
+    from ebmm_cli.meta import init_distributed
+    from ebmm_cli.model import retrieve, write_memory
+    from ebmm_cli.runconfig import train_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = init_distributed(device) or device
@@ -85,14 +87,16 @@ def measure(
     }
     with tempfile.TemporaryDirectory() as tmp:
         for order in ("second", "first"):
-            model = default_model_config(
-                p["memory"], dataset, p["size"], 1, None, RuleConfig(), p["distortion"], p["loss"]
-            )
-            config = TrainConfig(
-                model,
+            config = train_config(
+                dataset=dataset,
+                memory=p["memory"],
+                image_size=p["size"],
+                distortion=p["distortion"],
+                loss=p["loss"],
+                steps=steps + 1,
                 data_root=data_root,
                 batch_size=p["batch"],
-                shots=None,  # random images: the same tensors, without learn2learn's sampler
+                shots=0,  # random images: the same tensors, without learn2learn's sampler
                 first_order=order == "first",
                 device=device,
                 eval_episodes=1,

@@ -27,8 +27,11 @@ from torchvision.utils import make_grid
 from ebmm_cli.data import Episodes, load_dataset
 from ebmm_cli.distort import Distortion
 from ebmm_cli.imageio import save_image
-from ebmm_cli.memory import RuleConfig, energy, retrieve, write_memory
-from ebmm_cli.meta import TrainConfig, Trainer, default_model_config, ssim
+from ebmm_cli.memory import energy
+from ebmm_cli.meta import Trainer
+from ebmm_cli.metrics import ssim
+from ebmm_cli.model import retrieve, write_memory
+from ebmm_cli.runconfig import train_config
 
 
 def main() -> None:
@@ -44,15 +47,25 @@ def main() -> None:
     if (run / "checkpoint.safetensors").exists():
         trainer = Trainer.resume(run, steps=None, minutes=args.minutes)
     else:
-        model = default_model_config(
-            "conv", "omniglot", 28, 1, None, RuleConfig(), "noise:7", "ssim+mse"
-        )
-        config = TrainConfig(
-            model, data_root=args.data_root, minutes=args.minutes, eval_every=50, seed=args.seed
+        config = train_config(
+            dataset="omniglot",
+            image_size=28,
+            batch_size=5,
+            distortion="noise:7",
+            loss="ssim+mse",
+            data_root=args.data_root,
+            minutes=args.minutes,
+            eval_every=50,
+            seed=args.seed,
         )
         trainer = Trainer.create(config, run)
     print(f"meta-training for {args.minutes} min (report protocol) into {run} ...", file=sys.stderr)
     trainer.run(_tick)
+    last = trainer.metrics[-1]
+    print(
+        f"  trained: step {last['step']}, held-out loss {last['heldout_loss']:.4f}",
+        file=sys.stderr,
+    )
     model = trainer.model.cpu()
 
     chars = load_dataset("omniglot", "test", args.data_root, 28)
@@ -99,14 +112,14 @@ def main() -> None:
 
 
 def _tick(info: dict) -> None:
-    held = info["heldout_loss"]
-    print(
-        f"\r  step {info['step']}  {info['elapsed'] / 60:.1f} min  held-out loss "
-        f"{'-' if held is None else f'{held:.4f}'}",
-        end="",
-        file=sys.stderr,
-        flush=True,
-    )
+    """One line per held-out evaluation: readable in a terminal and in a log file alike."""
+    if info["evaluated"]:
+        print(
+            f"  step {info['step']}  {info['elapsed'] / 60:.1f} min  held-out loss "
+            f"{info['heldout_loss']:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

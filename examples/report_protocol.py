@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ebmm_cli.data import load_dataset
 from ebmm_cli.distort import Distortion
-from ebmm_cli.meta import TrainConfig, evaluate_episodes, heldout_batches
+from ebmm_cli.evaluation import evaluate_episodes, heldout_batches
+from ebmm_cli.runconfig import TrainConfig
 from ebmm_cli.store import load_model
 
 

@@ -18,15 +18,17 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 
 from ebmm_cli.distort import Distortion
+from ebmm_cli.evaluation import Batch
 from ebmm_cli.memory import RuleConfig
-from ebmm_cli.meta import Batch, TrainConfig, Trainer, default_model_config
+from ebmm_cli.meta import Trainer
+from ebmm_cli.runconfig import TrainConfig, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config() -> TrainConfig:
     rules = RuleConfig(write_lr=1.0, read_lr=5.0)
-    model = default_model_config("rnn", "binary", None, 1, 16, rules, "eraseblock:64", "mse")
+    model = model_config(dataset="binary", dynamic=16, rules=rules, distortion="eraseblock:64")
     return TrainConfig(model, batch_size=8, steps=1, device="cpu", eval_episodes=1)
 
 
@@ -40,7 +42,7 @@ def _episode(index: int) -> Batch:
 def _step(trainer: Trainer, batches: list[Batch]) -> dict[str, torch.Tensor]:
     """One step; the (clipped) gradients it applied, which parameters got none, and the
     parameters after it."""
-    assert trainer.train_step(batches) is not None
+    assert trainer.meta_step(batches, trainer.generator) is not None
     out = {}
     for name, p in trainer.model.named_parameters():
         out[f"nograd.{name}"] = torch.tensor(float(p.grad is None))
@@ -60,7 +62,7 @@ def _worker(rank: int, world: int, port: int, out: str, poison: bool) -> None:
             if rank == world - 1:
                 batch.queries[0, 0] = float("nan")
             before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-            assert trainer.train_step([batch]) is None  # skipped on every rank
+            assert trainer.meta_step([batch], trainer.generator) is None  # skipped on every rank
             after = trainer.model.state_dict()
             assert all(torch.equal(before[k], after[k]) for k in before)
             return

@@ -15,7 +15,7 @@ from ebmm_cli.energy.blocks import (
     ResBlock,
     he_init,
 )
-from ebmm_cli.memory import ModelConfig
+from ebmm_cli.model import ModelConfig
 
 
 @pytest.mark.parametrize(

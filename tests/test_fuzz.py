@@ -19,7 +19,8 @@ from ebmm_cli.distort import Distortion
 from ebmm_cli.energy import EnergyConfig
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.imageio import decode_image, to_tensor
-from ebmm_cli.memory import Model, ModelConfig, RuleConfig, write_memory
+from ebmm_cli.memory import RuleConfig
+from ebmm_cli.model import Model, ModelConfig, write_memory
 from ebmm_cli.store import load_memory, load_model, save_memory, save_model
 
 FUZZ = settings(

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from ebmm_cli.energy import EnergyConfig
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.memory import Model, ModelConfig, RuleConfig, write_memory
+from ebmm_cli.memory import RuleConfig
+from ebmm_cli.model import Model, ModelConfig, write_memory
 from ebmm_cli.store import load_memory, load_model, save_memory, save_model
 
 

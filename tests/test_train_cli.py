@@ -14,8 +14,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ebmm_cli.cli import app
+from ebmm_cli.data.images import ImageFiles
+from ebmm_cli.imageio import load_image
 from ebmm_cli.memory import RuleConfig
-from ebmm_cli.meta import TrainConfig, Trainer, default_model_config
+from ebmm_cli.meta import Trainer
+from ebmm_cli.model import retrieve, write_memory
+from ebmm_cli.runconfig import TrainConfig, model_config
 from ebmm_cli.store import load_memory, load_model, save_model
 from tests.conftest import limit_file_size, mixed_folder, run_ebmm
 
@@ -151,6 +155,45 @@ def test_write_read_energy_on_real_characters(
     assert [round(g["mean"], 6) for g in table["groups"]] == [round(m, 6) for m in means]
 
 
+def _evaluation_pngs(data_root: Path, out: Path, count: int) -> list[Path]:
+    """The first drawing of `count` characters of the evaluation alphabets, as shipped."""
+    out.mkdir()
+    with zipfile.ZipFile(data_root / "omniglot" / "images_evaluation.zip") as z:
+        names = sorted(n for n in z.namelist() if n.endswith("_01.png"))[:count]
+        for name in names:
+            (out / Path(name).name).write_bytes(z.read(name))
+    return sorted(out.iterdir())
+
+
+def test_cli_takes_omniglot_files_as_training_saw_them(
+    run_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """Omniglot's PNGs are dark strokes on light, training sees ink = 1: `ebmm write |
+    distort | read` on evaluation-alphabet files as they ship retrieves what the library
+    retrieves from the same characters loaded as training loads them (to the PNG's 8 bits)."""
+    pngs = _evaluation_pngs(data_root, tmp_path / "chars", 6)
+    memory, queries, retrieved = tmp_path / "m.safetensors", tmp_path / "q", tmp_path / "r"
+    model_file = str(run_dir / "model.safetensors")
+    for args in (
+        ["write", "--model", model_file, str(tmp_path / "chars"), "-o", str(memory)],
+        ["distort", str(tmp_path / "chars"), "--size", "28", "-o", str(queries)],
+        ["read", "--memory", str(memory), str(queries), "-o", str(retrieved)],
+    ):
+        result = run_ebmm(*args, "--device", "cpu") if args[0] != "distort" else run_ebmm(*args)
+        assert result.returncode == 0, result.stderr
+
+    model = load_model(run_dir / "model.safetensors")
+    assert model.config.invert_files
+    images = torch.stack(
+        [x for x, _ in ImageFiles(pngs, [0] * len(pngs), ["c"], size=28, invert=True)]
+    )  # the training loader's own decoding: inverted, then resized
+    query_files = torch.stack([load_image(queries / p.name) for p in pngs])
+    library = retrieve(model, write_memory(model, images), 1.0 - query_files)[-1]
+    cli = torch.stack([1.0 - load_image(retrieved / p.name) for p in pngs])
+    assert (cli - library).abs().max() <= 1 / 255
+    assert (library - (1.0 - query_files)).abs().max() > 0.05  # the read did move them
+
+
 def test_same_seed_same_run(run_dir: Path, data_root: Path, tmp_path: Path) -> None:
     _train(data_root, tmp_path / "again", "--steps", "2", "--loss", "ssim+mse")
     a = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -167,8 +210,13 @@ def test_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> Non
     """Ctrl-C after step 2 saves a checkpoint; `--resume` then ends where an uninterrupted
     run with the same budget ends, to the bit."""
     _train(data_root, tmp_path / "whole", "--steps", "4")
-    model = default_model_config(
-        "conv", "omniglot", 28, 1, None, RuleConfig(write_steps=2, read_steps=2), "noise:7", "mse"
+    model = model_config(
+        dataset="omniglot",
+        memory="conv",
+        image_size=28,
+        rules=RuleConfig(write_steps=2, read_steps=2),
+        distortion="noise:7",
+        loss="mse",
     )
     config = TrainConfig(
         model,
@@ -430,8 +478,8 @@ def test_write_onto_a_full_disk_leaves_nothing(
 
 @pytest.mark.parametrize("first_order", [False, True])
 def test_training_skips_and_counts_non_finite_steps(first_order: bool, tmp_path: Path) -> None:
-    model = default_model_config(
-        "rnn", "binary", None, 1, None, RuleConfig(write_steps=2, read_steps=2), "erase:8", "mse"
+    model = model_config(
+        dataset="binary", rules=RuleConfig(write_steps=2, read_steps=2), distortion="erase:8"
     )
     config = TrainConfig(
         model, batch_size=4, steps=3, eval_every=3, eval_episodes=2, first_order=first_order,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ebmm_cli.choices import DATASETS, dataset_defaults
 from ebmm_cli.data.binary import BinaryStrings
 from ebmm_cli.data.cifar import cifar10, fc100
 from ebmm_cli.data.download import default_root, resolve_root
@@ -21,10 +22,7 @@ from ebmm_cli.data.images import LabelledImages, image_folder
 from ebmm_cli.data.omniglot import omniglot
 from ebmm_cli.errors import EbmmError
 
-NAMES = ("omniglot", "fc100", "cifar10", "binary")
-
 __all__ = [
-    "NAMES",
     "BinaryStrings",
     "Episodes",
     "LabelledImages",
@@ -40,23 +38,26 @@ def load_dataset(
     root: Path | str | None = None,
     size: int | None = None,
     download: bool = True,
+    invert: bool = False,
 ) -> LabelledImages | BinaryStrings:
     """A dataset by name (see the module docstring), or a folder of images by path.
 
-    `size` is the side of the square images (None: each dataset's usual size:
-    Omniglot 28, CIFAR 32, folders native).
+    `size` is the side of the square images (None: a named dataset's usual size, from
+    `choices.DEFAULTS`: Omniglot 28, CIFAR 32; a folder's native size). `invert` maps a
+    folder's images v to 1 - v (dark strokes on light scans); Omniglot is always inverted.
     """
     if name == "binary":
         return BinaryStrings()
-    if name not in NAMES:
+    if name not in DATASETS:
         if not Path(name).is_dir():
             raise EbmmError(
-                "--dataset", f"{name!r} is neither a dataset ({', '.join(NAMES)}) nor a folder"
+                "--dataset", f"{name!r} is neither a dataset ({', '.join(DATASETS)}) nor a folder"
             )
-        return image_folder(Path(name), split, size)
+        return image_folder(Path(name), split, size, invert)
     data_root = resolve_root(root)
+    size = size or dataset_defaults(name).image_size
     if name == "omniglot":
-        return omniglot(data_root, split, size or 28, download)
+        return omniglot(data_root, split, size, download)
     if name == "cifar10":
-        return cifar10(data_root, split, size or 32, download)
-    return fc100(data_root, split, size or 32, download)
+        return cifar10(data_root, split, size, download)
+    return fc100(data_root, split, size, download)

@@ -160,11 +160,11 @@ def image_files(
     return ImageFiles(sources, labels, classes, size, invert=invert)
 
 
-def image_folder(path: Path, split: str, size: int | None) -> ImageFiles:
+def image_folder(path: Path, split: str, size: int | None, invert: bool = False) -> ImageFiles:
     """Any folder of images: class = sub-folder, or one class when images lie directly in it.
 
     A folder with `train/` and `test/` (or `val/`) sub-folders is read per split; otherwise
-    every split is the whole folder.
+    every split is the whole folder. `invert`: dark strokes on light become ink = 1.
     """
     if not path.is_dir():
         raise EbmmError(path, "no such folder")
@@ -173,4 +173,4 @@ def image_folder(path: Path, split: str, size: int | None) -> ImageFiles:
     entries = folder_files(path, 1)
     if not entries:
         entries = folder_files(path, 0)
-    return image_files(entries, size, path)
+    return image_files(entries, size, path, invert)

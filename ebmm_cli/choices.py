@@ -1,0 +1,62 @@
+"""What a user chooses from, and the defaults that follow from the dataset: in one place.
+
+Torch-free on purpose: the command line builds its choices and help texts from these names
+without importing torch, so `ebmm --help` stays fast. The library validates against the
+same tuples, so a name accepted by the shell is one the library knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MEMORIES = ("conv", "fc", "rnn")
+READS = ("gd", "decoder")
+SCHEDULES = ("learned", "fixed")
+LOSSES = ("mse", "ssim+mse")
+DISTORTIONS = (
+    "noise",
+    "occlude",
+    "saltpepper",
+    "flip",
+    "erase",
+    "randomize",
+    "eraseblock",
+    "randomizeblock",
+)
+DATASETS = ("omniglot", "fc100", "cifar10", "binary")
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    """What a dataset implies when the user does not say otherwise.
+
+    Args:
+        image_size: side of the square images a model is trained on (None: bit strings).
+        channels: image channels (None: read from a folder's first image).
+        distortion: the query distortion `KIND:N` of training, and of `ebmm compare`
+            without a model.
+        memory: the energy network.
+        inverted: the files hold dark strokes on light while the model sees ink = 1, so
+            image files are inverted on the way in and out (Omniglot's PNGs).
+    """
+
+    image_size: int | None
+    channels: int | None
+    distortion: str
+    memory: str
+    inverted: bool = False
+
+
+_IMAGES = DatasetDefaults(image_size=32, channels=3, distortion="noise:7", memory="conv")
+DEFAULTS = {
+    "omniglot": DatasetDefaults(28, 1, "noise:7", "conv", inverted=True),
+    "cifar10": _IMAGES,
+    "fc100": _IMAGES,
+    "binary": DatasetDefaults(None, None, "eraseblock:64", "rnn"),
+}
+FOLDER = DatasetDefaults(image_size=28, channels=None, distortion="noise:7", memory="conv")
+
+
+def dataset_defaults(name: str) -> DatasetDefaults:
+    """The defaults of a named dataset, or of a folder of images (any other name)."""
+    return DEFAULTS.get(name, FOLDER)

@@ -1,0 +1,115 @@
+"""Held-out evaluation during meta-training: the fixed episodes, their metrics, the curves.
+
+A run evaluates its model every `eval_every` steps on the same held-out episodes (from
+the test split: Omniglot's evaluation alphabets), so its curve shows learning, not the
+luck of the draw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ebmm_cli.atomic import atomic_path
+from ebmm_cli.data import Episodes
+from ebmm_cli.device import resolve_device
+from ebmm_cli.distort import Distortion
+from ebmm_cli.memory import energy
+from ebmm_cli.metrics import reconstruction_loss, ssim
+from ebmm_cli.model import Model, retrieve, write_memory
+from ebmm_cli.runconfig import TrainConfig
+
+
+@dataclass
+class Batch:
+    """One episode on the device: clean patterns and their distorted queries."""
+
+    patterns: torch.Tensor
+    queries: torch.Tensor
+
+
+def heldout_batches(
+    data: Any, config: TrainConfig, distortion: Distortion, count: int | None = None
+) -> list[Batch]:
+    """`count` (default `config.eval_episodes`) held-out episodes with their queries, the
+    same for every call with the same config: the run's fixed evaluation set."""
+    episodes = Episodes(data, config.batch_size, config.shots, seed=config.seed + 10_000)
+    generator = torch.Generator().manual_seed(config.seed + 20_000)
+    device = resolve_device(config.device)
+    batches = []
+    for _ in range(count if count is not None else config.eval_episodes):
+        patterns, _ = episodes.sample()
+        batches.append(Batch(patterns.to(device), distortion(patterns, generator).to(device)))
+    return batches
+
+
+def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
+    """Mean over episodes of: the training loss of the retrieval, MSE and SSIM of the
+    retrieval and of the query, and the mean energy (under the written memory) of the
+    originals, the queries and the retrievals (the report's table). Episodes whose write
+    or read leaves the reals are left out of the means and counted in `nonfinite`; if
+    all are, the means are NaN."""
+    model.eval()
+    kind = model.config.loss
+    sums: dict[str, float] = {}
+    finite = 0
+    for batch in batches:
+        try:
+            memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
+            memory = memory.detach()
+            iterates = retrieve(model, memory, batch.queries)
+        except FloatingPointError:
+            continue
+        finite += 1
+        out = iterates[-1]
+        with torch.no_grad():
+            values = {
+                "loss": sum(reconstruction_loss(kind, x, batch.patterns).mean() for x in iterates)
+                / len(iterates),
+                "mse": (out - batch.patterns).pow(2).mean(),
+                "query_mse": (batch.queries - batch.patterns).pow(2).mean(),
+                "energy_original": energy(model.energy, memory.params, batch.patterns).mean(),
+                "energy_query": energy(model.energy, memory.params, batch.queries).mean(),
+                "energy_retrieved": energy(model.energy, memory.params, out).mean(),
+            }
+            if batch.patterns.dim() == 4:
+                values["ssim"] = ssim(out, batch.patterns).mean()
+                values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    keys = sums or dict.fromkeys(("loss", "mse", "query_mse"), math.nan)
+    totals = {k: sums[k] / finite if finite else math.nan for k in keys}
+    totals["nonfinite"] = len(batches) - finite
+    return totals
+
+
+def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
+    """Training and held-out loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [m["step"] for m in metrics]
+    train = [(m["step"], m["train_loss"]) for m in metrics if m["train_loss"] is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training loss (mean since last point)")
+    ax.plot(steps, [m["heldout_loss"] for m in metrics], label="held-out loss")
+    if metrics and "heldout_query_mse" in metrics[0]:
+        ratio = [m["heldout_mse"] / max(m["heldout_query_mse"], 1e-12) for m in metrics]
+        ax2 = ax.twinx()
+        ax2.plot(steps, ratio, color="tab:green", linestyle="--", label="held-out MSE / query MSE")
+        ax2.set_ylabel("MSE ratio")
+        ax2.legend(loc="upper center", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per read iterate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

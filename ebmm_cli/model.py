@@ -1,0 +1,184 @@
+"""The model and its memories: what the files hold, and the algorithm applied to them.
+
+`ModelConfig` (stored as JSON in every file) rebuilds a `Model`: the energy network, its
+write and read rules, the decoder of the report's decoder read, and the distortion it was
+meta-trained on. A `Memory` is what one write produced. `write_memory` and `retrieve`
+apply `memory.py`'s algorithm at the level of a model (the energy write, then the
+decoder's MAML adaptation; the gradient read or the decoder), for meta-training, the
+command line and the benchmarks alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ebmm_cli.distort import Distortion
+from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
+from ebmm_cli.energy.decoder import Decoder
+from ebmm_cli.memory import Params, RuleConfig, Rules, energy_grad, read, write
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; stored as JSON in its files.
+
+    Args:
+        energy: the energy network.
+        rules: the write and read rules.
+        distortion: the distortion it was meta-trained on (`KIND:N`); the decoder read
+            also adapts to it when writing.
+        loss: the meta-training loss, `mse` or `ssim+mse`.
+        dataset: what it was meta-trained on.
+        invert_files: image files hold dark strokes on light (Omniglot's PNGs, a folder
+            trained with `--invert`) while the model sees ink = 1; the CLI inverts files
+            on the way in and out. Always true for an image model of Omniglot, whose
+            loader inverts: files written before this was enforced say false.
+    """
+
+    energy: EnergyConfig
+    rules: RuleConfig
+    distortion: str = "noise:7"
+    loss: str = "mse"
+    dataset: str = "omniglot"
+    invert_files: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dataset == "omniglot" and len(self.energy.shape) == 3:
+            object.__setattr__(self, "invert_files", True)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        """Parse `to_json`'s output; raises ValueError, TypeError or KeyError if malformed."""
+        raw = json.loads(text)
+        energy_raw = dict(raw.pop("energy"))
+        energy_raw["shape"] = tuple(int(v) for v in energy_raw["shape"])
+        return cls(energy=EnergyConfig(**energy_raw), rules=RuleConfig(**raw.pop("rules")), **raw)
+
+
+class Model(nn.Module):
+    """An EBMM: the energy network, its rules and, for the decoder read, the decoder;
+    `distortion` is the one it was meta-trained on (the decoder read adapts to it)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.distortion = Distortion.parse(config.distortion)
+        self.energy = build_energy(config.energy)
+        self.rules = Rules(config.rules, len(memory_layers(self.energy)))
+        shape = config.energy.shape
+        self.decoder = Decoder(shape[0], shape[1]) if config.rules.read == "decoder" else None
+
+    def memory_floats(self) -> int:
+        """Floats a written memory holds: the energy's written layers, plus the decoder's
+        adapted weights for the decoder read."""
+        floats = memory_floats(self.energy)
+        if self.decoder is not None:
+            floats += sum(p.numel() for p in self.decoder.parameters())
+        return floats
+
+
+@dataclass
+class Memory:
+    """A written memory: the written energy parameters θ(T) and, for the decoder read,
+    the decoder's adapted parameters; `patterns` counts the stored patterns."""
+
+    params: Params
+    decoder: Params | None
+    patterns: int
+
+    def detach(self) -> Memory:
+        """The same memory cut from the graph that wrote it."""
+        return self._map(lambda v: v.detach())
+
+    def to(self, device: torch.device) -> Memory:
+        """The same memory on `device`."""
+        return self._map(lambda v: v.to(device))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Memory:
+        decoder = None if self.decoder is None else {k: fn(v) for k, v in self.decoder.items()}
+        return Memory({k: fn(v) for k, v in self.params.items()}, decoder, self.patterns)
+
+
+def write_memory(
+    model: Model,
+    patterns: torch.Tensor,
+    create_graph: bool = False,
+    generator: torch.Generator | None = None,
+    append_to: Memory | None = None,
+) -> Memory:
+    """Write a batch into a new `Memory`: the energy write, then (decoder read) the
+    decoder's MAML adaptation to the batch. `generator` draws the adaptation's queries.
+
+    `append_to` continues writing from that memory instead of θ̄: T more steps on the new
+    patterns only (the earlier ones are not seen again, so they may fade). The decoder
+    read cannot append: its adaptation needs every stored pattern.
+    """
+    if append_to is not None and model.decoder is not None:
+        raise ValueError("a decoder-read memory cannot be appended to")
+    start = None if append_to is None else append_to.params
+    theta = write(model.energy, model.rules, patterns, create_graph=create_graph, start=start)
+    decoder = None
+    if model.decoder is not None:
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        decoder = adapt_decoder(model, theta, patterns, generator, create_graph)
+    stored = patterns.shape[0] + (0 if append_to is None else append_to.patterns)
+    return Memory(theta, decoder, stored)
+
+
+def adapt_decoder(
+    model: Model,
+    theta: Params,
+    patterns: torch.Tensor,
+    generator: torch.Generator,
+    create_graph: bool,
+) -> Params:
+    """The report's decoder read, adapted with learn2learn's MAML on the written batch:
+    a few SGD steps on the error of decoding distorted copies of the patterns (drawn with
+    the model's training distortion) back to the patterns."""
+    from ebmm_cli._learn2learn import import_learn2learn
+
+    l2l = import_learn2learn()
+    rules = model.config.rules
+    maml = l2l.algorithms.MAML(model.decoder, lr=rules.decoder_lr, first_order=not create_graph)
+    learner = maml.clone()
+    noisy = model.distortion(patterns, generator)
+    _, grad = energy_grad(model.energy, theta, noisy, create_graph=create_graph)
+    for _ in range(rules.decoder_steps):
+        learner.adapt(F.mse_loss(learner(noisy, grad), patterns))
+    return dict(learner.module.named_parameters())
+
+
+def retrieve(
+    model: Model,
+    memory: Memory,
+    queries: torch.Tensor,
+    create_graph: bool = False,
+    steps: int | None = None,
+) -> list[torch.Tensor]:
+    """Read queries from a memory: the iterates of the gradient read, or the decoder's
+    single retrieval. The last element is the answer."""
+    if model.decoder is None:
+        return read(model.energy, model.rules, memory.params, queries, create_graph, steps)
+    assert memory.decoder is not None, "a decoder model's memory carries decoder weights"
+    _, grad = energy_grad(model.energy, memory.params, queries, create_graph=create_graph)
+    out = functional_call(model.decoder, memory.decoder, (queries, grad))
+    return [out if create_graph else out.detach()]
+
+
+def same_model(a: Model, b: Model) -> bool:
+    """Same configuration and the same slow weights and rules (both on one device): the
+    test for appending to a memory that `a` wrote with `b`."""
+    if a.config.to_json() != b.config.to_json():
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

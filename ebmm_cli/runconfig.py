@@ -1,0 +1,257 @@
+"""From options to a run: one builder, every default in one place, every check up front.
+
+`train_config(...)` turns the options of `ebmm train` (keyword arguments, the same names)
+into a `TrainConfig`: dataset defaults filled in from `choices.dataset_defaults`, and every
+option checked before any data is loaded, so a typo costs a second, not a data load. The
+command line, the benchmark, the demo and the reproduction script all build their runs
+here. `model_config(...)` is the part that fixes the model alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ebmm_cli.choices import DATASETS, LOSSES, MEMORIES, READS, SCHEDULES, dataset_defaults
+from ebmm_cli.data import load_dataset
+from ebmm_cli.device import resolve_device
+from ebmm_cli.distort import Distortion
+from ebmm_cli.energy import EnergyConfig
+from ebmm_cli.errors import EbmmError
+from ebmm_cli.memory import RuleConfig
+from ebmm_cli.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One meta-training run. `model` fixes the network and rules; the rest the run.
+
+    `lr` is AdamW's learning rate for the network; `rule_lr` for the rule parameters
+    (write rates, α, β, read steps and momenta), which are few, scalar and start far
+    from their good values, so they need larger steps than the paper's 5e-5. Both decay
+    along a cosine to `lr_floor` times their value over the run's budget (`steps` and/or
+    `minutes`): short runs end on small steps instead of on noise.
+
+    `episodes_per_step` episodes are written and read per process and meta-step; under
+    torchrun each of the world's processes draws its own, and the step's gradient is
+    the mean over all of them.
+    """
+
+    model: ModelConfig
+    data_root: str | None = None
+    batch_size: int = 5
+    shots: int | None = 1
+    steps: int | None = None
+    minutes: float | None = None
+    lr: float = 1e-3
+    rule_lr: float = 3e-2
+    lr_floor: float = 0.1
+    first_order: bool = False
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 25
+    eval_episodes: int = 20
+    checkpoint_minutes: float = 2.0
+    episodes_per_step: int = 1
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["model"] = json.loads(self.model.to_json())
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        data["model"] = ModelConfig.from_json(json.dumps(data["model"]))
+        return cls(**data)
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise EbmmError(option, f"unknown value {value!r}; use one of {', '.join(allowed)}")
+    return value
+
+
+def rule_config(
+    *,
+    memory: str = "conv",
+    schedule: str = "learned",
+    write_steps: int = 5,
+    read_steps: int = 5,
+    read: str = "gd",
+    write_lr: float | None = None,
+    read_lr: float | None = None,
+) -> RuleConfig:
+    """The write and read rules: the paper's learned schedule, or the report's fixed one
+    (`RuleConfig.report`, whose write rate depends on the `memory`); `write_lr` and
+    `read_lr` override the schedule's starting (or constant) values."""
+    _choice("--schedule", schedule, SCHEDULES)
+    _choice("--read", read, READS)
+    for option, value in (("--write-steps", write_steps), ("--read-steps", read_steps)):
+        if value < 1:
+            raise EbmmError(option, f"must be at least 1, got {value}")
+    chosen: dict[str, object] = {"write_steps": write_steps, "read_steps": read_steps, "read": read}
+    for option, value in (("--write-lr", write_lr), ("--read-lr", read_lr)):
+        if value is not None:
+            if not 0 < value <= 1e6:
+                raise EbmmError(option, "must be in (0, 1e6]")
+            chosen[option[2:].replace("-", "_")] = value
+    if schedule == "fixed":
+        return RuleConfig.report(memory, **chosen)
+    return RuleConfig(**chosen)
+
+
+def model_config(
+    *,
+    dataset: str = "omniglot",
+    memory: str | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    dynamic: int | None = None,
+    rules: RuleConfig | None = None,
+    distortion: str | None = None,
+    loss: str = "mse",
+    invert: bool = False,
+) -> ModelConfig:
+    """A model for `dataset`, every unset option taken from the dataset's defaults.
+
+    Binary strings are 128 bits for the `rnn` (signed input), and only it takes them;
+    images are `channels` x `image_size` x `image_size`. A folder's channel count must be
+    given (`train_config` reads it from the folder's first image). `invert` marks a
+    folder of dark-on-light images; Omniglot's files are always inverted.
+
+    Raises:
+        EbmmError: naming the option, for any value the model cannot take.
+    """
+    defaults = dataset_defaults(dataset)
+    memory = _choice("--memory", memory or defaults.memory, MEMORIES)
+    if (dataset == "binary") != (memory == "rnn"):
+        raise EbmmError("--memory", "binary strings take --memory rnn, and rnn takes only them")
+    _choice("--loss", loss, LOSSES)
+    if loss != "mse" and memory == "rnn":
+        raise EbmmError("--loss", "ssim+mse needs images; use mse for binary strings")
+    if dynamic is not None and dynamic < 1:
+        raise EbmmError("--dynamic", f"must be at least 1, got {dynamic}")
+    if invert and defaults.channels is not None:
+        raise EbmmError(
+            "--invert",
+            "is for folders of dark-on-light images"
+            + (" (Omniglot's files are always inverted)" if defaults.inverted else ""),
+        )
+    if memory == "rnn":
+        shape: tuple[int, ...] = (128,)
+    else:
+        size = image_size or defaults.image_size
+        if size is None or size < 8:
+            raise EbmmError("--image-size", f"must be at least 8, got {size}")
+        shape = (channels or defaults.channels or 1, size, size)
+    spec = distortion or defaults.distortion
+    Distortion.parse(spec, shape)
+    return ModelConfig(
+        energy=EnergyConfig(memory, shape, dynamic, signed=memory == "rnn"),
+        rules=rules if rules is not None else rule_config(memory=memory),
+        distortion=spec,
+        loss=loss,
+        dataset=dataset,
+        invert_files=invert or defaults.inverted,
+    )
+
+
+def train_config(
+    *,
+    dataset: str = "omniglot",
+    memory: str | None = None,
+    data_root: str | Path | None = None,
+    image_size: int | None = None,
+    invert: bool = False,
+    batch_size: int = 5,
+    shots: int = 1,
+    write_steps: int = 5,
+    read_steps: int = 5,
+    read: str = "gd",
+    schedule: str = "learned",
+    write_lr: float | None = None,
+    read_lr: float | None = None,
+    distortion: str | None = None,
+    loss: str = "mse",
+    dynamic: int | None = None,
+    steps: int | None = None,
+    minutes: float | None = None,
+    first_order: bool = False,
+    lr: float = 1e-3,
+    rule_lr: float = 3e-2,
+    seed: int = 0,
+    device: str = "auto",
+    eval_every: int = 25,
+    eval_episodes: int = 20,
+    checkpoint_minutes: float = 2.0,
+    episodes_per_step: int = 1,
+) -> TrainConfig:
+    """A meta-training run from `ebmm train`'s options (the same names, keyword only).
+
+    Every option is checked first; only then is a folder dataset's first image read for
+    its channel count. `shots=0` ignores classes.
+
+    Raises:
+        EbmmError: naming the option (as the command line spells it) or the folder.
+    """
+    if steps is None and minutes is None:
+        raise EbmmError("--steps", "give --steps and/or --minutes")
+    for option, value in (
+        ("--batch-size", batch_size),
+        ("--eval-every", eval_every),
+        ("--eval-episodes", eval_episodes),
+        ("--episodes-per-step", episodes_per_step),
+    ):
+        if value < 1:
+            raise EbmmError(option, f"must be at least 1, got {value}")
+    if dataset not in DATASETS and not Path(dataset).is_dir():
+        raise EbmmError("--dataset", f"{dataset!r} is neither a dataset name nor a folder")
+    resolve_device(device)
+    memory = memory or dataset_defaults(dataset).memory
+    rules = rule_config(
+        memory=memory,
+        schedule=schedule,
+        write_steps=write_steps,
+        read_steps=read_steps,
+        read=read,
+        write_lr=write_lr,
+        read_lr=read_lr,
+    )
+    options = dict(
+        dataset=dataset,
+        memory=memory,
+        image_size=image_size,
+        dynamic=dynamic,
+        rules=rules,
+        distortion=distortion,
+        loss=loss,
+        invert=invert,
+    )
+    model_config(**options)  # every check, before the folder is read
+    if dataset_defaults(dataset).channels is None and memory != "rnn":
+        options["channels"] = _folder_channels(Path(dataset))
+    return TrainConfig(
+        model_config(**options),
+        data_root=str(data_root) if data_root else None,
+        batch_size=batch_size,
+        shots=shots or None,
+        steps=steps,
+        minutes=minutes,
+        lr=lr,
+        rule_lr=rule_lr,
+        first_order=first_order,
+        seed=seed,
+        device=device,
+        eval_every=eval_every,
+        eval_episodes=eval_episodes,
+        checkpoint_minutes=checkpoint_minutes,
+        episodes_per_step=episodes_per_step,
+    )
+
+
+def _folder_channels(folder: Path) -> int:
+    """Image channels of a folder dataset: its first image's (1 grayscale, 3 colour). The
+    dataset only lists its files here; images are decoded when drawn."""
+    return int(load_dataset(str(folder), "train", None, None)[0][0].shape[0])
