@@ -211,3 +211,18 @@ def test_more_patterns_than_the_data_supplies(omniglot_dir: Path) -> None:
     )
     assert result.exit_code == 2
     assert "--patterns" in result.stderr and "distinct classes" in result.stderr
+
+
+def test_compare_takes_the_datasets_default_corruption() -> None:
+    result = runner.invoke(
+        app,
+        ["compare", "--dataset", "binary", "--patterns", "16", "--episodes", "2",
+         "--baselines", "identity", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["config"]["distortion"] == "eraseblock:64"
+    assert doc["rows"][0]["hamming"]["mean"] == pytest.approx(32, abs=8)  # half of 64 erased
+    wrong = runner.invoke(app, ["compare", "--dataset", "binary", "--distortion", "occlude:16"])
+    assert wrong.exit_code == 2 and wrong.stderr.startswith("ebmm compare: --distortion: ")
+    assert len(wrong.stderr.strip().splitlines()) == 1

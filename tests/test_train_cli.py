@@ -551,3 +551,44 @@ def test_write_append_continues_the_stored_memory(
     )  # fmt: skip
     assert refused.returncode == 2 and "cannot be appended to" in refused.stderr
     assert decoder_memory.read_bytes() == kept
+
+
+def test_train_logs_one_line_per_evaluation_without_a_terminal(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """stderr to a file or pipe (nohup, a batch job): plain newline-terminated lines, one per
+    held-out evaluation, then the summary; no carriage-return frames."""
+    result = run_ebmm(
+        "train", "--data-root", str(data_root), "--out", str(tmp_path / "run"), *TINY,
+        "--steps", "4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert [line.split(",")[0] for line in lines[:2]] == [
+        "ebmm train: step 2",
+        "ebmm train: step 4",
+    ]
+    assert all("held-out" in line and "steps/s" in line for line in lines[:2])
+    assert lines[2].startswith("step 4: held-out loss") and len(lines) == 3
+
+
+def test_train_checks_every_option_before_loading_data(omniglot_dir: Path, tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-data-here")
+    for option, args in (
+        ("--distortion", ["--distortion", "blur:3"]),
+        ("--distortion", ["--distortion", "occlude:40"]),
+        ("--invert", ["--invert"]),
+        ("--loss", ["--dataset", "binary", "--loss", "ssim+mse"]),
+        ("--write-lr", ["--write-lr", "0"]),
+    ):
+        result = runner.invoke(
+            app, ["train", "--data-root", missing, "--steps", "1", "-o", str(tmp_path / "r"), *args]
+        )
+        _one_line(result, option)
+        assert not (tmp_path / "r").exists()
+    # A folder of dark-on-light images: --invert is recorded, so files are inverted too.
+    _train(omniglot_dir.parent, tmp_path / "scans", "--dataset", str(omniglot_dir / "Latin"),
+           "--batch-size", "2", "--steps", "1", "--invert")  # fmt: skip
+    model = load_model(tmp_path / "scans" / "model.safetensors")
+    assert model.config.invert_files and model.config.energy.shape == (1, 28, 28)
