@@ -21,7 +21,7 @@ from ebmm_cli import baselines
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.distort import Distortion
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.metrics import ssim
+from ebmm_cli.metrics import hamming, ssim
 from ebmm_cli.model import Model, retrieve, write_memory
 
 METRICS = ("sq_error", "mse", "hamming", "ssim", "psnr", "write_ms", "read_ms")
@@ -124,7 +124,7 @@ def episode_metrics(
     values = {
         "sq_error": float(sq.mean()),
         "mse": float(mse.mean()),
-        "hamming": float(((out > 0.5) != (target > 0.5)).float().sum(1).mean()),
+        "hamming": float(hamming(out, target).mean()),
         "psnr": float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()),
     }
     if len(shape) == 3 and min(shape[1:]) >= 11:  # SSIM's 11x11 window needs room

@@ -19,7 +19,7 @@ from ebmm_cli.data import Episodes
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
 from ebmm_cli.memory import energy
-from ebmm_cli.metrics import reconstruction_loss, ssim
+from ebmm_cli.metrics import hamming, reconstruction_loss, ssim
 from ebmm_cli.model import Model, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig
 
@@ -48,8 +48,8 @@ def heldout_batches(
 
 
 def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
-    """Mean over episodes of: the training loss of the retrieval, MSE and SSIM of the
-    retrieval and of the query, and the mean energy (under the written memory) of the
+    """Mean over episodes of: the training loss of the retrieval, MSE, Hamming error and
+    SSIM of the retrieval and of the query, and the mean energy (under the written memory) of the
     originals, the queries and the retrievals (the report's table). Episodes whose write
     or read leaves the reals are left out of the means and counted in `nonfinite`; if
     all are, the means are NaN."""
@@ -72,6 +72,8 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
                 / len(iterates),
                 "mse": (out - batch.patterns).pow(2).mean(),
                 "query_mse": (batch.queries - batch.patterns).pow(2).mean(),
+                "hamming": hamming(out, batch.patterns).mean(),
+                "query_hamming": hamming(batch.queries, batch.patterns).mean(),
                 "energy_original": energy(model.energy, memory.params, batch.patterns).mean(),
                 "energy_query": energy(model.energy, memory.params, batch.queries).mean(),
                 "energy_retrieved": energy(model.energy, memory.params, out).mean(),
@@ -104,7 +106,11 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
         ratio = [m["heldout_mse"] / max(m["heldout_query_mse"], 1e-12) for m in metrics]
         ax2 = ax.twinx()
         ax2.plot(steps, ratio, color="tab:green", linestyle="--", label="held-out MSE / query MSE")
-        ax2.set_ylabel("MSE ratio")
+        if "heldout_query_hamming" in metrics[0]:
+            ratio = [m["heldout_hamming"] / max(m["heldout_query_hamming"], 1e-12) for m in metrics]
+            ax2.plot(steps, ratio, color="tab:red", linestyle=":", label="Hamming / query's")
+        ax2.axhline(1.0, color="grey", linewidth=0.5)
+        ax2.set_ylabel("retrieved / query (below 1: recall)")
         ax2.legend(loc="upper center", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss per read iterate")

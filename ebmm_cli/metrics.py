@@ -25,3 +25,9 @@ def reconstruction_loss(kind: str, x: torch.Tensor, target: torch.Tensor) -> tor
     if kind == "mse":
         return mse
     return 0.5 * mse + 0.5 * (1.0 - ssim(x, target))
+
+
+def hamming(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixels (bits) on the wrong side of 0.5, per pattern (B,): the paper's error for
+    binary strings and for Omniglot, whose characters are nearly binary."""
+    return ((x > 0.5) != (target > 0.5)).flatten(1).sum(1).float()

@@ -133,7 +133,7 @@ def model_config(
         raise EbmmError("--loss", "ssim+mse needs images; use mse for binary strings")
     if dynamic is not None and dynamic < 1:
         raise EbmmError("--dynamic", f"must be at least 1, got {dynamic}")
-    if invert and defaults.channels is not None:
+    if invert and dataset in DATASETS:
         raise EbmmError(
             "--invert",
             "is for folders of dark-on-light images"

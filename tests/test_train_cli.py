@@ -79,6 +79,10 @@ def test_train_writes_its_run_folder(run_dir: Path) -> None:
     ):
         assert key in lines[0]
     assert lines[0]["heldout_split"] == "test"
+    # Hamming error of the thresholded retrieval, and of the query: a run shows when the
+    # first falls below the second (the paper's image metric).
+    assert 0 < lines[0]["heldout_query_hamming"] < 28 * 28
+    assert 0 <= lines[0]["heldout_hamming"] <= 28 * 28
     assert Image.open(run_dir / "loss.png").size[0] > 100
 
 
