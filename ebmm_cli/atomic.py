@@ -1,14 +1,18 @@
-"""Atomic file output: write to a temporary name in the same folder, then rename.
+"""Safe file output: one writer per output, and atomic writes.
 
-A rename within one file system is atomic, so a reader (or a process killed half-way)
-sees either the old file or the complete new one, never a partial file.
+`exclusive` keeps a second ebmm process off an output (a file or a run folder) while
+the first works on it. `atomic_path` writes to a temporary name in the same folder, then
+renames: a rename within one file system is atomic, so a reader (or a process killed
+half-way) sees either the old file or the complete new one, never a partial file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +32,54 @@ _STORAGE_ERRORS = {
 
 
 @contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold `path` (an output file or folder) for this process while the block runs.
+
+    An advisory lock (flock) on `.NAME.lock` beside `path`, holding the holder's pid. A
+    second process asking for the same path fails at once instead of waiting or silently
+    replacing the first one's output. The kernel drops the lock when its process dies,
+    however it dies, so a lock file left by a killed process is simply taken over.
+
+    Raises:
+        EbmmError: naming `path`, when another process holds it (exit 2), or when its
+            folder cannot be made.
+    """
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where a folder of the path should be
+        raise EbmmError(path, f"cannot write here ({os.strerror(errno.ENOTDIR)})") from None
+    except OSError as e:
+        raise EbmmError(path, f"cannot write here ({e.strerror or e})") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise EbmmError(path.parent, f"cannot write here ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 20, 0).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise EbmmError(path, f"in use by another ebmm process{pid}") from None
+        try:  # the last holder may have removed the file between our open and our lock
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`.
 
@@ -43,12 +95,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise EbmmError(path.parent, f"cannot write here ({e.strerror or e})") from None
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        # Ctrl-C and SIGTERM raise where the program is; held back while the temporary
+        # file is made, they arrive once it has a name to be cleaned up by.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+        except OSError as e:
+            raise EbmmError(path.parent, f"cannot write here ({e.strerror or e})") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         yield tmp
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         umask = os.umask(0)
@@ -58,10 +119,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         if e.errno not in _STORAGE_ERRORS:
             raise  # not the storage's fault (say, a download that broke off): the caller's
         raise EbmmError(path, f"write failed ({e.strerror}); nothing written", 1) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise

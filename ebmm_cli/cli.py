@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from enum import StrEnum
@@ -34,6 +35,16 @@ class _Failure(typer.TyperException):
         self.exit_code = exit_code
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (from `timeout`, a batch scheduler, `docker stop`), raised where the program
+    is, so that it unwinds as Ctrl-C does: temporaries removed, a training checkpoint saved;
+    then exit 143 instead of 130."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 class _Group(TyperGroup):
     """The app's group: turns every failure into one line on stderr and an exit code."""
 
@@ -42,6 +53,9 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except EbmmError as e:
             raise _Failure(ctx.invoked_subcommand, str(e), e.exit_code) from e
+        except _Terminated:
+            message = "terminated; no output was left half-written"
+            raise _Failure(ctx.invoked_subcommand, message, 143) from None
         except (typer.TyperException, typer.Abort, typer.Exit, KeyboardInterrupt):
             raise
         except BrokenPipeError:
@@ -82,6 +96,13 @@ class _Group(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _hold(ctx: typer.Context, path: Path) -> None:
+    """Keep other ebmm processes off `path` (an output) until this command ends."""
+    from ebmm_cli.atomic import exclusive
+
+    ctx.with_resource(exclusive(path))
 
 
 def _fail(where: str, message: str, code: int) -> None:
@@ -135,6 +156,10 @@ Schedule = _choices("Schedule", SCHEDULES)
 Loss = _choices("Loss", LOSSES)
 
 
+# Seeds are offset (per process, held-out streams) and must stay within torch's int64.
+SEED_LIMIT = 2**62
+
+
 def _fill_value(text: str) -> float | None:
     """`--value`: a number in [0, 1], or `uniform` for random fill."""
     if text == "uniform":
@@ -169,6 +194,7 @@ def _count_skipped(command: str, count: int) -> None:
 
 @app.command()
 def distort(
+    ctx: typer.Context,
     inputs: Annotated[
         list[str],
         typer.Argument(
@@ -211,16 +237,20 @@ def distort(
         int | None,
         typer.Option(
             min=1,
+            max=4096,
             help="Resize to size x size before "
-            "distorting (e.g. 28 or 32, a model's size). Default: keep each image's size.",
+            "distorting (e.g. 28 or 32, a model's size; at most 4096). Default: keep each "
+            "image's size.",
             show_default=False,
         ),
     ] = None,
     seed: Annotated[
         int,
         typer.Option(
+            min=-SEED_LIMIT,
+            max=SEED_LIMIT,
             help="Random seed; the same seed gives byte-identical "
-            "outputs. Each image's draw depends on the seed and its relative path only."
+            "outputs. Each image's draw depends on the seed and its relative path only.",
         ),
     ] = 0,
     out: Annotated[
@@ -246,6 +276,7 @@ def distort(
         kind=kind.value, block=block, std=std, value=_fill_value(value), prob=prob, bits=bits
     )
     distortion.validate()
+    _hold(ctx, out)
     images = collect_images(inputs, sys.stdin, exclude=out)
     targets = output_paths(images, out, force)
     skipped = 0
@@ -289,8 +320,30 @@ DatasetName = Annotated[
 Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, or cuda[:i].")]
 
 
+def _only_with_resume(ctx: typer.Context) -> None:
+    """`--resume` continues a run as it was configured: refuse options it would ignore."""
+    allowed = {"out", "resume", "steps", "minutes", "device", "profile", "ctx"}
+    given = [
+        p.opts[0]
+        for p in ctx.command.params
+        if p.name not in allowed
+        and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"
+    ]
+    if given:
+        raise EbmmError(
+            given[0],
+            "--resume continues the run as it was configured; it takes only --steps, "
+            "--minutes, --device and --profile",
+        )
+
+
+# Files of a run folder: any of them means a run lives there.
+_RUN_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.jsonl")
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     out: Annotated[
         Path,
         typer.Option(
@@ -314,6 +367,7 @@ def train(
         int | None,
         typer.Option(
             min=8,
+            max=1024,
             show_default=False,
             help="Image side: "
             "28 (the report) or 32 (the paper). Default: 28 for Omniglot and folders, 32 for "
@@ -403,7 +457,8 @@ def train(
         typer.Option(
             min=0.0,
             show_default=False,
-            help="Stop after this much training time (whichever of --steps/--minutes comes first).",
+            help="Stop after this much training time, more than 0 (whichever of "
+            "--steps/--minutes comes first).",
         ),
     ] = None,
     first_order: Annotated[
@@ -447,7 +502,12 @@ def train(
             "the step follows their mean loss.",
         ),
     ] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the initialisation and of all episodes.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the initialisation and of all episodes."
+        ),
+    ] = 0,
     device: Device = "auto",
     resume: Annotated[
         bool,
@@ -474,12 +534,18 @@ def train(
 
     if steps is None and minutes is None:
         raise EbmmError("--steps", "give --steps and/or --minutes")
+    if minutes is not None and not 0 < minutes < float("inf"):
+        raise EbmmError("--minutes", f"must be more than 0, got {minutes:g}")
+    if resume:
+        _only_with_resume(ctx)
     distributed = init_distributed(device)
+    if int(os.environ.get("RANK", "0")) == 0:  # the process that writes the run's files
+        _hold(ctx, out)
     if resume:
         # Under torchrun each process takes its own GPU, whatever the run used before.
         trainer = Trainer.resume(out, steps, minutes, distributed)
     else:
-        if (out / "checkpoint.safetensors").exists():
+        if any((out / name).exists() for name in _RUN_FILES):
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
         config = train_config(
             dataset=dataset,
@@ -518,15 +584,17 @@ def train(
         with (
             _train_progress(trainer.config.steps, trainer.config.minutes) as update,
             _profiled(out, trainer.device, profile) as tick,
+            _sigterm_between_steps() as stop_if_asked,
         ):
-            path = trainer.run(lambda info: (update(info), tick()))
-    except KeyboardInterrupt:
+            path = trainer.run(lambda info: (update(info), tick(), stop_if_asked()))
+    except KeyboardInterrupt as e:
+        how = "terminated" if isinstance(e, _Terminated) else "interrupted"
         print(
-            f"ebmm train: interrupted at step {trainer.step}; checkpoint saved in "
+            f"ebmm train: {how} at step {trainer.step}; checkpoint saved in "
             f"{out / 'checkpoint.safetensors'}; continue with --resume",
             file=sys.stderr,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(e, _Terminated) else 130) from None
     last = trainer.metrics[-1]
     print(path)
     summary = (
@@ -534,6 +602,25 @@ def train(
         f"{last['heldout_mse']:.4f} (queries {last['heldout_query_mse']:.4f})"
     )
     print(summary, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _sigterm_between_steps() -> Iterator[Callable[[], None]]:
+    """While training, SIGTERM only asks to stop: the check it yields (called after each
+    step, where the model, optimiser and random streams agree) then raises `_Terminated`,
+    so the checkpoint it leaves resumes exactly. A step on the CPU takes seconds, well
+    within the grace period of `timeout`, batch schedulers or `docker stop`."""
+    asked: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: asked.append(signum))
+
+    def stop_if_asked() -> None:
+        if asked:
+            raise _Terminated
+
+    try:
+        yield stop_if_asked
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -622,6 +709,7 @@ def _note(command: str, notes: list[str]) -> None:
 
 @app.command()
 def write(
+    ctx: typer.Context,
     images: Annotated[
         list[str],
         typer.Argument(
@@ -638,7 +726,12 @@ def write(
     out: Annotated[Path, typer.Option("--out", "-o", help="The memory file to create.")] = Path(
         "memory.safetensors"
     ),
-    seed: Annotated[int, typer.Option(help="Seed of the decoder read's adaptation queries.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the decoder read's adaptation queries."
+        ),
+    ] = 0,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Overwrite an existing memory file.")] = False,
     append: Annotated[
@@ -659,10 +752,12 @@ def write(
     import torch
 
     from ebmm_cli.device import resolve_device
-    from ebmm_cli.imageio import collect_images, load_batch
+    from ebmm_cli.imageio import check_outputs, collect_images, load_batch
     from ebmm_cli.model import same_model, write_memory
     from ebmm_cli.store import load_memory, load_model, save_memory
 
+    check_outputs({"--out": [] if append else out}, {"--model": [model]}, force=True)
+    _hold(ctx, out)
     net = load_model(model)
     stored = None
     if append:
@@ -710,6 +805,7 @@ def _image_shape(net: Any, path: Path) -> tuple[int, ...]:
 
 @app.command()
 def read(
+    ctx: typer.Context,
     queries: Annotated[
         list[str],
         typer.Argument(
@@ -747,6 +843,7 @@ def read(
     from ebmm_cli.model import retrieve
     from ebmm_cli.store import load_memory
 
+    _hold(ctx, out)
     net, mem = load_memory(memory)
     shape = _image_shape(net, memory)
     found = collect_images(queries, sys.stdin, exclude=out)
@@ -886,6 +983,7 @@ def compare(
         int | None,
         typer.Option(
             min=8,
+            max=1024,
             show_default=False,
             help="Image side (default: the first model's, else the dataset's).",
         ),
@@ -912,7 +1010,9 @@ def compare(
         ),
     ] = None,
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting.")] = 20,
-    seed: Annotated[int, typer.Option(help="Seed of the episodes and queries.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the episodes and queries.")
+    ] = 0,
     device: Device = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON {config, rows}.")] = False,
     markdown: Annotated[
@@ -933,6 +1033,9 @@ def compare(
             "the error against memory size, or against --patterns when sweeping.",
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Overwrite existing --markdown, --grid and --plot files.")
+    ] = False,
 ) -> None:
     """Run models and baselines on the same seeded episodes and queries; one table."""
     import json
@@ -942,8 +1045,12 @@ def compare(
     from ebmm_cli.choices import dataset_defaults
     from ebmm_cli.device import resolve_device
     from ebmm_cli.distort import Distortion
+    from ebmm_cli.imageio import check_outputs
     from ebmm_cli.store import load_model
 
+    check_outputs(
+        {"--markdown": markdown, "--grid": grid, "--plot": plot}, {"--model": model or []}, force
+    )
     counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
     methods: list[Any] = harness.methods_from(baselines.split(","))
     dev = resolve_device(device)
@@ -1036,5 +1143,9 @@ def _progress(total: int, label: str) -> Any:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM stops as cleanly as Ctrl-C, and paths whose
+    names are not UTF-8 print as the bytes they are."""
+    signal.signal(signal.SIGTERM, _terminate)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="surrogateescape")
     app()

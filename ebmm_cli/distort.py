@@ -256,5 +256,6 @@ def generator_for(seed: int, key: str) -> torch.Generator:
     The CLI keys each image by its relative path, so distorting a file alone or inside
     its folder gives the same query.
     """
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    # surrogateescape: a file name that is not UTF-8 hashes as the bytes it is
+    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8", "surrogateescape")).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)

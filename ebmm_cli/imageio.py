@@ -8,8 +8,10 @@ float32 in [0, 1]: C = 1 for grayscale, 3 for colour.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +30,29 @@ IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
 )
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+# Bounds checked before any work: a side beyond MAX_SIDE (a 1 x 89,000,000 PNG is a 173 KB
+# file under Pillow's pixel limit) or a file beyond MAX_FILE_BYTES is refused undecoded.
+MAX_SIDE = 16_384
+MAX_FILE_BYTES = 1 << 30
+
+
+def real(path: Path) -> Path:
+    """The absolute path with symbolic links resolved, as far as they resolve: unlike
+    `Path.resolve`, a link loop does not raise (it is refused when read)."""
+    return Path(os.path.realpath(path))
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """`os.stat`, None for a missing path; a link loop or a name the system refuses (too
+    long) is an `EbmmError` naming the path."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise EbmmError(path, "a symbolic link loop") from None
+        raise EbmmError(path, f"cannot read ({e.strerror or e})") from None
 
 
 @dataclass(frozen=True)
@@ -67,17 +92,20 @@ def collect_images(
             names.append(item)
     if not names:
         raise EbmmError("INPUTS", "no input paths given")
-    skip = exclude.resolve() if exclude is not None else None
+    skip = real(exclude) if exclude is not None else None
+    if skip is not None and any(real(Path(n)) == skip for n in names):
+        raise EbmmError(exclude, "is an input too; choose another --out")
     found: list[InputImage] = []
     loose: list[Path] = []
     for name in names:
         path = Path(name)
-        if path.is_dir():
-            files = [f for f in _walk(path) if skip is None or not f.resolve().is_relative_to(skip)]
+        info = _stat(path)
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            files = [f for f in _walk(path) if skip is None or not real(f).is_relative_to(skip)]
             if not files:
                 raise EbmmError(path, "no images in this folder")
             found.extend(InputImage(f, f.relative_to(path), path) for f in files)
-        elif path.exists():
+        elif info is not None:
             loose.append(path)
         else:
             raise EbmmError(path, "no such file or folder")
@@ -110,12 +138,12 @@ def output_paths(
         EbmmError: an output that exists (without `force`), that is an input, or that two
             inputs would both be written to.
     """
-    inputs = {img.path.resolve() for img in images}
+    inputs = {real(img.path) for img in images}
     seen: dict[Path, Path] = {}
     paths = []
     for img in images:
         path = out / img.rel.with_suffix(suffix)
-        key = path.resolve()
+        key = real(path)
         if key in inputs:
             raise EbmmError(path, "would overwrite an input; choose another --out")
         if key in seen:
@@ -125,6 +153,27 @@ def output_paths(
         seen[key] = img.path
         paths.append(path)
     return paths
+
+
+def check_outputs(
+    outputs: dict[str, Path | list[Path] | None], inputs: dict[str, list[Path]], force: bool
+) -> None:
+    """Refuse, before any work, an output file (by option) that is one of the command's
+    inputs (whatever `force` says), that another output option also names, or that
+    exists (without `force`).
+
+    Raises:
+        EbmmError: naming the file, and the options involved.
+    """
+    taken = {real(p): option for option, paths in inputs.items() for p in paths}
+    for option, path in outputs.items():
+        for p in path if isinstance(path, list) else [path] if path is not None else []:
+            key = real(p)
+            if key in taken:
+                raise EbmmError(p, f"{option} would replace {taken[key]}; choose another path")
+            if p.exists() and not force:
+                raise EbmmError(p, f"exists; use --force to overwrite it ({option})")
+            taken[key] = option
 
 
 def decode_image(data: bytes, name: str | Path) -> Image.Image:
@@ -143,7 +192,12 @@ def decode_image(data: bytes, name: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # the header only
+            if max(img.size) > MAX_SIDE:
+                width, height = img.size
+                raise EbmmError(
+                    name, f"image too large: {width:,} x {height:,} (at most {MAX_SIDE:,} a side)"
+                )
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise EbmmError(
@@ -184,11 +238,28 @@ def _normalise_mode(img: Image.Image) -> Image.Image:
 
 
 def read_image(path: Path) -> Image.Image:
-    """Read and decode one image file (see `decode_image`)."""
+    """Read and decode one image file (see `decode_image`).
+
+    Only a regular file is read: it is opened without blocking and checked before a byte
+    is read, so a FIFO (which would wait forever), a device such as /dev/zero (which never
+    ends) or a socket is refused, as is a file over `MAX_FILE_BYTES`.
+    """
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise EbmmError(path, "a symbolic link loop") from None
         raise EbmmError(path, f"cannot read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise EbmmError(path, "not a regular file (a FIFO, device or socket)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise EbmmError(path, f"file too large ({info.st_size:,} bytes) for an image")
+        try:
+            data = f.read()
+        except OSError as e:
+            raise EbmmError(path, f"cannot read ({e.strerror or e})") from None
     return decode_image(data, path)
 
 

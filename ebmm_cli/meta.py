@@ -195,8 +195,13 @@ class Trainer:
         )
         self.meta_step = MetaStep(self.model, config, self.device, self.world)
         train_data, held_data, self.heldout_split = _datasets(config)
-        self.episodes, self.generator = self._streams(train_data, self.rank, 0)
-        self.heldout = heldout_batches(held_data, config, self.model.distortion)
+        split = "train"
+        try:
+            self.episodes, self.generator = self._streams(train_data, self.rank, 0)
+            split = self.heldout_split
+            self.heldout = heldout_batches(held_data, config, self.model.distortion)
+        except EbmmError as e:  # say which data could not fill an episode
+            raise EbmmError(e.subject, f"{e.problem} (the {split} split)") from None
         if self.world > 1:  # the same start everywhere, whatever each process built
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, 0)

@@ -1,8 +1,9 @@
 """Model, memory and checkpoint files: safetensors with a JSON header, written atomically.
 
 Every file carries in its `__metadata__`: `format` (`ebmm.model`, `ebmm.memory` or
-`ebmm.checkpoint`), `format_version`, the package version, the model config as JSON and
-the pattern shape; a memory also its number of stored patterns and its size in floats.
+`ebmm.checkpoint`), `format_version`, the package version, the model config as JSON,
+the pattern shape and the tensors' SHA-256 (`checksum`; files from before it have none);
+a memory also its number of stored patterns and its size in floats.
 A memory file is self-contained: it holds the slow parameters as well as the written
 ones, so reading needs nothing else. Loading checks format, version, shapes and
 finiteness and refuses anything else with an `EbmmError` naming the file. No pickle.
@@ -10,6 +11,7 @@ finiteness and refuses anything else with an `EbmmError` naming the file. No pic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -46,14 +48,26 @@ def _header(model: Model, kind: str, **extra: Any) -> dict[str, str]:
     return meta
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors (names, dtypes, shapes and bytes, in name order): kept in
+    the header and checked on load, so that damaged bytes are refused, not used."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write a safetensors file atomically, with its JSON header in sorted key order.
+    """Write a safetensors file atomically, with its JSON header in sorted key order and
+    the tensors' checksum in it.
 
     safetensors writes the header from a hash map, in an order that changes from run to
     run; sorting it (same bytes, same length) makes equal contents give equal files.
     """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = save(tensors, metadata=meta)
+    data = save(tensors, metadata={**meta, "checksum": _digest(tensors)})
     size = struct.unpack("<Q", data[:8])[0]
     header = json.dumps(
         json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False
@@ -109,6 +123,13 @@ def _open(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor
     return meta, tensors
 
 
+def _verify(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that differ from the checksum in the header (files from before it
+    have none). Checked after the named reasons (shapes, NaN), which say more."""
+    if "checksum" in meta and meta["checksum"] != _digest(tensors):
+        raise EbmmError(path, "damaged: its tensors do not match the checksum in its header")
+
+
 def _match(
     path: Path, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str
 ) -> None:
@@ -134,6 +155,8 @@ def _model(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -
         model = Model(ModelConfig.from_json(meta["config"]))
     except (KeyError, ValueError, TypeError) as e:
         raise EbmmError(path, f"bad model config in the header ({e})") from None
+    except EbmmError as e:  # a value the config cannot take, such as its distortion
+        raise EbmmError(path, f"bad model config in the header ({e})") from None
     state = {k: v for k, v in tensors.items() if not k.startswith(("memory.", "decoder_memory."))}
     _match(path, state, model.state_dict(), "tensors")
     model.load_state_dict(state)
@@ -143,7 +166,9 @@ def _model(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -
 def load_model(path: Path) -> Model:
     """Load a model file written by `save_model`."""
     meta, tensors = _open(path, MODEL)
-    return _model(path, meta, tensors)
+    model = _model(path, meta, tensors)
+    _verify(path, meta, tensors)
+    return model
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -166,6 +191,7 @@ def load_memory(path: Path) -> tuple[Model, Memory]:
         patterns = int(meta["patterns"])
     except (KeyError, ValueError):
         raise EbmmError(path, "no pattern count in the header") from None
+    _verify(path, meta, tensors)
     return model, Memory(params, decoder or None, patterns)
 
 
@@ -202,4 +228,5 @@ def load_checkpoint(path: Path) -> tuple[Model, dict[str, Any], dict[str, Any]]:
     except (KeyError, ValueError) as e:
         raise EbmmError(path, f"damaged checkpoint header ({e})") from None
     state.update({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
+    _verify(path, meta, tensors)
     return model, optimizer, state

@@ -1,7 +1,8 @@
-"""Kill a training run with SIGKILL at random moments, resume it, and check the end result.
+"""Kill a training run at random moments, resume it, and check the end result.
 
 Trains once without interruption, then the same run again while killing it (`kill -9`,
-no chance to clean up) at random moments `--kills` times, each time continuing with
+no chance to clean up; or SIGTERM with `--signal TERM`, which ebmm answers by saving a
+checkpoint) at random moments `--kills` times, each time continuing with
 `ebmm train --resume`. Prints JSON: the step each kill landed after, and whether the
 resumed run's metrics (all but wall-clock seconds) and final model file are identical to
 the uninterrupted run's. Exits 1 if they are not.
@@ -65,6 +66,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="of the run and of the kill times")
+    parser.add_argument(
+        "--signal",
+        choices=["KILL", "TERM"],
+        default="KILL",
+        help="KILL: no chance to clean up (resumes from the last checkpoint); TERM: what "
+        "`timeout` or a scheduler sends (ebmm saves a checkpoint and exits 143)",
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     whole, split = args.out / "whole", args.out / "split"
@@ -84,8 +92,10 @@ def main() -> None:
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 1.5))
             if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+                proc.send_signal(getattr(signal, f"SIG{args.signal}"))
+                code = proc.wait()
+                if args.signal == "TERM" and code not in (143, 0):
+                    raise SystemExit(f"SIGTERM gave exit code {code}, not 143")
                 kills.append(checkpoint_step(split))
                 continue
         if proc.wait() != 0:

@@ -121,15 +121,15 @@ def ebmm(*args: str) -> list[str]:
     return [sys.executable, "-m", "ebmm_cli", *args]
 
 
-def train(out: Path, name: str, args: list[str], common: list[str]) -> dict:
-    """Train one model (or resume its run) and return its last metrics and wall time."""
+def train(out: Path, name: str, args: list[str], budget: list[str], common: list[str]) -> dict:
+    """Train one model (or resume its run: only its `budget` may change) and return its
+    last metrics and wall time."""
     run = out / name
     start = time.monotonic()
-    flags = ["--resume"] if (run / "checkpoint.safetensors").exists() else args
+    resume = (run / "checkpoint.safetensors").exists()
+    flags = ["--resume", *budget] if resume else [*args, *budget, *common]
     log = (out / f"{name}.log").open("w")
-    subprocess.run(
-        ebmm("train", "--out", str(run), *flags, *common), check=True, stdout=log, stderr=log
-    )
+    subprocess.run(ebmm("train", "--out", str(run), *flags), check=True, stdout=log, stderr=log)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     return {"name": name, "wall_s": round(time.monotonic() - start, 1), "last": last}
 
@@ -183,10 +183,8 @@ def main() -> None:
         runs = {k: v for k, v in runs.items() if k in args.runs.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     data = ["--data-root", args.data_root] if args.data_root else []
-    common = [
-        "--minutes", str(args.minutes), "--device", args.device,
-        "--eval-episodes", "10", "--eval-every", "50", *data,
-    ]  # fmt: skip
+    budget = ["--minutes", str(args.minutes), "--device", args.device]
+    common = ["--eval-episodes", "10", "--eval-every", "50", *data]
     summary: dict = {
         "experiment": args.experiment,
         "machine": f"{platform.node()}: {len(os.sched_getaffinity(0))} CPUs"
@@ -199,7 +197,9 @@ def main() -> None:
         start = time.monotonic()
         with ThreadPoolExecutor(args.jobs) as pool:
             jobs = [
-                pool.submit(train, args.out, name, [*spec.get("train_data", []), *flags], common)
+                pool.submit(
+                    train, args.out, name, [*spec.get("train_data", []), *flags], budget, common
+                )
                 for name, flags in runs.items()
             ]
             summary["training"] = [job.result() for job in jobs]
@@ -209,7 +209,7 @@ def main() -> None:
     start = time.monotonic()
     result = subprocess.run(
         ebmm(
-            "compare", *compare, *models, *data, "--device", args.device, "--json",
+            "compare", *compare, *models, *data, "--device", args.device, "--json", "--force",
             "--markdown", str(args.out / "compare.md"), "--plot", str(args.out / "compare.png"),
         ),
         check=True, stdout=subprocess.PIPE, text=True,

@@ -176,7 +176,7 @@ def test_compare_model_and_baselines_on_omniglot(data_root: Path, tmp_path: Path
     # rows: original, query, then the 4 methods; 32 px tiles magnified 3x
     assert Image.open(tmp_path / "g.png").size == ((8 * 34 + 2) * 3, (6 * 34 + 2) * 3)
 
-    wrong = runner.invoke(app, [*args[:-2], "--image-size", "28"])
+    wrong = runner.invoke(app, [*args[:-2], "--image-size", "28", "--force"])  # g.png exists
     assert wrong.exit_code == 2 and "was trained on patterns of shape" in wrong.stderr
 
 

@@ -69,6 +69,25 @@ def test_a_run_killed_at_random_moments_ends_as_if_never_killed(tmp_path: Path) 
 
 
 @pytest.mark.slow
+def test_a_run_terminated_at_random_moments_ends_as_if_never_stopped(tmp_path: Path) -> None:
+    """SIGTERM (what `timeout` and schedulers send), 5 times at random moments: each time
+    ebmm saves a checkpoint and exits 143, and the resumed run ends bit-identical."""
+    script = ROOT / "examples" / "kill_resume.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--kills", "5", "--steps", "16", "--signal", "TERM",
+         "--seed", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["killed_after_checkpoint_steps"]) == 5
+    assert report["identical_metrics"] and report["identical_model"]
+    assert report["temporary_files_left"] == []
+
+
+@pytest.mark.slow
 def test_the_benchmark_in_ci_size_measures_every_part(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     script = ROOT / "examples" / "bench.py"

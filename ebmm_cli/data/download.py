@@ -24,8 +24,16 @@ def default_root() -> Path:
 
 
 def resolve_root(root: Path | str | None) -> Path:
-    """The data root to use: `root` when given (and not empty), else `default_root()`."""
-    return Path(root) if root else default_root()
+    """The data root to use: `root` when given (and not empty), else `default_root()`.
+
+    Raises:
+        EbmmError: naming `--data-root`, when it is something other than a folder.
+    """
+    if not root:
+        return default_root()
+    if Path(root).exists() and not Path(root).is_dir():
+        raise EbmmError("--data-root", f"{root} is a file, not a folder")
+    return Path(root)
 
 
 def fetch(url: str, dest: Path, md5: str) -> Path:

@@ -82,7 +82,10 @@ class ImageFiles(LabelledImages):
             self._zips, self._pid = {}, os.getpid()
         if archive not in self._zips:
             self._zips[archive] = zipfile.ZipFile(archive)
-        return self._zips[archive].read(member), f"{archive}:{member}"
+        try:
+            return self._zips[archive].read(member), f"{archive}:{member}"
+        except (zipfile.BadZipFile, OSError, EOFError) as e:  # a CRC error, damaged bytes
+            raise EbmmError(f"{archive}:{member}", f"damaged zip member ({e})") from None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         data, name = self._read(self.sources[index])
