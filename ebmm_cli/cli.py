@@ -538,6 +538,8 @@ def train(
         raise EbmmError("--minutes", f"must be more than 0, got {minutes:g}")
     if resume:
         _only_with_resume(ctx)
+    if out.exists() and not out.is_dir():
+        raise EbmmError(out, "is a file; --out takes a run folder")
     distributed = init_distributed(device)
     if int(os.environ.get("RANK", "0")) == 0:  # the process that writes the run's files
         _hold(ctx, out)

@@ -287,6 +287,7 @@ def test_minor_cases_name_the_file_or_option(
     result = run_ebmm("compare", "--data-root", str(afile), "--baselines", "identity",
                       "--patterns", "1", "--episodes", "1")  # fmt: skip
     _one_line(result, "--data-root", "not a folder")
+    _one_line(run_ebmm("train", "-o", str(afile), "--steps", "1"), str(afile), "run folder")
     # -o equal to the input folder
     folder = tmp_path / "imgs"
     folder.mkdir()
