@@ -305,6 +305,14 @@ def save_image(x: torch.Tensor, path: Path) -> None:
         img.save(tmp, format="PNG")
 
 
+def _file_channels(path: Path) -> str:
+    """The channels as the file has them, for a message: a 4-channel TIFF is decoded to
+    RGB (alpha on white), but its user knows it as RGBA."""
+    with Image.open(path) as img:  # the header only; the file was decoded once already
+        bands = img.getbands()
+    return f"{len(bands)} channels ({''.join(bands)})"
+
+
 @dataclass
 class Batch:
     """Images loaded for a model: the (N, C, H, W) tensor, each file's own channel count
@@ -339,7 +347,8 @@ def load_batch(
             x = to_tensor(read_image(image.path))
             if x.shape[0] != channels and x.shape[0] != 1:
                 raise EbmmError(
-                    image.path, f"has {x.shape[0]} channels, the model takes {channels} (grayscale)"
+                    image.path,
+                    f"has {_file_channels(image.path)}, the model takes {channels} (grayscale)",
                 )
         except EbmmError as e:
             if not skip_bad:

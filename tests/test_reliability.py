@@ -279,7 +279,7 @@ def test_damaged_checkpoint_bytes_are_refused_not_resumed(model: Path, tmp_path:
 
 
 def test_minor_cases_name_the_file_or_option(
-    chars: Path, omniglot_dir: Path, tmp_path: Path
+    model: Path, chars: Path, omniglot_dir: Path, tmp_path: Path
 ) -> None:
     # --data-root pointing at a file
     afile = tmp_path / "file"
@@ -288,6 +288,11 @@ def test_minor_cases_name_the_file_or_option(
                       "--patterns", "1", "--episodes", "1")  # fmt: skip
     _one_line(result, "--data-root", "not a folder")
     _one_line(run_ebmm("train", "-o", str(afile), "--steps", "1"), str(afile), "run folder")
+    # a 4-channel TIFF for a grayscale model: named as the file has it
+    tiff = tmp_path / "rgba.tif"
+    Image.new("RGBA", (28, 28), (10, 20, 30, 40)).save(tiff)
+    _one_line(run_ebmm("write", "--model", str(model), str(tiff), "-o", str(tmp_path / "m")),
+              str(tiff), "4 channels (RGBA)")  # fmt: skip
     # -o equal to the input folder
     folder = tmp_path / "imgs"
     folder.mkdir()
