@@ -968,6 +968,7 @@ def energy(
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     model: Annotated[
         list[Path] | None, typer.Option(help="A trained model (repeatable).", show_default=False)
     ] = None,
@@ -1053,6 +1054,9 @@ def compare(
     check_outputs(
         {"--markdown": markdown, "--grid": grid, "--plot": plot}, {"--model": model or []}, force
     )
+    for path in (markdown, grid, plot):
+        if path is not None:
+            _hold(ctx, path)
     counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
     methods: list[Any] = harness.methods_from(baselines.split(","))
     dev = resolve_device(device)
