@@ -45,6 +45,16 @@ def _terminate(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
+def _terminated(error: BaseException | None) -> bool:
+    """Whether `error` is, or was caused by, SIGTERM (Python wraps an exception raised
+    while a class is being made, as during an import, in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, _Terminated):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class _Group(TyperGroup):
     """The app's group: turns every failure into one line on stderr and an exit code."""
 
@@ -64,6 +74,9 @@ class _Group(TyperGroup):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(141) from None
         except Exception as e:
+            if _terminated(e):  # SIGTERM inside an import comes back wrapped
+                message = "terminated; no output was left half-written"
+                raise _Failure(ctx.invoked_subcommand, message, 143) from None
             if ctx.params.get("debug"):
                 raise
             raise _Failure(ctx.invoked_subcommand, f"{type(e).__name__}: {e}", 1) from e
