@@ -31,6 +31,16 @@ _STORAGE_ERRORS = {
 }
 
 
+def _make_folder(folder: Path, subject: Path) -> None:
+    """Make `folder` (and its parents); failing, an `EbmmError` naming `subject`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where a folder of the path should be
+        raise EbmmError(subject, f"cannot write here ({os.strerror(errno.ENOTDIR)})") from None
+    except OSError as e:
+        raise EbmmError(subject, f"cannot write here ({e.strerror or e})") from None
+
+
 @contextlib.contextmanager
 def exclusive(path: Path) -> Iterator[None]:
     """Hold `path` (an output file or folder) for this process while the block runs.
@@ -45,12 +55,7 @@ def exclusive(path: Path) -> Iterator[None]:
             folder cannot be made.
     """
     lock = path.parent / f".{path.name}.lock"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # a file where a folder of the path should be
-        raise EbmmError(path, f"cannot write here ({os.strerror(errno.ENOTDIR)})") from None
-    except OSError as e:
-        raise EbmmError(path, f"cannot write here ({e.strerror or e})") from None
+    _make_folder(path.parent, path)
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -93,10 +98,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         >>> with atomic_path(Path("out.png")) as tmp:
         ...     image.save(tmp, format="PNG")
     """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EbmmError(path.parent, f"cannot write here ({e.strerror or e})") from None
+    _make_folder(path.parent, path.parent)
     tmp = None
     try:
         # Ctrl-C and SIGTERM raise where the program is; held back while the temporary

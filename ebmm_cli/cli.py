@@ -41,6 +41,9 @@ class _Terminated(KeyboardInterrupt):
     then exit 143 instead of 130."""
 
 
+_TERMINATED = "terminated; no output was left half-written"
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise _Terminated
 
@@ -64,8 +67,7 @@ class _Group(TyperGroup):
         except EbmmError as e:
             raise _Failure(ctx.invoked_subcommand, str(e), e.exit_code) from e
         except _Terminated:
-            message = "terminated; no output was left half-written"
-            raise _Failure(ctx.invoked_subcommand, message, 143) from None
+            raise _Failure(ctx.invoked_subcommand, _TERMINATED, 143) from None
         except (typer.TyperException, typer.Abort, typer.Exit, KeyboardInterrupt):
             raise
         except BrokenPipeError:
@@ -75,8 +77,7 @@ class _Group(TyperGroup):
             raise typer.Exit(141) from None
         except Exception as e:
             if _terminated(e):  # SIGTERM inside an import comes back wrapped
-                message = "terminated; no output was left half-written"
-                raise _Failure(ctx.invoked_subcommand, message, 143) from None
+                raise _Failure(ctx.invoked_subcommand, _TERMINATED, 143) from None
             if ctx.params.get("debug"):
                 raise
             raise _Failure(ctx.invoked_subcommand, f"{type(e).__name__}: {e}", 1) from e
@@ -543,12 +544,9 @@ def train(
     draws its own episodes; gradients are averaged; rank 0 writes the files).
     """
     from ebmm_cli.meta import Trainer, init_distributed
-    from ebmm_cli.runconfig import train_config
+    from ebmm_cli.runconfig import check_budget, train_config
 
-    if steps is None and minutes is None:
-        raise EbmmError("--steps", "give --steps and/or --minutes")
-    if minutes is not None and not 0 < minutes < float("inf"):
-        raise EbmmError("--minutes", f"must be more than 0, got {minutes:g}")
+    check_budget(steps, minutes)  # --resume takes a new budget too
     if resume:
         _only_with_resume(ctx)
     if out.exists() and not out.is_dir():

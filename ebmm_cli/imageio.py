@@ -42,6 +42,13 @@ def real(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
+def _unreadable(path: Path, error: OSError) -> EbmmError:
+    """The user's error for a path the system would not stat, open or read."""
+    if error.errno == errno.ELOOP:
+        return EbmmError(path, "a symbolic link loop")
+    return EbmmError(path, f"cannot read ({error.strerror or error})")
+
+
 def _stat(path: Path) -> os.stat_result | None:
     """`os.stat`, None for a missing path; a link loop or a name the system refuses (too
     long) is an `EbmmError` naming the path."""
@@ -50,9 +57,7 @@ def _stat(path: Path) -> os.stat_result | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise EbmmError(path, "a symbolic link loop") from None
-        raise EbmmError(path, f"cannot read ({e.strerror or e})") from None
+        raise _unreadable(path, e) from None
 
 
 @dataclass(frozen=True)
@@ -247,9 +252,7 @@ def read_image(path: Path) -> Image.Image:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise EbmmError(path, "a symbolic link loop") from None
-        raise EbmmError(path, f"cannot read ({e.strerror or e})") from None
+        raise _unreadable(path, e) from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -259,7 +262,7 @@ def read_image(path: Path) -> Image.Image:
         try:
             data = f.read()
         except OSError as e:
-            raise EbmmError(path, f"cannot read ({e.strerror or e})") from None
+            raise _unreadable(path, e) from None
     return decode_image(data, path)
 
 

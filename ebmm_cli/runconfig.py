@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ebmm_cli.choices import DATASETS, LOSSES, MEMORIES, READS, SCHEDULES, dataset_defaults
-from ebmm_cli.data import load_dataset
+from ebmm_cli.data import check_dataset, load_dataset
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
 from ebmm_cli.energy import EnergyConfig
@@ -158,6 +158,14 @@ def model_config(
     )
 
 
+def check_budget(steps: int | None, minutes: float | None) -> None:
+    """A run stops at `steps` or after `minutes`: at least one, and minutes more than 0."""
+    if steps is None and minutes is None:
+        raise EbmmError("--steps", "give --steps and/or --minutes")
+    if minutes is not None and not 0 < minutes < float("inf"):
+        raise EbmmError("--minutes", f"must be more than 0, got {minutes:g}")
+
+
 def train_config(
     *,
     dataset: str = "omniglot",
@@ -196,8 +204,7 @@ def train_config(
     Raises:
         EbmmError: naming the option (as the command line spells it) or the folder.
     """
-    if steps is None and minutes is None:
-        raise EbmmError("--steps", "give --steps and/or --minutes")
+    check_budget(steps, minutes)
     for option, value in (
         ("--batch-size", batch_size),
         ("--eval-every", eval_every),
@@ -206,8 +213,7 @@ def train_config(
     ):
         if value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
-    if dataset not in DATASETS and not Path(dataset).is_dir():
-        raise EbmmError("--dataset", f"{dataset!r} is neither a dataset name nor a folder")
+    check_dataset(dataset)
     resolve_device(device)
     memory = memory or dataset_defaults(dataset).memory
     rules = rule_config(

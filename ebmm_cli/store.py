@@ -153,9 +153,8 @@ def _match(
 def _model(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Model:
     try:
         model = Model(ModelConfig.from_json(meta["config"]))
-    except (KeyError, ValueError, TypeError) as e:
-        raise EbmmError(path, f"bad model config in the header ({e})") from None
-    except EbmmError as e:  # a value the config cannot take, such as its distortion
+    # EbmmError: a value the config cannot take, such as its distortion
+    except (KeyError, ValueError, TypeError, EbmmError) as e:
         raise EbmmError(path, f"bad model config in the header ({e})") from None
     state = {k: v for k, v in tensors.items() if not k.startswith(("memory.", "decoder_memory."))}
     _match(path, state, model.state_dict(), "tensors")

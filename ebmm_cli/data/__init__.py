@@ -26,10 +26,19 @@ __all__ = [
     "BinaryStrings",
     "Episodes",
     "LabelledImages",
+    "check_dataset",
     "default_root",
     "load_dataset",
     "resolve_root",
 ]
+
+
+def check_dataset(name: str) -> None:
+    """Refuse a `--dataset` that is neither a dataset's name nor a folder."""
+    if name not in DATASETS and not Path(name).is_dir():
+        raise EbmmError(
+            "--dataset", f"{name!r} is neither a dataset ({', '.join(DATASETS)}) nor a folder"
+        )
 
 
 def load_dataset(
@@ -48,11 +57,8 @@ def load_dataset(
     """
     if name == "binary":
         return BinaryStrings()
+    check_dataset(name)
     if name not in DATASETS:
-        if not Path(name).is_dir():
-            raise EbmmError(
-                "--dataset", f"{name!r} is neither a dataset ({', '.join(DATASETS)}) nor a folder"
-            )
         return image_folder(Path(name), split, size, invert)
     data_root = resolve_root(root)
     size = size or dataset_defaults(name).image_size
