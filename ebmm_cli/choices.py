@@ -24,6 +24,8 @@ DISTORTIONS = (
     "randomizeblock",
 )
 DATASETS = ("omniglot", "fc100", "cifar10", "binary")
+CUDA_GRAPHS = ("auto", "on", "off")
+"""`--cuda-graph`: auto (on for CUDA), on (CUDA required), off (launch every kernel)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from ebmm_cli import __version__
-from ebmm_cli.choices import DISTORTIONS, LOSSES, MEMORIES, READS, SCHEDULES
+from ebmm_cli.choices import CUDA_GRAPHS, DISTORTIONS, LOSSES, MEMORIES, READS, SCHEDULES
 from ebmm_cli.errors import EbmmError
 
 
@@ -168,6 +168,16 @@ Memory = _choices("Memory", MEMORIES)
 ReadKind = _choices("ReadKind", READS)
 Schedule = _choices("Schedule", SCHEDULES)
 Loss = _choices("Loss", LOSSES)
+CudaGraph = _choices("CudaGraph", CUDA_GRAPHS)
+
+CudaGraphOption = Annotated[
+    CudaGraph,
+    typer.Option(
+        "--cuda-graph",
+        help="Replay each step from a CUDA graph instead of launching its thousands of "
+        "kernels one by one: auto (on CUDA), on (CUDA required), off.",
+    ),
+]
 
 
 # Seeds are offset (per process, held-out streams) and must stay within torch's int64.
@@ -334,20 +344,20 @@ DatasetName = Annotated[
 Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, or cuda[:i].")]
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option `name` was given on the command line (not left at its default)."""
+    return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+
+
 def _only_with_resume(ctx: typer.Context) -> None:
     """`--resume` continues a run as it was configured: refuse options it would ignore."""
-    allowed = {"out", "resume", "steps", "minutes", "device", "profile", "ctx"}
-    given = [
-        p.opts[0]
-        for p in ctx.command.params
-        if p.name not in allowed
-        and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"
-    ]
+    allowed = {"out", "resume", "steps", "minutes", "device", "cuda_graph", "profile", "ctx"}
+    given = [p.opts[0] for p in ctx.command.params if p.name not in allowed and _given(ctx, p.name)]
     if given:
         raise EbmmError(
             given[0],
             "--resume continues the run as it was configured; it takes only --steps, "
-            "--minutes, --device and --profile",
+            "--minutes, --device, --cuda-graph and --profile",
         )
 
 
@@ -523,6 +533,7 @@ def train(
         ),
     ] = 0,
     device: Device = "auto",
+    cuda_graph: CudaGraphOption = CudaGraph.auto,
     resume: Annotated[
         bool,
         typer.Option(
@@ -556,7 +567,8 @@ def train(
         _hold(ctx, out)
     if resume:
         # Under torchrun each process takes its own GPU, whatever the run used before.
-        trainer = Trainer.resume(out, steps, minutes, distributed)
+        graphs = cuda_graph.value if _given(ctx, "cuda_graph") else None
+        trainer = Trainer.resume(out, steps, minutes, distributed, graphs)
     else:
         if any((out / name).exists() for name in _RUN_FILES):
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
@@ -588,6 +600,7 @@ def train(
             eval_episodes=eval_episodes,
             checkpoint_minutes=checkpoint_minutes,
             episodes_per_step=episodes_per_step,
+            cuda_graph=cuda_graph.value,
         )
         trainer = Trainer.create(config, out)
     if trainer.rank > 0:  # rank 0 shows progress and the summary
@@ -1028,6 +1041,7 @@ def compare(
         int, typer.Option(min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the episodes and queries.")
     ] = 0,
     device: Device = "auto",
+    cuda_graph: CudaGraphOption = CudaGraph.auto,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON {config, rows}.")] = False,
     markdown: Annotated[
         Path | None, typer.Option(show_default=False, help="Also write a markdown table.")
@@ -1072,6 +1086,8 @@ def compare(
     methods: list[Any] = harness.methods_from(baselines.split(","))
     dev = resolve_device(device)
     loaded = [(path, load_model(path).to(dev)) for path in model or []]
+    for _, each in loaded:  # episodes of one shape: replayed from CUDA graphs
+        each.use_cuda_graphs(cuda_graph.value)
     first = loaded[0][1].config if loaded else None
     if distortion is None:
         distortion = first.distortion if first else dataset_defaults(dataset).distortion

@@ -178,12 +178,6 @@ def energy_grad(
     return e, grad
 
 
-def _check_finite(values: torch.Tensor, what: str) -> None:
-    """Stop at the first step that leaves the reals: later steps would only spread NaN."""
-    if not torch.isfinite(values).all():
-        raise FloatingPointError(f"{what} holds NaN or infinite values")
-
-
 class WriteGrads(NamedTuple):
     """One write step's derivatives at θ(t); both batch terms are means over the N patterns.
 
@@ -317,19 +311,23 @@ def write_step(
 _NON_FINITE = ("the energy", "the energy gradient")
 
 
-def _raise_first_non_finite(finite: list[torch.Tensor]) -> None:
-    """Raise FloatingPointError naming the first write step, and within it the first of
-    `_NON_FINITE`, that left the reals. `finite` holds each step's `WriteGrads.finite`:
-    checked once after the last step, with one host sync, so that the steps never wait
-    for the device; the steps after a non-finite one only spread NaN."""
-    if not finite:  # T = 0
+def raise_first_non_finite(finite: torch.Tensor, kind: str) -> None:
+    """Raise FloatingPointError naming the first `kind` step ("write" or "read"), and
+    within it the first of `_NON_FINITE` checked, that left the reals.
+
+    `finite` is (steps, checks) bools recorded on the device by `write_flags` or
+    `read_flags`: looked at once after the last step, with one host sync, so that the
+    steps never wait for the device (and can be captured in a CUDA graph); the steps
+    after a non-finite one only spread NaN. A write checks the energy and its gradient,
+    a read the gradient only."""
+    if finite.numel() == 0:  # no steps
         return
-    bad = (~torch.stack(finite)).flatten().nonzero()
+    bad = (~finite).flatten().nonzero()
     if len(bad):
-        step, what = divmod(int(bad[0]), len(_NON_FINITE))
+        step, what = divmod(int(bad[0]), finite.shape[1])
+        named = _NON_FINITE[what] if finite.shape[1] == len(_NON_FINITE) else _NON_FINITE[1]
         raise FloatingPointError(
-            f"write step {step + 1} of {len(finite)}: {_NON_FINITE[what]} holds NaN or "
-            "infinite values"
+            f"{kind} step {step + 1} of {finite.shape[0]}: {named} holds NaN or infinite values"
         )
 
 
@@ -340,6 +338,7 @@ def write(
     create_graph: bool = False,
     start: Params | None = None,
     functional: bool = False,
+    check: bool = True,
 ) -> Params:
     """Write a batch of clean patterns (N, ...) into a new memory: T steps of (4) on (3).
 
@@ -355,18 +354,37 @@ def write(
         functional: take the gradients with torch.func instead of torch.autograd, so
             that `torch.func.vmap` can write many episodes at once (`write_episodes`);
             the same values, no finiteness checks, and 10-20% slower for one episode.
+        check: without `create_graph` or `functional`, raise if a step left the reals
+            (one host sync after the last step). Meta-training checks its loss instead.
 
     Returns:
         θ(T), the written memory: {parameter name: tensor}.
 
     Raises:
-        FloatingPointError: without `create_graph`, naming the first step whose energy or
-            gradient is NaN or infinite (meta-training checks its loss instead).
+        FloatingPointError: with `check`, naming the first step whose energy or gradient
+            is NaN or infinite.
 
     Example:
         >>> memory = write(net, rules, images)      # images (N, 1, 28, 28)
         >>> retrieved = read(net, rules, memory, queries)[-1]
     """
+    theta, finite = write_flags(net, rules, patterns, create_graph, start, functional)
+    if check and not create_graph and not functional:
+        raise_first_non_finite(finite, "write")
+    return theta
+
+
+def write_flags(
+    net: nn.Module,
+    rules: Rules,
+    patterns: torch.Tensor,
+    create_graph: bool = False,
+    start: Params | None = None,
+    functional: bool = False,
+) -> tuple[Params, torch.Tensor]:
+    """`write` without the check: θ(T), and each step's finiteness of E and ∇x E as a
+    (T, 2) bool tensor on the device, for `raise_first_non_finite` once the caller may
+    wait for the device (after replaying a captured write, say)."""
     theta_bar = initial_memory(net)
     theta = dict(theta_bar)
     if start is not None:  # a stored memory is a constant: differentiate from it
@@ -375,17 +393,20 @@ def write(
         }
     layers = list(memory_layers(net).values())
     rates, alphas, betas = rules.write_schedule()
-    check = not create_graph and not functional  # meta-training checks its loss instead
-    finite = []
+    finite: list[torch.Tensor] = []
     for eta, alpha, beta in zip(rates, alphas, betas, strict=True):
         theta, grads = write_step(
             net, theta, theta_bar, patterns, layers, eta, alpha, beta, create_graph, functional
         )
-        if check:
+        if not functional:  # under vmap the flags would be batched; nobody checks them
             finite.append(grads.finite())
-    if check:
-        _raise_first_non_finite(finite)
-    return theta
+    return theta, _stack_flags(finite, 2, patterns.device)
+
+
+def _stack_flags(finite: list[torch.Tensor], checks: int, device: torch.device) -> torch.Tensor:
+    if not finite:
+        return torch.ones(0, checks, dtype=torch.bool, device=device)
+    return torch.stack(finite)
 
 
 def read(
@@ -412,15 +433,32 @@ def read(
 
     Raises:
         FloatingPointError: without `create_graph`, naming the first step whose energy
-            gradient is NaN or infinite.
+            gradient is NaN or infinite (checked once, after the last step).
     """
+    iterates, finite = read_flags(net, rules, memory, queries, create_graph, steps, functional)
+    if not create_graph and not functional:
+        raise_first_non_finite(finite, "read")
+    return iterates
+
+
+def read_flags(
+    net: nn.Module,
+    rules: Rules,
+    memory: Params,
+    queries: torch.Tensor,
+    create_graph: bool = False,
+    steps: int | None = None,
+    functional: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`read` without the check: the iterates, and each step's finiteness of ∇x E as a
+    (K, 1) bool tensor on the device (see `write_flags`)."""
     gammas, psis = rules.read_schedule()
     k_steps = steps if steps is not None else len(gammas)
     if not create_graph:
         gammas, psis = gammas.detach(), psis.detach()
     x = queries
     v = torch.zeros_like(queries)
-    iterates = []
+    iterates, finite = [], []
     for k in range(k_steps):
         gamma, psi = gammas[min(k, len(gammas) - 1)], psis[min(k, len(psis) - 1)]
         look = (x + psi * v).clamp(0.0, 1.0)
@@ -428,14 +466,13 @@ def read(
             g = torch.func.grad(lambda y: functional_call(net, memory, (y,)).sum())(look)
         else:
             _, g = energy_grad(net, memory, look, create_graph=create_graph)
-            if not create_graph:
-                _check_finite(g, f"read step {k + 1} of {k_steps}: the energy gradient")
+            finite.append(g.isfinite().all()[None])
         v = psi * v - gamma * g
         x = (x + v).clamp(0.0, 1.0)
         if not create_graph:
             x, v = x.detach(), v.detach()
         iterates.append(x)
-    return iterates
+    return iterates, _stack_flags(finite, 1, queries.device)
 
 
 def write_episodes(

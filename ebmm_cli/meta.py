@@ -36,6 +36,7 @@ from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.device import resolve_device
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_episodes, heldout_batches, plot_curves
+from ebmm_cli.graphs import replayed_step
 from ebmm_cli.memory import read_episodes, write_episodes
 from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model, retrieve, write_memory
@@ -71,7 +72,12 @@ class MetaStep:
     out and the clipped AdamW step applied (distributed: after one all-reduce).
 
     It holds the optimiser and nothing of the run's bookkeeping (schedule, evaluation,
-    checkpoints, files), so it can be timed, profiled or captured on its own.
+    checkpoints, files), so it can be timed, profiled or captured on its own. Nothing in
+    it waits for the device: whether the step was finite is decided there, and a
+    non-finite step leaves parameters and optimiser state as they were (as a
+    GradScaler's found-inf does, without its host sync). On CUDA the optimiser is
+    `capturable` and its rates are tensors, so that the whole step can be replayed from
+    a CUDA graph (`graphs.Captured`) while the schedule changes them.
     """
 
     def __init__(self, model: Model, config: TrainConfig, device: torch.device, world: int) -> None:
@@ -86,81 +92,122 @@ class MetaStep:
         groups = [{"params": net_params, "lr": config.lr}]
         if rule_params:
             groups.append({"params": rule_params, "lr": config.rule_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-6)
         self.base_lrs = [g["lr"] for g in groups]
+        self.capturable = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-6, capturable=self.capturable)
+        self._tensor_lrs()
+
+    def _tensor_lrs(self) -> None:
+        """On CUDA, each group's rate lives in a device tensor that `scale_lr` fills: a
+        captured step reads it, where a Python float would be frozen into the graph."""
+        if self.capturable:
+            for group in self.optimizer.param_groups:
+                if not isinstance(group["lr"], torch.Tensor):
+                    group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+
+    def load_optimizer(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's optimiser state (saved with plain-number rates)."""
+        self.optimizer.load_state_dict(state)
+        self._tensor_lrs()
 
     def scale_lr(self, scale: float) -> None:
         """Set every parameter group's rate to `scale` times its base rate."""
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * scale
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(base * scale)
+            else:
+                group["lr"] = base * scale
 
-    def __call__(self, batches: list[Batch], generator: torch.Generator) -> float | None:
+    def __call__(self, batches: list[Batch], generator: torch.Generator) -> torch.Tensor:
         """One meta-gradient step on the mean loss of `batches` (and, distributed, of
-        every process's batches); returns that loss, or None if it was not finite
-        anywhere (then nothing changes). Several episodes of the gradient read are
-        written and read together, under `torch.func.vmap`. `generator` draws the decoder
-        read's adaptation queries."""
+        every process's batches). `generator` draws the decoder read's adaptation queries.
+
+        Returns:
+            The mean loss, a 0-dim tensor on the device: NaN if the loss or the gradient
+            was not finite anywhere, and then nothing changed.
+        """
+        patterns = torch.stack([b.patterns for b in batches])
+        queries = torch.stack([b.queries for b in batches])
+        return self.episodes(patterns, queries, generator)
+
+    def episodes(
+        self, patterns: torch.Tensor, queries: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """`__call__` on stacked episodes, (E, N, ...) each: the form a CUDA graph
+        captures (fixed-shape tensors in, a tensor out, no host sync). Several episodes
+        of the gradient read are written and read together, under `torch.func.vmap`; the
+        decoder read (which draws adaptation queries with `generator`) one at a time."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        share = 1.0 / (len(batches) * self.world)
-        together = len(batches) > 1 and self.model.decoder is None
-        total, finite = 0.0, True
-        for group in [batches] if together else [[b] for b in batches]:
-            losses, iterates = self._episode_losses(group, generator)
-            if losses is None or not torch.isfinite(losses).all():
-                finite = False
-                break
-            (losses.sum() * share).backward()  # group by group: one group's graph at a time
-            total += float(losses.detach().sum()) / iterates * share
+        count = patterns.shape[0]
+        share = 1.0 / (count * self.world)
+        together = count > 1 and self.model.decoder is None
+        groups = [slice(0, count)] if together else [slice(i, i + 1) for i in range(count)]
+        total = torch.zeros((), device=patterns.device)
+        finite = torch.ones((), dtype=torch.bool, device=patterns.device)
+        for group in groups:  # group by group: one group's graph at a time
+            losses, iterates = self._episode_losses(patterns[group], queries[group], generator)
+            finite = finite & losses.isfinite().all()
+            (losses.sum() * share).backward()
+            total = total + losses.detach().sum() / iterates * share
         params = list(self.model.parameters())
         if self.world > 1:
             total, finite = self._all_reduce(params, total, finite)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
         norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.step()
-        return total
+        finite = finite & norm.isfinite()
+        self._step_where(finite)
+        return torch.where(finite, total, torch.full_like(total, math.nan))
+
+    def _step_where(self, ok: torch.Tensor) -> None:
+        """AdamW's step where `ok` (a device bool), else none at all: every parameter
+        and optimiser state tensor the step touches keeps its value. State the step made
+        for the first time goes back to zeros, which is AdamW's fresh state."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        with torch.no_grad():
+            kept = [(t, t.clone()) for p in params for t in (p, *self._state(p))]
+            fresh = [p for p in params if not self.optimizer.state.get(p)]
+            self.optimizer.step()
+            for tensor, before in kept:
+                tensor.copy_(torch.where(ok, tensor, before))
+            for tensor in (t for p in fresh for t in self._state(p)):
+                tensor.copy_(torch.where(ok, tensor, torch.zeros_like(tensor)))
+
+    def _state(self, param: torch.nn.Parameter) -> list[torch.Tensor]:
+        return [v for v in self.optimizer.state.get(param, {}).values() if torch.is_tensor(v)]
 
     def _episode_losses(
-        self, group: list[Batch], generator: torch.Generator
-    ) -> tuple[torch.Tensor | None, int]:
+        self, patterns: torch.Tensor, queries: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, int]:
         """Write each episode, read its queries: each episode's loss summed over read
-        iterates, shape (len(group),) (None if a first-order write left the reals), and
-        the number of iterates. One episode goes through `write_memory` (any read);
-        several through `write_episodes` and `read_episodes` (the gradient read)."""
+        iterates, shape (E,) (NaN where a write or read left the reals), and the number
+        of iterates. One episode goes through `write_memory` (any read); several through
+        `write_episodes` and `read_episodes` (the gradient read)."""
         second = self.second_order
-        patterns = torch.stack([b.patterns for b in group])
-        if len(group) == 1:
-            try:  # a first-order write checks its own steps
-                memory = write_memory(
-                    self.model, patterns[0], create_graph=second, generator=generator
-                )
-            except FloatingPointError:
-                return None, 1
-            iterates = [x[None] for x in retrieve(self.model, memory, group[0].queries, True)]
+        if patterns.shape[0] == 1:
+            memory = write_memory(
+                self.model, patterns[0], create_graph=second, generator=generator, check=False
+            )
+            iterates = [x[None] for x in retrieve(self.model, memory, queries[0], True)]
         else:
             energy_net, rules = self.model.energy, self.model.rules
-            queries = torch.stack([b.queries for b in group])
             memories = write_episodes(energy_net, rules, patterns, create_graph=second)
             iterates = read_episodes(energy_net, rules, memories, queries, create_graph=True)
         flat = patterns.flatten(0, 1)
         losses = sum(
-            reconstruction_loss(self.loss, x.flatten(0, 1), flat).view(len(group), -1).mean(1)
+            reconstruction_loss(self.loss, x.flatten(0, 1), flat)
+            .view(patterns.shape[0], -1)
+            .mean(1)
             for x in iterates
         )
         return losses, len(iterates)
 
     def _all_reduce(
-        self, params: list[torch.nn.Parameter], total: float, finite: bool
-    ) -> tuple[float, bool]:
+        self, params: list[torch.nn.Parameter], total: torch.Tensor, finite: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum every process's gradient shares, loss shares and failures in one
         all-reduce: afterwards each process holds the mean gradient over all episodes."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        tail = torch.tensor([total, 0.0 if finite else 1.0], device=self.device)
+        tail = torch.stack([total, (~finite).to(total.dtype)])
         flat = torch.cat([g.flatten() for g in grads] + [tail])
         dist.all_reduce(flat)
         offset = 0
@@ -168,7 +215,7 @@ class MetaStep:
             if p.grad is not None:  # one on every process, as in a single process
                 p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        return float(flat[-2]), bool(flat[-1] == 0)
+        return flat[-2], flat[-1] == 0
 
 
 class Trainer:
@@ -194,6 +241,13 @@ class Trainer:
             (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         )
         self.meta_step = MetaStep(self.model, config, self.device, self.world)
+        # On CUDA (--cuda-graph auto|on) the held-out write and read, and a single
+        # process's meta-step, replay CUDA graphs; a distributed step's all-reduce is
+        # left outside graphs, and the decoder read (which draws adaptation queries on
+        # the host) runs eagerly.
+        self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
+        if self.model.use_cuda_graphs(config.cuda_graph) and self.world == 1:
+            self.step_fn = replayed_step(self.meta_step)
         train_data, held_data, self.heldout_split = _datasets(config)
         split = "train"
         try:
@@ -209,9 +263,28 @@ class Trainer:
         self.elapsed = 0.0
         self.skipped = 0
         # Training losses since the last evaluation: their mean is the next record's
-        # train_loss, so a checkpoint keeps them too.
+        # train_loss, so a checkpoint keeps them too. `pending` holds the steps' losses
+        # still on the device (NaN: skipped), read by `_settle` at most once per
+        # evaluation or checkpoint on CUDA, and after every step on the CPU, where
+        # reading costs nothing.
         self.window: list[float] = []
+        self.pending: list[torch.Tensor] = []
+        self.last_loss: float | None = None
         self.metrics: list[dict[str, Any]] = []
+
+    def _settle(self) -> None:
+        """Read the losses of the steps not looked at yet (one host sync): finite ones
+        join the window, NaN ones were skipped steps."""
+        if not self.pending:
+            return
+        values = torch.stack(self.pending).tolist()
+        self.pending = []
+        for value in values:
+            if math.isfinite(value):
+                self.window.append(value)
+            else:
+                self.skipped += 1
+        self.last_loss = values[-1] if math.isfinite(values[-1]) else None
 
     def _streams(self, data: Any, rank: int, step: int) -> tuple[Episodes, torch.Generator]:
         """Rank `rank`'s episode stream and query-distortion generator. Rank 0's are the
@@ -230,10 +303,15 @@ class Trainer:
 
     @classmethod
     def resume(
-        cls, out: Path, steps: int | None, minutes: float | None, device: str | None = None
+        cls,
+        out: Path,
+        steps: int | None,
+        minutes: float | None,
+        device: str | None = None,
+        cuda_graph: str | None = None,
     ) -> Trainer:
-        """Continue from `out/checkpoint.safetensors`; only the stopping rule (and, for a
-        distributed run's processes, `device`) may change.
+        """Continue from `out/checkpoint.safetensors`; only the stopping rule, the
+        device (a distributed run's processes) and `cuda_graph` may change.
 
         Temporary files a killed run left half-written (`atomic_path`'s `.NAME.*.tmp`)
         are removed: the files they were replacing are still whole.
@@ -250,8 +328,12 @@ class Trainer:
         except (KeyError, ValueError, TypeError) as e:
             raise EbmmError(path, f"damaged training config ({e})") from None
         config = replace(config, steps=steps, minutes=minutes)
-        trainer = cls(config if device is None else replace(config, device=device), model, out)
-        trainer.meta_step.optimizer.load_state_dict(optimizer)
+        if device is not None:
+            config = replace(config, device=device)
+        if cuda_graph is not None:
+            config = replace(config, cuda_graph=cuda_graph)
+        trainer = cls(config, model, out)
+        trainer.meta_step.load_optimizer(optimizer)
         trainer.step, trainer.elapsed = int(state["step"]), float(state["elapsed"])
         trainer.skipped = int(state["skipped"])
         trainer.window = [float(v) for v in state.get("window", [])]
@@ -314,15 +396,14 @@ class Trainer:
                     break
                 self._schedule_lr(self.elapsed)
                 batches = [self.batch() for _ in range(cfg.episodes_per_step)]
-                loss = self.meta_step(batches, self.generator)
+                self.pending.append(self.step_fn(batches, self.generator))
                 self.step += 1
-                if loss is None:
-                    self.skipped += 1
-                else:
-                    self.window.append(loss)
+                if self.device.type != "cuda":
+                    self._settle()
                 self.elapsed = time.monotonic() - start
                 evaluated = self.step % cfg.eval_every == 0
                 if evaluated:
+                    self._settle()
                     if lead:
                         heldout = self._record(self.window)["heldout_loss"]
                         self._save_outputs()
@@ -338,7 +419,7 @@ class Trainer:
                         {
                             "step": self.step,
                             "steps": cfg.steps,
-                            "loss": loss,
+                            "loss": self.last_loss,
                             "heldout_loss": heldout,
                             "steps_per_s": rate,
                             "elapsed": self.elapsed,
@@ -349,6 +430,7 @@ class Trainer:
         except KeyboardInterrupt:
             self.save_checkpoint(gather=False)  # the other processes may be gone already
             raise
+        self._settle()
         if lead and (self.window or not self.metrics or self.metrics[-1]["step"] != self.step):
             self._record(self.window)
             self.window = []
@@ -399,6 +481,7 @@ class Trainer:
         Distributed, every process must call it (with `gather`): rank 0 collects the
         others' episode streams and writes; without `gather` rank 0 writes its own only,
         and the others' streams restart fresh on resume."""
+        self._settle()
         streams = [self._stream_state()]
         if self.world > 1 and gather:
             streams = [None] * self.world

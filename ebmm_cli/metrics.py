@@ -6,15 +6,27 @@ and the examples, so every number is measured the same way.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
 def ssim(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SSIM (piqa, 11x11 Gaussian window) of each image pair, (B,)."""
-    from piqa import SSIM
+    return _ssim_metric(x.shape[1], x.device)(x.clamp(0, 1), target.clamp(0, 1))
 
-    metric = SSIM(n_channels=x.shape[1], reduction="none").to(x.device)
-    return metric(x.clamp(0, 1), target.clamp(0, 1))
+
+@functools.cache
+def _ssim_metric(channels: int, device: torch.device) -> torch.nn.Module:
+    """piqa's SSIM module, made once per channel count and device: its window is copied
+    to the device once, not on every call (a CUDA graph cannot capture that copy). piqa's
+    debug checks are off: they compare tensor values on the host (a device sync, which a
+    graph cannot capture either), and `ssim` clamps its inputs into range anyway."""
+    from piqa import SSIM
+    from piqa.utils import set_debug
+
+    set_debug(False)
+    return SSIM(n_channels=channels, reduction="none").to(device)
 
 
 def reconstruction_loss(kind: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,15 @@ from torch.func import functional_call
 from ebmm_cli.distort import Distortion
 from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
 from ebmm_cli.energy.decoder import Decoder
-from ebmm_cli.memory import Params, RuleConfig, Rules, energy_grad, read, write
+from ebmm_cli.memory import (
+    Params,
+    RuleConfig,
+    Rules,
+    energy_grad,
+    raise_first_non_finite,
+    read,
+    write,
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,19 @@ class Model(nn.Module):
         self.rules = Rules(config.rules, len(memory_layers(self.energy)))
         shape = config.energy.shape
         self.decoder = Decoder(shape[0], shape[1]) if config.rules.read == "decoder" else None
+        self.graphs: Any = None  # graphs.InferenceGraphs, when `use_cuda_graphs` turns them on
+
+    def use_cuda_graphs(self, mode: str) -> bool:
+        """Replay the write and the gradient read from CUDA graphs (`graphs.py`) where
+        `mode` (auto, on, off) asks for them on this model's device; the decoder read and
+        appending stay eager. Call it once the model is on its device; returns whether
+        graphs are on. EbmmError for `on` off CUDA."""
+        from ebmm_cli.graphs import InferenceGraphs, wanted
+
+        device = next(self.parameters()).device
+        on = wanted(mode, device) and self.decoder is None
+        self.graphs = InferenceGraphs(self) if on else None
+        return on
 
     def memory_floats(self) -> int:
         """Floats a written memory holds: the energy's written layers, plus the decoder's
@@ -115,9 +137,11 @@ def write_memory(
     create_graph: bool = False,
     generator: torch.Generator | None = None,
     append_to: Memory | None = None,
+    check: bool = True,
 ) -> Memory:
     """Write a batch into a new `Memory`: the energy write, then (decoder read) the
     decoder's MAML adaptation to the batch. `generator` draws the adaptation's queries.
+    `check` as in `memory.write` (meta-training checks its loss instead).
 
     `append_to` continues writing from that memory instead of θ̄: T more steps on the new
     patterns only (the earlier ones are not seen again, so they may fade). The decoder
@@ -125,8 +149,15 @@ def write_memory(
     """
     if append_to is not None and model.decoder is not None:
         raise ValueError("a decoder-read memory cannot be appended to")
+    if model.graphs is not None and not create_graph and append_to is None:
+        theta, finite = model.graphs.write(patterns)
+        if check:
+            raise_first_non_finite(finite, "write")
+        return Memory(theta, None, patterns.shape[0])
     start = None if append_to is None else append_to.params
-    theta = write(model.energy, model.rules, patterns, create_graph=create_graph, start=start)
+    theta = write(
+        model.energy, model.rules, patterns, create_graph=create_graph, start=start, check=check
+    )
     decoder = None
     if model.decoder is not None:
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -168,6 +199,10 @@ def retrieve(
     """Read queries from a memory: the iterates of the gradient read, or the decoder's
     single retrieval. The last element is the answer."""
     if model.decoder is None:
+        if model.graphs is not None and not create_graph:
+            iterates, finite = model.graphs.read(memory.params, queries, steps)
+            raise_first_non_finite(finite, "read")
+            return iterates
         return read(model.energy, model.rules, memory.params, queries, create_graph, steps)
     assert memory.decoder is not None, "a decoder model's memory carries decoder weights"
     _, grad = energy_grad(model.energy, memory.params, queries, create_graph=create_graph)

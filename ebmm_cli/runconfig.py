@@ -13,7 +13,15 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ebmm_cli.choices import DATASETS, LOSSES, MEMORIES, READS, SCHEDULES, dataset_defaults
+from ebmm_cli.choices import (
+    CUDA_GRAPHS,
+    DATASETS,
+    LOSSES,
+    MEMORIES,
+    READS,
+    SCHEDULES,
+    dataset_defaults,
+)
 from ebmm_cli.data import check_dataset, load_dataset
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
@@ -54,6 +62,7 @@ class TrainConfig:
     eval_episodes: int = 20
     checkpoint_minutes: float = 2.0
     episodes_per_step: int = 1
+    cuda_graph: str = "auto"
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -195,6 +204,7 @@ def train_config(
     eval_episodes: int = 20,
     checkpoint_minutes: float = 2.0,
     episodes_per_step: int = 1,
+    cuda_graph: str = "auto",
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
@@ -214,6 +224,9 @@ def train_config(
         if value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
     check_dataset(dataset)
+    _choice("--cuda-graph", cuda_graph, CUDA_GRAPHS)
+    if cuda_graph == "on" and resolve_device(device).type != "cuda":
+        raise EbmmError("--cuda-graph", "on needs a CUDA device (--device)")
     resolve_device(device)
     memory = memory or dataset_defaults(dataset).memory
     rules = rule_config(
@@ -254,6 +267,7 @@ def train_config(
         eval_episodes=eval_episodes,
         checkpoint_minutes=checkpoint_minutes,
         episodes_per_step=episodes_per_step,
+        cuda_graph=cuda_graph,
     )
 
 

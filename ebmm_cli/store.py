@@ -208,7 +208,12 @@ def save_checkpoint(
         if isinstance(value, torch.Tensor):
             tensors[f"state.{key}"] = value
     plain = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-    meta = _header(model, CHECKPOINT, param_groups=opt["param_groups"], state=plain)
+    # A capturable optimiser's rates are device tensors (`MetaStep`): stored as numbers.
+    groups = [
+        {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()}
+        for g in opt["param_groups"]
+    ]
+    meta = _header(model, CHECKPOINT, param_groups=groups, state=plain)
     _write(path, tensors, meta)
 
 

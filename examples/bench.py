@@ -7,14 +7,17 @@ For each protocol, in its own child process (so that its peak memory is its own)
 - binary: rnn on 128-bit strings, 64 patterns, eraseblock:64 (8,256 floats);
 
 all with T = K = 5, it times `--steps` meta-training steps, second and first order (after
-one warm-up step each), and `--steps` inference writes and reads of one episode; then it
-times `ebmm --help` and `ebmm distort` on five Omniglot images in fresh processes. It
-prints a table and, with `--json FILE`, writes every number with the machine it ran on.
+warm-up steps), and `--steps` inference writes and reads of one episode; then it times
+`ebmm --help` and `ebmm distort` on five Omniglot images in fresh processes. It prints a
+table and, with `--json FILE`, writes every number with the machine it ran on. On CUDA,
+`--cuda-graph off,on` times every protocol launching kernels one by one and replaying
+CUDA graphs, and the table gives the speed-up of each over the eager row.
 
     python examples/bench.py --data-root ../shared/data --steps 5 --json bench.json
     python examples/bench.py --data-root ../shared/data --quick     # CI-sized: seconds
     python examples/bench.py --protocols paper --processes 2        # under torchrun (gloo)
     python examples/bench.py --protocols report --episodes 8        # 8 episodes per step
+    python examples/bench.py --device cuda --cuda-graph off,on      # eager against graphs
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Mean seconds of `fn()` over `repeats` calls, after one warm-up call."""
-    fn()
+    """Mean seconds of `fn()` over `repeats` calls, after warm-up calls: one on the
+    CPU, three on CUDA (a CUDA graph's two eager calls and its capture)."""
+    for _ in range(3 if device.type == "cuda" else 1):
+        fn()
     _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -63,11 +68,16 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
 
 
 def _step(trainer: Trainer, batches: Iterator[list[Batch]]) -> None:
-    trainer.meta_step(next(batches), trainer.generator)
+    trainer.step_fn(next(batches), trainer.generator)
 
 
 def measure(
-    name: str, data_root: str | None, steps: int, device: str, episodes: int = 1
+    name: str,
+    data_root: str | None,
+    steps: int,
+    device: str,
+    episodes: int = 1,
+    cuda_graph: str = "auto",
 ) -> dict | None:
     """Every timing of one protocol, in this process. Under torchrun, the meta-training
     steps of all processes together (images = all processes' episodes); rank 0 reports."""
@@ -84,6 +94,7 @@ def measure(
         "images": p["batch"] * episodes * world,
         "episodes_per_step": episodes,
         "processes": world,
+        "cuda_graph": cuda_graph,
     }
     with tempfile.TemporaryDirectory() as tmp:
         for order in ("second", "first"):
@@ -100,9 +111,13 @@ def measure(
                 first_order=order == "first",
                 device=device,
                 eval_episodes=1,
+                cuda_graph=cuda_graph,
             )
             trainer = Trainer.create(config, Path(tmp) / order)
-            batches = iter([[trainer.batch() for _ in range(episodes)] for _ in range(steps + 1)])
+            warm = 3 if trainer.device.type == "cuda" else 1
+            batches = iter(
+                [[trainer.batch() for _ in range(episodes)] for _ in range(steps + warm)]
+            )
             seconds = _timed(partial(_step, trainer, batches), trainer.device, steps)
             row[f"{order}_s_per_step"] = seconds
             row[f"{order}_images_per_s"] = row["images"] / seconds
@@ -111,6 +126,12 @@ def measure(
         trainer.model.eval()
         batch = trainer.batch()
         memory = write_memory(trainer.model, batch.patterns).detach()
+        model = trainer.model
+        row["write_read_ms"] = 1e3 * _timed(
+            lambda: retrieve(model, write_memory(model, batch.patterns), batch.queries),
+            trainer.device,
+            steps,
+        )
         row["write_ms"] = 1e3 * _timed(
             lambda: write_memory(trainer.model, batch.patterns), trainer.device, steps
         )
@@ -171,20 +192,37 @@ def machine() -> str:
     return f"{platform.node()}: {cpus} CPUs, {torch.get_num_threads()} torch threads{gpu}"
 
 
+def _speedup(row: dict, base: dict | None, key: str) -> str:
+    """ " (N.Nx)": how many times faster than `base` (eager) `row` did `key` (seconds)."""
+    if base is None or key not in base:
+        return ""
+    return f" ({base[key] / row[key]:.1f}x)"
+
+
 def table(rows: list[dict], start: dict) -> str:
+    """The markdown table; with eager and graph rows of a protocol, the graph rows' second-
+    and first-order steps and inference as multiples of the eager row's speed."""
     lines = [
-        "| protocol | images | 2nd order s/step | images/s | 1st order s/step | images/s "
-        "| write ms | read ms | peak MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| protocol | graph | images | 2nd order s/step | images/s | 1st order s/step "
+        "| images/s | write ms | read ms | write + read ms | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    eager = {(r["protocol"], r["images"]): r for r in rows if r.get("cuda_graph") == "off"}
     for r in rows:
-        rest = "| - | - | - |"  # distributed rows time training only
+        base = eager.get((r["protocol"], r["images"])) if r.get("cuda_graph") != "off" else None
+        x = partial(_speedup, r, base)
+        rest = "| - | - | - | - |"  # distributed rows time training only
         if "write_ms" in r:
             peak = f"{r['peak_mib']:.0f} ({r['peak_kind']})"
-            rest = f"| {r['write_ms']:.0f} | {r['read_ms']:.0f} | {peak} |"
+            rest = (
+                f"| {r['write_ms']:.0f} | {r['read_ms']:.0f} "
+                f"| {r['write_read_ms']:.0f}{x('write_read_ms')} | {peak} |"
+            )
         lines.append(
-            f"| {r['protocol']} | {r['images']} | {r['second_s_per_step']:.3f} "
-            f"| {r['second_images_per_s']:.1f} | {r['first_s_per_step']:.3f} "
+            f"| {r['protocol']} | {r.get('cuda_graph', '-')} | {r['images']} "
+            f"| {r['second_s_per_step']:.3f}{x('second_s_per_step')} "
+            f"| {r['second_images_per_s']:.1f} "
+            f"| {r['first_s_per_step']:.3f}{x('first_s_per_step')} "
             f"| {r['first_images_per_s']:.1f} {rest}"
         )
     lines.append("")
@@ -206,10 +244,17 @@ def main() -> None:
     parser.add_argument(
         "--episodes", type=int, default=1, help="episodes per meta-step (written together)"
     )
+    parser.add_argument(
+        "--cuda-graph",
+        default="auto",
+        help="auto, on or off, or several (off,on): each protocol is timed in each mode",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        row = measure(args.child, args.data_root, args.steps, args.device, args.episodes)
+        row = measure(
+            args.child, args.data_root, args.steps, args.device, args.episodes, args.cuda_graph
+        )
         if row is not None:
             print(json.dumps(row))
         return
@@ -219,9 +264,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown protocol(s) {sorted(unknown)}; choose from {sorted(PROTOCOLS)}")
     rows = []
-    for name in names:
+    for name, mode in ((n, m) for n in names for m in args.cuda_graph.split(",")):
         child = [sys.executable, __file__, "--child", name, "--steps", str(steps)]
-        child += ["--episodes", str(args.episodes)]
+        child += ["--episodes", str(args.episodes), "--cuda-graph", mode]
         if args.processes > 1:  # torchrun's own defaults: OMP_NUM_THREADS=1 per process
             child[1:1] = ["-m", "torch.distributed.run", "--nproc-per-node", str(args.processes)]
         child += ["--device", args.device]
