@@ -406,9 +406,14 @@ def train(
         ),
     ] = False,
     batch_size: Annotated[
-        int,
-        typer.Option(min=1, help="N, patterns written per episode (the report 5, the paper 64)."),
-    ] = 5,
+        str,
+        typer.Option(
+            metavar="N|LEAST-MOST",
+            help="N, patterns written per episode (the report 5, the paper 64), or a range "
+            "such as 8-96: N drawn per step, log-uniformly, and held-out evaluation at four "
+            "N (the capacity curve).",
+        ),
+    ] = "5",
     shots: Annotated[
         int,
         typer.Option(
@@ -555,7 +560,7 @@ def train(
     draws its own episodes; gradients are averaged; rank 0 writes the files).
     """
     from ebmm_cli.meta import Trainer, init_distributed
-    from ebmm_cli.runconfig import check_budget, train_config
+    from ebmm_cli.runconfig import check_budget, parse_batch_size, train_config
 
     check_budget(steps, minutes)  # --resume takes a new budget too
     if resume:
@@ -578,7 +583,7 @@ def train(
             data_root=data_root,
             image_size=image_size,
             invert=invert,
-            batch_size=batch_size,
+            batch_size=parse_batch_size(batch_size),
             shots=shots,
             write_steps=write_steps,
             read_steps=read_steps,
@@ -807,6 +812,14 @@ def write(
     if not batch.kept:
         raise EbmmError(found[0].group, "no readable images to write")
     _note("write", batch.notes)
+    trained = net.config.rules.patterns
+    total = len(batch.images) + (0 if stored is None else stored.patterns)
+    if trained is not None and total > trained[1]:
+        print(
+            f"ebmm write: warning: the memory would hold {total} images, more than the "
+            f"{_range(trained)} patterns {model} was meta-trained to write; recall may be poor",
+            file=sys.stderr,
+        )
     dev = resolve_device(device)
     try:
         memory = write_memory(
@@ -820,6 +833,12 @@ def write(
     save_memory(net, memory.detach(), out)
     _count_skipped("write", len(batch.skipped))
     print(out)
+
+
+def _range(patterns: tuple[int, int]) -> str:
+    """A model's trained N: `64`, or `8-96` for a range."""
+    least, most = patterns
+    return str(most) if least == most else f"{least}-{most}"
 
 
 def _image_shape(net: Any, path: Path) -> tuple[int, ...]:

@@ -33,12 +33,19 @@ class Batch:
 
 
 def heldout_batches(
-    data: Any, config: TrainConfig, distortion: Distortion, count: int | None = None
+    data: Any,
+    config: TrainConfig,
+    distortion: Distortion,
+    count: int | None = None,
+    n: int | None = None,
 ) -> list[Batch]:
-    """`count` (default `config.eval_episodes`) held-out episodes with their queries, the
-    same for every call with the same config: the run's fixed evaluation set."""
-    episodes = Episodes(data, config.batch_size, config.shots, seed=config.seed + 10_000)
-    generator = torch.Generator().manual_seed(config.seed + 20_000)
+    """`count` (default `config.eval_episodes`) held-out episodes of `n` patterns
+    (default `config.batch_size`) with their queries, the same for every call with the
+    same config: the run's fixed evaluation set. Each N has its own seeds."""
+    n = config.batch_size if n is None else n
+    offset = 0 if n == config.batch_size else 7_919 * n  # N = batch_size: as it always was
+    episodes = Episodes(data, n, config.shots, seed=config.seed + 10_000 + offset)
+    generator = torch.Generator().manual_seed(config.seed + 20_000 + offset)
     device = resolve_device(config.device)
     batches = []
     for _ in range(count if count is not None else config.eval_episodes):
@@ -89,14 +96,35 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     return totals
 
 
+def mean_over_sizes(results: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """One evaluation at several N: each metric's mean over the sizes (each N weighs the
+    same; `nonfinite` is summed), and every size's own metrics under `by_n` (the
+    capacity curve). One size: its metrics as they are."""
+    if len(results) == 1:
+        return next(iter(results.values()))
+    first = next(iter(results.values()))
+    merged: dict[str, Any] = {
+        k: sum(r[k] for r in results.values()) / (1 if k == "nonfinite" else len(results))
+        for k in first
+    }
+    merged["by_n"] = {str(n): r for n, r in sorted(results.items())}
+    return merged
+
+
 def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
-    """Training and held-out loss against the step, as a PNG."""
+    """Training and held-out loss against the step, as a PNG; for a run over a range of
+    N, beside it the latest capacity curve (held-out error / the query's, against N)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    capacity = metrics[-1].get("heldout_by_n") if metrics else None
+    if capacity:
+        fig, (ax, cap) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+        _plot_capacity(cap, metrics[-1]["step"], capacity)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps = [m["step"] for m in metrics]
     train = [(m["step"], m["train_loss"]) for m in metrics if m["train_loss"] is not None]
     if train:
@@ -119,3 +147,20 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _plot_capacity(ax: Any, step: int, by_n: dict[str, dict[str, float]]) -> None:
+    sizes = [int(n) for n in by_n]
+    rows = list(by_n.values())
+    ax.plot(sizes, [r["mse"] / max(r["query_mse"], 1e-12) for r in rows], "o-",
+            color="tab:green", label="MSE / query MSE")  # fmt: skip
+    if "query_hamming" in rows[0]:
+        ax.plot(sizes, [r["hamming"] / max(r["query_hamming"], 1e-12) for r in rows], "s:",
+                color="tab:red", label="Hamming / query's")  # fmt: skip
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel("patterns written (N)")
+    ax.set_ylabel("retrieved / query")
+    ax.set_title(f"capacity at step {step}", fontsize=9)
+    ax.legend(fontsize=8)

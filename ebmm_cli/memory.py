@@ -60,6 +60,9 @@ class RuleConfig:
         momentum: ψ(1), the Nesterov momentum of the read (decays like γ).
         decoder_steps: MAML adaptation steps of the decoder read.
         decoder_lr: MAML inner learning rate of the decoder read.
+        patterns: (least, most) patterns per write that the model was meta-trained on;
+            None in files from before it was recorded. Over a range (least < most) the
+            learned rates see N: see `Rules.write_schedule`.
     """
 
     write_steps: int = 5
@@ -75,6 +78,19 @@ class RuleConfig:
     momentum: float = 0.5
     decoder_steps: int = 2
     decoder_lr: float = 0.1
+    patterns: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.patterns is not None:  # JSON gives a list
+            object.__setattr__(self, "patterns", tuple(int(v) for v in self.patterns))
+
+    def sees_n(self) -> bool:
+        """Whether the write rates depend on N: learned rates over a range of N."""
+        return (
+            self.schedule == "learned"
+            and self.patterns is not None
+            and self.patterns[0] < self.patterns[1]
+        )
 
     @classmethod
     def report(cls, kind: str, **overrides: object) -> RuleConfig:
@@ -124,16 +140,31 @@ class Rules(nn.Module):
             "momentum": torch.tensor(_logit(config.momentum) if config.momentum > 0 else -30.0),
             "momentum_decay": torch.full((max(k - 1, 0),), _logit(config.read_decay)),
         }
+        if config.sees_n():  # 0: the same rates at every N, to start with
+            values["rate_exponent"] = torch.zeros(len(WRITE_TERMS))
         for name, value in values.items():
             if learned:
                 setattr(self, name, nn.Parameter(value))
             else:
                 self.register_buffer(name, value)
 
-    def write_schedule(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rates (T, layers, len(WRITE_TERMS)), α (T,) and β (T,) for each write step."""
+    def write_schedule(
+        self, n: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rates (T, layers, len(WRITE_TERMS)), α (T,) and β (T,) for each write step of
+        `n` patterns.
+
+        A model meta-trained over a range of N (`RuleConfig.sees_n`) scales each term's
+        rates by (N / N̄)^κ, with N̄ the geometric mean of the range and one learned κ per
+        term of W (starting at 0). The gradient terms of (4) are means over the N
+        patterns, so each pattern's pull on θ shrinks as 1/N: κ = 1 would turn the mean
+        back into a sum, κ = 0 keeps it; meta-training chooses per term.
+        """
         t = self.config.write_steps
         rates = F.softplus(self.write_rate)
+        if n is not None and self.config.sees_n():
+            least, most = self.config.patterns
+            rates = rates * (n / math.sqrt(least * most)) ** self.rate_exponent
         if self.config.schedule == "fixed":
             decay = self.config.alpha_decay ** torch.arange(t, device=rates.device)
             alphas = self.config.alpha * decay
@@ -392,7 +423,7 @@ def write_flags(
             k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in start.items()
         }
     layers = list(memory_layers(net).values())
-    rates, alphas, betas = rules.write_schedule()
+    rates, alphas, betas = rules.write_schedule(patterns.shape[0])
     finite: list[torch.Tensor] = []
     for eta, alpha, beta in zip(rates, alphas, betas, strict=True):
         theta, grads = write_step(

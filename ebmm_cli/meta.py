@@ -35,7 +35,13 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.device import resolve_device
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.evaluation import Batch, evaluate_episodes, heldout_batches, plot_curves
+from ebmm_cli.evaluation import (
+    Batch,
+    evaluate_episodes,
+    heldout_batches,
+    mean_over_sizes,
+    plot_curves,
+)
 from ebmm_cli.graphs import replayed_step
 from ebmm_cli.memory import read_episodes, write_episodes
 from ebmm_cli.metrics import reconstruction_loss
@@ -253,7 +259,10 @@ class Trainer:
         try:
             self.episodes, self.generator = self._streams(train_data, self.rank, 0)
             split = self.heldout_split
-            self.heldout = heldout_batches(held_data, config, self.model.distortion)
+            self.heldout = {
+                n: heldout_batches(held_data, config, self.model.distortion, n=n)
+                for n in config.sizes()
+            }
         except EbmmError as e:  # say which data could not fill an episode
             raise EbmmError(e.subject, f"{e.problem} (the {split} split)") from None
         if self.world > 1:  # the same start everywhere, whatever each process built
@@ -291,7 +300,8 @@ class Trainer:
         single-process run's; a rank that a resumed checkpoint did not have starts fresh
         ones at the resumed `step`."""
         seed = self.config.seed + rank * RANK_SEED_STRIDE + step
-        episodes = Episodes(data, self.config.batch_size, self.config.shots, seed=seed)
+        cfg = self.config
+        episodes = Episodes(data, cfg.batch_size, cfg.shots, seed=seed, least=cfg.batch_min)
         return episodes, torch.Generator().manual_seed(seed + 1)
 
     @classmethod
@@ -357,8 +367,9 @@ class Trainer:
         ]
         return trainer
 
-    def batch(self) -> Batch:
-        patterns, _ = self.episodes.sample()
+    def batch(self, n: int | None = None) -> Batch:
+        """The next training episode of `n` patterns (default: the configured N)."""
+        patterns, _ = self.episodes.sample(n)
         queries = self.model.distortion(patterns, self.generator)
         return Batch(patterns.to(self.device), queries.to(self.device))
 
@@ -372,8 +383,11 @@ class Trainer:
         return tensor.tolist()
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out retrieval on the fixed held-out episodes (see `evaluate_episodes`)."""
-        return evaluate_episodes(self.model, self.heldout)
+        """Held-out retrieval on the fixed held-out episodes (see `evaluate_episodes`),
+        at each held-out N (`mean_over_sizes`)."""
+        return mean_over_sizes(
+            {n: evaluate_episodes(self.model, b) for n, b in self.heldout.items()}
+        )
 
     def run(self, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
         """Train until `steps` or `minutes` (whichever first); save the model, checkpoint,
@@ -395,7 +409,8 @@ class Trainer:
                 if done:
                     break
                 self._schedule_lr(self.elapsed)
-                batches = [self.batch() for _ in range(cfg.episodes_per_step)]
+                n = self.episodes.draw_size()  # one N per step: its episodes go together
+                batches = [self.batch(n) for _ in range(cfg.episodes_per_step)]
                 self.pending.append(self.step_fn(batches, self.generator))
                 self.step += 1
                 if self.device.type != "cuda":

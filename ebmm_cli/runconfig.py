@@ -10,7 +10,7 @@ here. `model_config(...)` is the part that fixes the model alone.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ebmm_cli.choices import (
@@ -44,11 +44,21 @@ class TrainConfig:
     `episodes_per_step` episodes are written and read per process and meta-step; under
     torchrun each of the world's processes draws its own, and the step's gradient is
     the mean over all of them.
+
+    With `batch_min`, N is drawn per step from [batch_min, batch_size] (log-uniformly;
+    `Episodes.draw_size`), the same N for all of the step's episodes, which are written
+    together; held-out evaluation then runs at several N (`capacity_sizes`).
     """
+
+    def sizes(self) -> list[int]:
+        """The episode sizes of held-out evaluation: N, or four N spread
+        geometrically over the range (its ends included), multiples of the shots."""
+        return capacity_sizes(self.batch_min, self.batch_size, self.shots)
 
     model: ModelConfig
     data_root: str | None = None
     batch_size: int = 5
+    batch_min: int | None = None
     shots: int | None = 1
     steps: int | None = None
     minutes: float | None = None
@@ -74,6 +84,32 @@ class TrainConfig:
         data = json.loads(text)
         data["model"] = ModelConfig.from_json(json.dumps(data["model"]))
         return cls(**data)
+
+
+def capacity_sizes(least: int | None, most: int, shots: int | None = None) -> list[int]:
+    """`TrainConfig.sizes`: [most] for one size; over a range, four sizes spread
+    geometrically from `least` to `most`, rounded to multiples of `shots`."""
+    if least is None or least >= most:
+        return [most]
+    step = shots or 1
+    points = [least * (most / least) ** (i / 3) for i in range(4)]
+    return sorted({min(most, max(least, round(p / step) * step)) for p in points})
+
+
+def parse_batch_size(text: str) -> tuple[int, int]:
+    """`--batch-size`: `N`, or a range `LEAST-MOST` (e.g. 8-96). Returns (least, most)."""
+    least, dash, most = text.strip().partition("-")
+    try:
+        values = (int(least), int(most)) if dash else (int(least), int(least))
+    except ValueError:
+        raise EbmmError(
+            "--batch-size", f"expected a number or a range such as 8-96, got {text!r}"
+        ) from None
+    if min(values) < 1:
+        raise EbmmError("--batch-size", f"must be at least 1, got {text}")
+    if values[0] > values[1]:
+        raise EbmmError("--batch-size", f"the range {text} is empty")
+    return values
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -182,7 +218,7 @@ def train_config(
     data_root: str | Path | None = None,
     image_size: int | None = None,
     invert: bool = False,
-    batch_size: int = 5,
+    batch_size: int | tuple[int, int] = 5,
     shots: int = 1,
     write_steps: int = 5,
     read_steps: int = 5,
@@ -209,14 +245,18 @@ def train_config(
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
     Every option is checked first; only then is a folder dataset's first image read for
-    its channel count. `shots=0` ignores classes.
+    its channel count. `shots=0` ignores classes. `batch_size` is N, or (least, most)
+    to train over a range of N; the model records the range (`RuleConfig.patterns`).
 
     Raises:
         EbmmError: naming the option (as the command line spells it) or the folder.
     """
     check_budget(steps, minutes)
+    least, most = batch_size if isinstance(batch_size, tuple) else (batch_size, batch_size)
+    if least > most:
+        raise EbmmError("--batch-size", f"the range {least}-{most} is empty")
     for option, value in (
-        ("--batch-size", batch_size),
+        ("--batch-size", least),
         ("--eval-every", eval_every),
         ("--eval-episodes", eval_episodes),
         ("--episodes-per-step", episodes_per_step),
@@ -238,6 +278,7 @@ def train_config(
         write_lr=write_lr,
         read_lr=read_lr,
     )
+    rules = replace(rules, patterns=(least, most))
     options = dict(
         dataset=dataset,
         memory=memory,
@@ -254,7 +295,8 @@ def train_config(
     return TrainConfig(
         model_config(**options),
         data_root=str(data_root) if data_root else None,
-        batch_size=batch_size,
+        batch_size=most,
+        batch_min=least if least < most else None,
         shots=shots or None,
         steps=steps,
         minutes=minutes,

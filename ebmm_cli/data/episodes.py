@@ -10,6 +10,7 @@ depends on the seed alone, not on whatever else uses `random`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 
@@ -26,11 +27,13 @@ class Episodes:
 
     Args:
         dataset: labelled images, or `BinaryStrings`.
-        n: patterns per episode.
+        n: patterns per episode; with `least`, the most.
         shots: images per class; the episode has n / shots distinct classes. None ignores
             classes and draws n distinct images uniformly (CIFAR-10 has too few classes
             for 64-way episodes).
         seed: the whole stream follows from it.
+        least: the fewest patterns per episode: `draw_size` then draws N from
+            [least, n] (multiples of `shots`), log-uniformly, from the stream's seed.
 
     Example:
         >>> episodes = Episodes(omniglot(root, "train", 28), n=5, seed=0)
@@ -38,19 +41,39 @@ class Episodes:
     """
 
     def __init__(
-        self, dataset: LabelledImages | BinaryStrings, n: int, shots: int | None = 1, seed: int = 0
+        self,
+        dataset: LabelledImages | BinaryStrings,
+        n: int,
+        shots: int | None = 1,
+        seed: int = 0,
+        least: int | None = None,
     ) -> None:
-        if n < 1:
-            raise EbmmError("--batch-size", f"must be at least 1, got {n}")
+        if min(n, least or n) < 1:
+            raise EbmmError("--batch-size", f"must be at least 1, got {min(n, least or n)}")
+        if least is not None and least > n:
+            raise EbmmError("--batch-size", f"the range {least}-{n} is empty")
         self.dataset = dataset
         self.n = n
+        self.least = least
+        self.shots = shots
         self._random = random.Random(seed)
         self._generator = torch.Generator().manual_seed(seed)
-        self._tasks = None
+        self._tasks: dict[int, object] = {}  # learn2learn task samplers, by episode size
         if isinstance(dataset, LabelledImages):
-            self._check(dataset, n, shots)
-            if shots is not None:
-                self._tasks = _task_dataset(dataset, n // shots, shots)
+            for size in {n, least or n}:
+                self._check(dataset, size, shots)
+            if shots is not None:  # other sizes' samplers are made when first drawn
+                self._tasks[n] = _task_dataset(dataset, n // shots, shots)
+
+    def draw_size(self) -> int:
+        """N for the next episodes: `n`, or with `least` one drawn log-uniformly from the
+        multiples of `shots` in [least, n] (a fixed size draws nothing, so its stream is
+        the same as before ranges existed)."""
+        if self.least is None or self.least == self.n:
+            return self.n
+        step = self.shots or 1
+        u = self._random.uniform(math.log(self.least), math.log(self.n + step))
+        return min(self.n, max(self.least, int(math.exp(u)) // step * step))
 
     @staticmethod
     def _check(dataset: LabelledImages, n: int, shots: int | None) -> None:
@@ -79,17 +102,21 @@ class Episodes:
         self._random.setstate(state["random"])
         self._generator.set_state(state["generator"])
 
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next episode: patterns (N, C, H, W) or (N, D), and labels (N,)."""
+    def sample(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next episode of `n` patterns (default: `self.n`): patterns (N, C, H, W)
+        or (N, D), and labels (N,)."""
+        n = self.n if n is None else n
         if isinstance(self.dataset, BinaryStrings):
-            return self.dataset.sample(self.n, self._generator), torch.arange(self.n)
+            return self.dataset.sample(n, self._generator), torch.arange(n)
         saved = random.getstate()
         random.setstate(self._random.getstate())
         try:
-            if self._tasks is not None:
-                images, labels = self._tasks.sample()
+            if self.shots is not None:
+                if n not in self._tasks:
+                    self._tasks[n] = _task_dataset(self.dataset, n // self.shots, self.shots)
+                images, labels = self._tasks[n].sample()
             else:
-                picks = random.sample(range(len(self.dataset)), self.n)
+                picks = random.sample(range(len(self.dataset)), n)
                 images = torch.stack([self.dataset[i][0] for i in picks])
                 labels = torch.tensor([self.dataset.labels[i] for i in picks])
         finally:
