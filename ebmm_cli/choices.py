@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MEMORIES = ("conv", "fc", "rnn")
+MEMORIES = ("conv", "conv-large", "fc", "rnn")
 READS = ("gd", "decoder")
 SCHEDULES = ("learned", "fixed")
 LOSSES = ("mse", "ssim+mse")
@@ -23,7 +23,7 @@ DISTORTIONS = (
     "eraseblock",
     "randomizeblock",
 )
-DATASETS = ("omniglot", "fc100", "cifar10", "binary")
+DATASETS = ("omniglot", "fc100", "cifar10", "imagenet64", "binary")
 CUDA_GRAPHS = ("auto", "on", "off")
 """`--cuda-graph`: auto (on for CUDA), on (CUDA required), off (launch every kernel)."""
 
@@ -54,6 +54,8 @@ DEFAULTS = {
     "omniglot": DatasetDefaults(28, 1, "noise:7", "conv", inverted=True),
     "cifar10": _IMAGES,
     "fc100": _IMAGES,
+    # The paper's 16x16 block on 32x32 images is a quarter of the side: 32 on 64x64.
+    "imagenet64": DatasetDefaults(64, 3, "occlude:32", "conv-large"),
     "binary": DatasetDefaults(None, None, "eraseblock:64", "rnn"),
 }
 FOLDER = DatasetDefaults(image_size=28, channels=None, distortion="noise:7", memory="conv")

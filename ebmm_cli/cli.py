@@ -338,7 +338,8 @@ DataRoot = Annotated[
 DatasetName = Annotated[
     str,
     typer.Option(
-        help="omniglot, fc100, cifar10, binary, or a folder of images (class = sub-folder)."
+        help="omniglot, fc100, cifar10, imagenet64, binary, or a folder of images "
+        "(class = sub-folder)."
     ),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, or cuda[:i].")]
@@ -381,7 +382,8 @@ def train(
         typer.Option(
             show_default=False,
             help="Energy network: [bold]conv[/] (ResNet, "
-            "convolutional memory; the default for images), [bold]fc[/] (fully-connected "
+            "convolutional memory; the default for images), [bold]conv-large[/] (the paper's "
+            "64x64 ImageNet network; the default for imagenet64), [bold]fc[/] (fully-connected "
             "memory), [bold]rnn[/] (gated RNN for 128-bit strings; the default for binary).",
         ),
     ] = None,

@@ -98,7 +98,7 @@ class RuleConfig:
         step; no β; γ(1) = 500 halved per step; plain gradient descent)."""
         values: dict = dict(
             schedule="fixed",
-            write_lr=0.05 if kind == "conv" else 0.5,
+            write_lr=0.05 if kind.startswith("conv") else 0.5,
             alpha=0.5,
             alpha_decay=0.95,
             beta=0.0,

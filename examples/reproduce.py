@@ -16,6 +16,10 @@ also each model's paired difference from the pseudo-inverse Hopfield net, episod
     cifar10   32x32, 64 images, occlude:16, conv at 2,308 / 4,616 / 16,156 floats (paper
               Fig. 3, squared error). The shared JPEG copy has no test split: the comparison
               draws its episodes from the training images, and says so.
+    imagenet64  downsampled ImageNet 64x64, 32 images (the paper used fewer than 64 and
+              does not say how many), occlude:32, the paper's larger conv (`conv-large`,
+              18,448 floats) against nearest neighbour. Needs the release under
+              DATA_ROOT/imagenet64/ (not downloadable without an image-net.org account).
     report    Omniglot 28x28, 5-way 1-shot, 7x7 noise: conv vs fc, gradient vs decoder read,
               MSE vs SSIM+MSE loss (the student report), on the evaluation alphabets.
 
@@ -91,6 +95,20 @@ EXPERIMENTS: dict[str, dict] = {
             "--dataset", "cifar10", "--split", "train", "--image-size", "32",
             "--batch-size", "64", "--shots", "0", "--distortion", "occlude:16",
             "--episodes", "20", "--baselines", "identity,nearest,nearest-pca:1,nearest-pca:2",
+        ],
+    },
+    "imagenet64": {
+        "runs": {
+            "conv-large-8": [
+                "--memory", "conv-large", "--dynamic", "8", "--image-size", "64",
+                "--batch-size", "32", "--shots", "0", "--distortion", "occlude:32",
+            ],
+        },
+        "train_data": ["--dataset", "imagenet64"],
+        "compare": [
+            "--dataset", "imagenet64", "--split", "test", "--image-size", "64",
+            "--batch-size", "32", "--shots", "0", "--distortion", "occlude:32",
+            "--episodes", "20", "--baselines", "identity,nearest",
         ],
     },
     "report": {

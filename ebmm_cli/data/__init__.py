@@ -5,6 +5,7 @@
 - `omniglot`  background set = `train`, evaluation set = `test`;
 - `cifar10`   official archive, or class folders (`train/<class>/`), extracted or zipped;
 - `fc100`     CIFAR-100 by superclass: `train` / `val` / `test` (60 / 20 / 20 classes);
+- `imagenet64` downsampled ImageNet 64x64, the official npz batches (memory-mapped);
 - `binary`    random 128-bit strings, generated;
 - any other name is a folder of images (class = sub-folder, or a single class).
 """
@@ -18,6 +19,7 @@ from ebmm_cli.data.binary import BinaryStrings
 from ebmm_cli.data.cifar import cifar10, fc100
 from ebmm_cli.data.download import default_root, resolve_root
 from ebmm_cli.data.episodes import Episodes
+from ebmm_cli.data.imagenet import imagenet64
 from ebmm_cli.data.images import LabelledImages, image_folder
 from ebmm_cli.data.omniglot import omniglot
 from ebmm_cli.errors import EbmmError
@@ -66,4 +68,6 @@ def load_dataset(
         return omniglot(data_root, split, size, download)
     if name == "cifar10":
         return cifar10(data_root, split, size, download)
+    if name == "imagenet64":
+        return imagenet64(data_root, split, size)
     return fc100(data_root, split, size, download)

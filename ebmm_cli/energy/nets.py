@@ -1,4 +1,4 @@
-"""The three energy networks of the paper: `conv`, `fc` and `rnn`.
+"""The energy networks of the paper: `conv` (and `conv-large` for 64x64), `fc`, `rnn`.
 
 Each maps a batch of patterns to one scalar energy per pattern, shape (B,). The written
 ("fast") weights live in modules named `memory`; everything else is slow and
@@ -35,15 +35,22 @@ class ConvEnergy(nn.Module):
     channels, a gated recurrent block (3 hops, 128 channels) on the 4x4 map, then
     tanh(Linear 1024) -> Linear 1. Memory = 2 x dynamic x (3*3*64 + 1) floats: dynamic =
     2, 3, 4, 8, 10, 12, 14 gives the paper's 2,308 ... 16,156.
+
+    `large` is the paper's ImageNet 64x64 network (B.4, `conv-large`): ResBlocks of 64
+    and 128 channels, both bottleneck blocks of 256 channels (bottleneck 128) with stride
+    2, a 256-channel recurrence on the 4x4 map of a 64x64 image. Memory = 2 x dynamic x
+    (3*3*128 + 1) floats: dynamic = 8 gives 18,448, the paper's size by inference
+    (`../shared/PAPER.md` §1d).
     """
 
-    def __init__(self, channels: int, size: int, dynamic: int) -> None:
+    def __init__(self, channels: int, size: int, dynamic: int, large: bool = False) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(ResBlock(channels, 32), ResBlock(32, 64))
-        self.block1 = MemoryBottleneck(64, 128, 64, dynamic, downscale=False)
-        self.block2 = MemoryBottleneck(128, 128, 64, dynamic, downscale=True)
-        self.recurrence = ConvGatedRecurrence(128, 128, hops=3)
-        self.head = EnergyHead(128 * _halved(size, 3) ** 2)
+        (first, second), width, bottleneck = ((64, 128), 256, 128) if large else ((32, 64), 128, 64)
+        self.encoder = nn.Sequential(ResBlock(channels, first), ResBlock(first, second))
+        self.block1 = MemoryBottleneck(second, width, bottleneck, dynamic, downscale=large)
+        self.block2 = MemoryBottleneck(width, width, bottleneck, dynamic, downscale=True)
+        self.recurrence = ConvGatedRecurrence(width, width, hops=3)
+        self.head = EnergyHead(width * _halved(size, 4 if large else 3) ** 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.block2(self.block1(self.encoder(x)))
