@@ -751,11 +751,13 @@ def write(
         ),
     ],
     model: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            help="A trained model (model.safetensors from ebmm train).", show_default=False
+            help="A trained model: model.safetensors from ebmm train, or a built-in's name "
+            "(ebmm models). Default: the built-in omniglot-28.",
+            show_default=False,
         ),
-    ],
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The memory file to create.")] = Path(
         "memory.safetensors"
     ),
@@ -784,11 +786,19 @@ def write(
     """
     import torch
 
+    from ebmm_cli import builtin
     from ebmm_cli.device import resolve_device
     from ebmm_cli.imageio import check_outputs, collect_images, load_batch
     from ebmm_cli.model import same_model, write_memory
     from ebmm_cli.store import load_memory, load_model, save_memory
 
+    if model is None:
+        print(
+            f"ebmm write: note: no --model given; using the built-in {builtin.DEFAULT} "
+            "(Omniglot 28x28, the report's protocol)",
+            file=sys.stderr,
+        )
+    model = builtin.resolve(model or builtin.DEFAULT)
     check_outputs({"--out": [] if append else out}, {"--model": [model]}, force=True)
     _hold(ctx, out)
     net = load_model(model)
@@ -1015,7 +1025,10 @@ def energy(
 def compare(
     ctx: typer.Context,
     model: Annotated[
-        list[Path] | None, typer.Option(help="A trained model (repeatable).", show_default=False)
+        list[Path] | None,
+        typer.Option(
+            help="A trained model, or a built-in's name (repeatable).", show_default=False
+        ),
     ] = None,
     baselines: Annotated[
         str,
@@ -1089,6 +1102,7 @@ def compare(
     """Run models and baselines on the same seeded episodes and queries; one table."""
     import json
 
+    from ebmm_cli import builtin
     from ebmm_cli import compare as harness
     from ebmm_cli.atomic import atomic_path
     from ebmm_cli.choices import dataset_defaults
@@ -1097,8 +1111,9 @@ def compare(
     from ebmm_cli.imageio import check_outputs
     from ebmm_cli.store import load_model
 
+    model = [builtin.resolve(m) for m in model or []]
     check_outputs(
-        {"--markdown": markdown, "--grid": grid, "--plot": plot}, {"--model": model or []}, force
+        {"--markdown": markdown, "--grid": grid, "--plot": plot}, {"--model": model}, force
     )
     for path in (markdown, grid, plot):
         if path is not None:
@@ -1169,6 +1184,42 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise EbmmError(option, f"expected positive integers, got {text!r}")
     return values
+
+
+@app.command()
+def models(
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON, one object each.")
+    ] = False,
+) -> None:
+    """List the trained models that ship with ebmm: a name works wherever --model does."""
+    import json
+
+    from ebmm_cli import builtin
+
+    found = [builtin.describe(builtin.FOLDER / f"{n}.safetensors") for n in builtin.names()]
+    if json_output:
+        print(json.dumps(found, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"built-in models ({builtin.FOLDER})", title_justify="left")
+    for column in ("name", "protocol", "patterns", "memory floats", "N", "held-out", "trained"):
+        table.add_column(column)
+    for m in found:
+        shape = "x".join(str(v) for v in m["shape"])
+        held = m.get("heldout", {})
+        table.add_row(
+            m["name"],
+            f"{m['dataset']}, {m['memory']}, {m['distortion']}, {m['read']} read",
+            shape,
+            f"{m['memory_floats']:,}" if m["memory_floats"] else "-",
+            _range(m["patterns"]) if m["patterns"] else "-",
+            ", ".join(f"{k} {v:.3g}" for k, v in held.items()) or "-",
+            f"{m.get('steps', '?')} steps, {m.get('minutes', '?')} min, {m.get('machine', '?')}",
+        )
+    Console(width=200).print(table)
 
 
 def _progress(total: int, label: str) -> Any:

@@ -77,9 +77,14 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
         tmp.write_bytes(data[:8] + header + data[8 + size :])
 
 
-def save_model(model: Model, path: Path, **extra: Any) -> None:
-    """Write a meta-learned model (`extra` goes into the header, e.g. the training step)."""
-    _write(path, dict(model.state_dict()), _header(model, MODEL, **extra))
+def save_model(model: Model, path: Path, dtype: torch.dtype | None = None, **extra: Any) -> None:
+    """Write a meta-learned model (`extra` goes into the header, e.g. the training step).
+    `dtype` (e.g. float16, for the built-in models) narrows its floating tensors; loading
+    widens them back to the model's float32."""
+    state = dict(model.state_dict())
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    _write(path, state, _header(model, MODEL, **extra))
 
 
 def save_memory(model: Model, memory: Memory, path: Path) -> None:

@@ -1,14 +1,16 @@
-"""The demo: meta-train a small energy-based memory on Omniglot, then use it.
+"""The demo: an energy-based memory on Omniglot characters it has never seen.
 
-1. meta-trains `conv` on the background alphabets with the report's protocol (28x28,
-   5-way 1-shot, 7x7 noise block, SSIM+MSE) for a few minutes (resumed, not redone,
-   when run again);
-2. writes one episode of characters from the evaluation alphabets (never seen in
-   training) into a memory, distorts them, and reads them back;
+1. takes the built-in `omniglot-28` model (`ebmm models`: meta-trained on the background
+   alphabets with the report's protocol, 28x28, 5-way 1-shot, 7x7 noise block,
+   SSIM+MSE), or with `--train-minutes M` meta-trains one from scratch for M minutes
+   (resumed, not redone, when run again);
+2. writes episodes of 5 characters from the evaluation alphabets (never seen in
+   training) into memories, distorts them, and reads them back;
 3. saves `grid.png` (rows: original, query, retrieved) and prints MSE, SSIM and the mean
    energies of originals, queries and retrievals.
 
-    python examples/demo.py --data-root ../shared/data --out demo --minutes 3
+    python examples/demo.py --data-root ../shared/data --out demo
+    python examples/demo.py --data-root ../shared/data --out demo --train-minutes 3
 """
 
 from __future__ import annotations
@@ -24,49 +26,36 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.utils import make_grid
 
+from ebmm_cli import builtin
 from ebmm_cli.data import Episodes, load_dataset
 from ebmm_cli.distort import Distortion
 from ebmm_cli.imageio import save_image
 from ebmm_cli.memory import energy
 from ebmm_cli.meta import Trainer
 from ebmm_cli.metrics import ssim
-from ebmm_cli.model import retrieve, write_memory
+from ebmm_cli.model import Model, retrieve, write_memory
 from ebmm_cli.runconfig import train_config
+from ebmm_cli.store import load_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=os.environ.get("EBMM_DATA") or None)
     parser.add_argument("--out", type=Path, default=Path("demo"))
-    parser.add_argument("--minutes", type=float, default=3.0, help="training time")
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        help="meta-train a model from scratch for this long instead of the built-in one",
+    )
     parser.add_argument("--episodes", type=int, default=4, help="evaluation episodes shown")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    run = args.out / "run"
-    if (run / "checkpoint.safetensors").exists():
-        trainer = Trainer.resume(run, steps=None, minutes=args.minutes)
+    if args.train_minutes is None:
+        model = load_model(builtin.resolve(builtin.DEFAULT))
+        print(f"using the built-in {builtin.DEFAULT} model (ebmm models)", file=sys.stderr)
     else:
-        config = train_config(
-            dataset="omniglot",
-            image_size=28,
-            batch_size=5,
-            distortion="noise:7",
-            loss="ssim+mse",
-            data_root=args.data_root,
-            minutes=args.minutes,
-            eval_every=50,
-            seed=args.seed,
-        )
-        trainer = Trainer.create(config, run)
-    print(f"meta-training for {args.minutes} min (report protocol) into {run} ...", file=sys.stderr)
-    trainer.run(_tick)
-    last = trainer.metrics[-1]
-    print(
-        f"  trained: step {last['step']}, held-out loss {last['heldout_loss']:.4f}",
-        file=sys.stderr,
-    )
-    model = trainer.model.cpu()
+        model = _train(args.out / "run", args.train_minutes, args.data_root, args.seed)
 
     chars = load_dataset("omniglot", "test", args.data_root, 28)
     episodes = Episodes(chars, 5, seed=args.seed + 1)
@@ -109,6 +98,33 @@ def main() -> None:
     Console().print(table)
     print(f"retrieved MSE / query MSE = {totals['MSE'][1] / totals['MSE'][0]:.3f}")
     print(args.out / "grid.png")
+
+
+def _train(run: Path, minutes: float, data_root: str | None, seed: int) -> Model:
+    """Meta-train (or continue) the report's protocol in `run` for `minutes`."""
+    if (run / "checkpoint.safetensors").exists():
+        trainer = Trainer.resume(run, steps=None, minutes=minutes)
+    else:
+        config = train_config(
+            dataset="omniglot",
+            image_size=28,
+            batch_size=5,
+            distortion="noise:7",
+            loss="ssim+mse",
+            data_root=data_root,
+            minutes=minutes,
+            eval_every=50,
+            seed=seed,
+        )
+        trainer = Trainer.create(config, run)
+    print(f"meta-training for {minutes} min (report protocol) into {run} ...", file=sys.stderr)
+    trainer.run(_tick)
+    last = trainer.metrics[-1]
+    print(
+        f"  trained: step {last['step']}, held-out loss {last['heldout_loss']:.4f}",
+        file=sys.stderr,
+    )
+    return trainer.model.cpu()
 
 
 def _tick(info: dict) -> None:

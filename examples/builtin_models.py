@@ -1,0 +1,175 @@
+"""The built-in models (`ebmm models`): each made by its recipe here, then exported.
+
+    # 1. train by the recipe (an `ebmm train` run folder; resumable with --resume)
+    python examples/builtin_models.py train omniglot-28 --minutes 45 --out runs/omniglot-28
+    # 2. evaluate in float32 and float16 on fixed held-out episodes, and write
+    #    ebmm_cli/models/omniglot-28.safetensors in float16 with its provenance
+    python examples/builtin_models.py export omniglot-28 --run runs/omniglot-28 \
+        --machine "2-core CPU, 1 torch thread"
+
+The export refuses a run whose configuration is not the recipe's, and records in the
+file's header (`provenance`): the recipe's `ebmm train` command, the commit exported
+from and the ebmm version trained with, steps, minutes, machine, and the held-out
+metrics of the float16 file (and of float32, to show the narrowing costs nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ebmm_cli import builtin
+from ebmm_cli.evaluation import evaluate_episodes, heldout_batches, mean_over_sizes
+from ebmm_cli.meta import _datasets
+from ebmm_cli.runconfig import TrainConfig, train_config
+from ebmm_cli.store import load_checkpoint, load_model, save_model
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "omniglot-28": {
+        "what": "Omniglot 28x28, 5 characters, noise:7 (the report's protocol)",
+        "train": dict(memory="conv", dataset="omniglot", image_size=28, batch_size=5,
+                      distortion="noise:7", loss="ssim+mse"),
+        "episodes": 100,
+    },
+    "omniglot-32": {
+        "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol)",
+        "train": dict(memory="conv", dataset="omniglot", image_size=32, batch_size=64,
+                      distortion="occlude:16"),
+        "episodes": 20,
+    },
+    "binary-128": {
+        "what": "128-bit strings, 8 to 96 per memory, eraseblock:64 (8,256 floats)",
+        "train": dict(dataset="binary", memory="rnn", batch_size=(8, 96),
+                      distortion="eraseblock:64", write_lr=1.0, read_lr=5.0, rule_lr=0.1,
+                      lr=2e-3),
+        "episodes": 50,
+    },
+}  # fmt: skip
+"""Each recipe's `train` holds `runconfig.train_config` keywords, which are `ebmm train`'s
+options: `_arguments` spells them as its command line."""
+
+KEPT = ("mse", "query_mse", "ssim", "query_ssim", "hamming", "query_hamming", "nonfinite")
+
+
+def _arguments(name: str) -> list[str]:
+    """The recipe as `ebmm train` options."""
+    args = []
+    for key, value in RECIPES[name]["train"].items():
+        text = "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        args += [f"--{key.replace('_', '-')}", text]
+    return args
+
+
+def _command(name: str) -> str:
+    return "ebmm train " + " ".join(_arguments(name))
+
+
+def train(name: str, out: Path, minutes: float, data_root: str | None) -> None:
+    """Run the recipe's `ebmm train` (resuming `out` when it holds a run)."""
+    ebmm = [sys.executable, "-m", "ebmm_cli", "train", "--out", str(out)]
+    if (out / "checkpoint.safetensors").exists():
+        command = [*ebmm, "--resume", "--minutes", str(minutes)]
+    else:
+        command = [*ebmm, *_arguments(name), "--minutes", str(minutes)]
+        command += ["--eval-every", "100"] + (["--data-root", data_root] if data_root else [])
+    subprocess.run(command, check=True)
+
+
+def _evaluate(model: Any, config: TrainConfig, episodes: int) -> dict[str, Any]:
+    """Held-out metrics over `episodes` fixed episodes per N (the run's own held-out
+    seeds and split), with the ratios a reader wants."""
+    _, held, split = _datasets(config)
+    results = {
+        n: evaluate_episodes(model, heldout_batches(held, config, model.distortion, episodes, n))
+        for n in config.sizes()
+    }
+    merged = mean_over_sizes(results)
+    out: dict[str, Any] = {k: round(float(merged[k]), 5) for k in KEPT if k in merged}
+    out["mse_ratio"] = round(merged["mse"] / merged["query_mse"], 4)
+    if "by_n" in merged:
+        out["by_n"] = {
+            n: {k: round(float(r[k]), 4) for k in ("mse", "query_mse", "hamming", "query_hamming")}
+            for n, r in merged["by_n"].items()
+        }
+    out["episodes"], out["split"] = episodes, split
+    return out
+
+
+def export(name: str, run: Path, machine: str, data_root: str | None) -> None:
+    """Evaluate the run's model in float32 and float16; write the float16 built-in."""
+    _, _, state = load_checkpoint(run / "checkpoint.safetensors")
+    config = TrainConfig.from_json(state["train_config"])
+    recipe = RECIPES[name]
+    expected = train_config(**recipe["train"], steps=1)
+    run_fields = {k: getattr(config, k) for k in _RUN_FIELDS}
+    if config.model.to_json() != expected.model.to_json() or run_fields != {
+        k: getattr(expected, k) for k in _RUN_FIELDS
+    }:
+        raise SystemExit(f"{run} was not trained by the {name} recipe ({_command(name)})")
+    config = TrainConfig.from_json(
+        json.dumps({**json.loads(config.to_json()), "data_root": data_root, "device": "cpu"})
+    )
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    full = load_model(run / "model.safetensors")
+    target = builtin.FOLDER / f"{name}.safetensors"
+    builtin.FOLDER.mkdir(exist_ok=True)
+    provenance = {
+        "what": recipe["what"],
+        "command": _command(name) + f" --minutes {round(metrics[-1]['seconds'] / 60)}",
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "ebmm_version": _header(run / "model.safetensors").get("ebmm_version", "unknown"),
+        "steps": metrics[-1]["step"],
+        "minutes": round(metrics[-1]["seconds"] / 60, 1),
+        "machine": machine,
+        "memory_floats": full.memory_floats(),
+        "heldout_float32": _evaluate(full, config, recipe["episodes"]),
+    }
+    save_model(full, target, dtype=torch.float16, provenance=provenance)
+    half = load_model(target)
+    provenance["heldout"] = _evaluate(half, config, recipe["episodes"])
+    save_model(full, target, dtype=torch.float16, provenance=provenance)
+    print(json.dumps(provenance, indent=2))
+    print(f"{target}: {target.stat().st_size / 2**20:.1f} MiB")
+
+
+# What, beside the model's configuration, makes a run the recipe's.
+_RUN_FIELDS = ("batch_size", "batch_min", "shots", "lr", "rule_lr", "first_order")
+
+
+def _header(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(["git", *args], capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("train", "export"))
+    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("--out", type=Path, help="train: the run folder")
+    parser.add_argument("--run", type=Path, help="export: the run folder")
+    parser.add_argument("--minutes", type=float, default=45.0)
+    parser.add_argument("--machine", default="unknown machine")
+    parser.add_argument("--data-root", default=os.environ.get("EBMM_DATA") or None)
+    args = parser.parse_args()
+    if args.action == "train":
+        train(args.name, args.out or Path("runs") / args.name, args.minutes, args.data_root)
+    else:
+        export(args.name, args.run, args.machine, args.data_root)
+
+
+if __name__ == "__main__":
+    main()
