@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from ebmm_cli import builtin
 from ebmm_cli.evaluation import evaluate_episodes, heldout_batches, mean_over_sizes
 from ebmm_cli.meta import _datasets
+from ebmm_cli.model import Model
 from ebmm_cli.runconfig import TrainConfig, train_config
 from ebmm_cli.store import load_checkpoint, load_model, save_model
 
@@ -105,7 +107,7 @@ def _evaluate(model: Any, config: TrainConfig, episodes: int) -> dict[str, Any]:
 def export(name: str, run: Path, machine: str, data_root: str | None) -> None:
     """Evaluate the run's model in float32 and float16; write the float16 built-in."""
     _, _, state = load_checkpoint(run / "checkpoint.safetensors")
-    config = TrainConfig.from_json(state["train_config"])
+    config = _with_patterns(TrainConfig.from_json(state["train_config"]))
     recipe = RECIPES[name]
     expected = train_config(**recipe["train"], steps=1)
     run_fields = {k: getattr(config, k) for k in _RUN_FIELDS}
@@ -117,12 +119,14 @@ def export(name: str, run: Path, machine: str, data_root: str | None) -> None:
         json.dumps({**json.loads(config.to_json()), "data_root": data_root, "device": "cpu"})
     )
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    full = load_model(run / "model.safetensors")
+    trained = load_model(run / "model.safetensors")
+    full = Model(config.model)  # the run's configuration, with its N range recorded
+    full.load_state_dict(trained.state_dict())
     target = builtin.FOLDER / f"{name}.safetensors"
     builtin.FOLDER.mkdir(exist_ok=True)
     provenance = {
         "what": recipe["what"],
-        "command": _command(name) + f" --minutes {round(metrics[-1]['seconds'] / 60)}",
+        "command": _command(name) + _budget(config),
         "commit": _git("rev-parse", "--short", "HEAD"),
         "ebmm_version": _header(run / "model.safetensors").get("ebmm_version", "unknown"),
         "steps": metrics[-1]["step"],
@@ -137,6 +141,23 @@ def export(name: str, run: Path, machine: str, data_root: str | None) -> None:
     save_model(full, target, dtype=torch.float16, provenance=provenance)
     print(json.dumps(provenance, indent=2))
     print(f"{target}: {target.stat().st_size / 2**20:.1f} MiB")
+
+
+def _budget(config: TrainConfig) -> str:
+    """The run's budget as options (the learning rate decays over it, so it is part of
+    the recipe even when the run was stopped, or resumed, before its end)."""
+    text = f" --steps {config.steps}" if config.steps is not None else ""
+    return text + (f" --minutes {config.minutes:g}" if config.minutes is not None else "")
+
+
+def _with_patterns(config: TrainConfig) -> TrainConfig:
+    """A run from before models recorded their N range (`RuleConfig.patterns`), with it."""
+    rules = config.model.rules
+    if rules.patterns is not None:
+        return config
+    least = config.batch_min or config.batch_size
+    model = replace(config.model, rules=replace(rules, patterns=(least, config.batch_size)))
+    return replace(config, model=model)
 
 
 # What, beside the model's configuration, makes a run the recipe's.

@@ -1,0 +1,112 @@
+"""Built-in trained models (issue 20): listed by `ebmm models`, usable by name wherever
+a model path is, small, in half precision, with their provenance; the demo uses one."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ebmm_cli import builtin
+from ebmm_cli.store import load_model
+from tests.conftest import run_ebmm
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = {"omniglot-28", "omniglot-32", "binary-128"}
+
+
+def test_the_built_ins_ship_small_in_half_precision_with_provenance() -> None:
+    listed = json.loads(run_ebmm("models", "--json").stdout)
+    assert {m["name"] for m in listed} == SHIPPED
+    assert sum(m["size_bytes"] for m in listed) <= 15 * 2**20
+    for m in listed:
+        assert m["command"].startswith("ebmm train ") and m["steps"] > 0 and m["minutes"] > 0
+        assert m["commit"] and m["machine"] and m["memory_floats"] > 0
+        held = m["heldout"]
+        assert held["mse"] < held["query_mse"], m["name"]  # every one recalls something
+        # Half precision costs nothing measurable: the float32 file's metrics, to 1%.
+        assert held["mse"] == pytest.approx(m["heldout_float32"]["mse"], rel=0.01)
+        path = builtin.FOLDER / f"{m['name']}.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}  # noqa: SIM118
+        model = load_model(path)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert model.config.rules.patterns is not None
+    table = run_ebmm("models")
+    assert table.returncode == 0 and all(name in table.stdout for name in SHIPPED)
+
+
+def test_a_built_in_name_works_where_a_model_path_does(
+    omniglot_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    chars = omniglot_dir / "Latin" / "character01"
+    five = [str(p) for p in sorted(chars.glob("*.png"))[:5]]
+    memory = tmp_path / "m.safetensors"
+    wrote = run_ebmm("write", *five, "-o", str(memory))  # no --model: the default
+    assert wrote.returncode == 0, wrote.stderr
+    assert "using the built-in omniglot-28" in wrote.stderr
+    queries = tmp_path / "q"
+    assert run_ebmm("distort", *five, "-o", str(queries)).returncode == 0
+    read = run_ebmm("read", str(queries), "--memory", str(memory), "-o", str(tmp_path / "r"))
+    assert read.returncode == 0, read.stderr
+    named = run_ebmm("write", *five, "--model", "omniglot-28", "-o", str(tmp_path / "n.st"))
+    assert named.returncode == 0 and "note" not in named.stderr
+    assert (tmp_path / "n.st").read_bytes() == memory.read_bytes()
+    compared = run_ebmm("compare", "--model", "omniglot-28", "--data-root", str(data_root),
+                        "--episodes", "2", "--baselines", "identity", "--json")  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    unknown = run_ebmm("write", *five, "--model", "omniglot-99", "-o", str(tmp_path / "x"))
+    assert unknown.returncode == 2
+    (line,) = unknown.stderr.strip().splitlines()
+    assert "omniglot-99" in line and all(name in line for name in SHIPPED)
+
+
+@pytest.mark.slow
+def test_the_demo_shows_recall_with_the_built_in_model(data_root: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "demo.py"),
+            "--data-root",
+            str(data_root),
+            "--out",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    ratio = float(re.search(r"retrieved MSE / query MSE = ([0-9.]+)", result.stdout)[1])
+    assert ratio <= 0.35, result.stdout
+    ssim = re.search(r"SSIM to original\D+1\D+([0-9.]+)\D+([0-9.]+)", result.stdout)
+    assert float(ssim[2]) > float(ssim[1]), result.stdout  # retrieved above the query
+    assert (tmp_path / "demo" / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "protocol"),
+    [
+        ("omniglot-28", ["--batch-size", "5"]),
+        ("omniglot-32", ["--batch-size", "64"]),
+        ("binary-128", ["--dataset", "binary", "--batch-size", "32"]),
+    ],
+)
+def test_every_built_in_recalls_better_than_the_query(
+    name: str, protocol: list[str], data_root: Path
+) -> None:
+    """On real evaluation characters (binary: fresh random strings), through the CLI."""
+    result = run_ebmm("compare", "--model", name, "--data-root", str(data_root), "--episodes",
+                      "3", "--baselines", "identity", "--json", *protocol)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {r["method"] == "identity": r for r in json.loads(result.stdout)["rows"]}
+    model, query = rows[False], rows[True]
+    assert model["sq_error"]["mean"] < query["sq_error"]["mean"]
