@@ -1216,10 +1216,22 @@ def models(
             shape,
             f"{m['memory_floats']:,}" if m["memory_floats"] else "-",
             _range(m["patterns"]) if m["patterns"] else "-",
-            ", ".join(f"{k} {v:.3g}" for k, v in held.items()) or "-",
+            _held_out(held),
             f"{m.get('steps', '?')} steps, {m.get('minutes', '?')} min, {m.get('machine', '?')}",
         )
     Console(width=200).print(table)
+
+
+def _held_out(held: dict[str, Any]) -> str:
+    """A built-in's held-out metrics in a table cell: the ratios to the query's."""
+    if not held:
+        return "-"
+    parts = [f"MSE {held['mse_ratio']:.3f} of the query's"]
+    if "hamming" in held:
+        parts.append(f"Hamming {held['hamming']:.1f} (query {held['query_hamming']:.1f})")
+    if "ssim" in held:
+        parts.append(f"SSIM {held['ssim']:.3f} (query {held['query_ssim']:.3f})")
+    return ", ".join(parts)
 
 
 def _progress(total: int, label: str) -> Any:

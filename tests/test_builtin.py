@@ -56,7 +56,7 @@ def test_a_built_in_name_works_where_a_model_path_does(
     read = run_ebmm("read", str(queries), "--memory", str(memory), "-o", str(tmp_path / "r"))
     assert read.returncode == 0, read.stderr
     named = run_ebmm("write", *five, "--model", "omniglot-28", "-o", str(tmp_path / "n.st"))
-    assert named.returncode == 0 and "note" not in named.stderr
+    assert named.returncode == 0 and "using the built-in" not in named.stderr
     assert (tmp_path / "n.st").read_bytes() == memory.read_bytes()
     compared = run_ebmm("compare", "--model", "omniglot-28", "--data-root", str(data_root),
                         "--episodes", "2", "--baselines", "identity", "--json")  # fmt: skip
