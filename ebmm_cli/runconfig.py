@@ -50,6 +50,15 @@ class TrainConfig:
     together; held-out evaluation then runs at several N (`capacity_sizes`).
     """
 
+    def __post_init__(self) -> None:
+        # Every trained model records the N it was trained on (`RuleConfig.patterns`),
+        # however its config was built; checkpoints from before say nothing.
+        rules = self.model.rules
+        if rules.patterns is None:
+            patterns = (self.batch_min or self.batch_size, self.batch_size)
+            model = replace(self.model, rules=replace(rules, patterns=patterns))
+            object.__setattr__(self, "model", model)
+
     def sizes(self) -> list[int]:
         """The episode sizes of held-out evaluation: N, or four N spread
         geometrically over the range (its ends included), multiples of the shots."""
