@@ -1189,7 +1189,7 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 @app.command()
 def models(
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print JSON, one object each.")
+        bool, typer.Option("--json", help="Print a JSON list, one object per model.")
     ] = False,
 ) -> None:
     """List the trained models that ship with ebmm: a name works wherever --model does."""
@@ -1205,7 +1205,7 @@ def models(
     from rich.table import Table
 
     table = Table(title=f"built-in models ({builtin.FOLDER})", title_justify="left")
-    for column in ("name", "protocol", "patterns", "memory floats", "N", "held-out", "trained"):
+    for column in ("name", "protocol", "pattern", "memory floats", "N", "held-out", "trained"):
         table.add_column(column)
     for m in found:
         shape = "x".join(str(v) for v in m["shape"])
