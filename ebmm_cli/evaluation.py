@@ -96,10 +96,19 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     return totals
 
 
-def mean_over_sizes(results: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """One evaluation at several N: each metric's mean over the sizes (each N weighs the
-    same; `nonfinite` is summed), and every size's own metrics under `by_n` (the
-    capacity curve). One size: its metrics as they are."""
+def heldout_sets(
+    data: Any, config: TrainConfig, distortion: Distortion, count: int | None = None
+) -> dict[int, list[Batch]]:
+    """`heldout_batches` at each held-out N of the run (`TrainConfig.sizes`): one N, or
+    four spread over a range."""
+    return {n: heldout_batches(data, config, distortion, count, n) for n in config.sizes()}
+
+
+def evaluate_sets(model: Model, sets: dict[int, list[Batch]]) -> dict[str, Any]:
+    """`evaluate_episodes` at each N of `heldout_sets`: each metric's mean over the sizes
+    (each N weighs the same; `nonfinite` is summed), and every size's own metrics under
+    `by_n` (the capacity curve). One size: its metrics as they are."""
+    results = {n: evaluate_episodes(model, batches) for n, batches in sets.items()}
     if len(results) == 1:
         return next(iter(results.values()))
     first = next(iter(results.values()))

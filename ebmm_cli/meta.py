@@ -35,13 +35,7 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.device import resolve_device
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.evaluation import (
-    Batch,
-    evaluate_episodes,
-    heldout_batches,
-    mean_over_sizes,
-    plot_curves,
-)
+from ebmm_cli.evaluation import Batch, evaluate_sets, heldout_sets, plot_curves
 from ebmm_cli.graphs import replayed_step
 from ebmm_cli.memory import read_episodes, write_episodes
 from ebmm_cli.metrics import reconstruction_loss
@@ -259,10 +253,7 @@ class Trainer:
         try:
             self.episodes, self.generator = self._streams(train_data, self.rank, 0)
             split = self.heldout_split
-            self.heldout = {
-                n: heldout_batches(held_data, config, self.model.distortion, n=n)
-                for n in config.sizes()
-            }
+            self.heldout = heldout_sets(held_data, config, self.model.distortion)
         except EbmmError as e:  # say which data could not fill an episode
             raise EbmmError(e.subject, f"{e.problem} (the {split} split)") from None
         if self.world > 1:  # the same start everywhere, whatever each process built
@@ -382,12 +373,10 @@ class Trainer:
         dist.broadcast(tensor, 0)
         return tensor.tolist()
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out retrieval on the fixed held-out episodes (see `evaluate_episodes`),
-        at each held-out N (`mean_over_sizes`)."""
-        return mean_over_sizes(
-            {n: evaluate_episodes(self.model, b) for n, b in self.heldout.items()}
-        )
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out retrieval on the fixed held-out episodes, at each held-out N
+        (see `evaluate_sets`)."""
+        return evaluate_sets(self.model, self.heldout)
 
     def run(self, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
         """Train until `steps` or `minutes` (whichever first); save the model, checkpoint,

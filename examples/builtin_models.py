@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ebmm_cli import builtin
-from ebmm_cli.evaluation import evaluate_episodes, heldout_batches, mean_over_sizes
+from ebmm_cli.evaluation import evaluate_sets, heldout_sets
 from ebmm_cli.meta import _datasets
 from ebmm_cli.model import Model
 from ebmm_cli.runconfig import TrainConfig, train_config
@@ -88,11 +88,7 @@ def _evaluate(model: Any, config: TrainConfig, episodes: int) -> dict[str, Any]:
     """Held-out metrics over `episodes` fixed episodes per N (the run's own held-out
     seeds and split), with the ratios a reader wants."""
     _, held, split = _datasets(config)
-    results = {
-        n: evaluate_episodes(model, heldout_batches(held, config, model.distortion, episodes, n))
-        for n in config.sizes()
-    }
-    merged = mean_over_sizes(results)
+    merged = evaluate_sets(model, heldout_sets(held, config, model.distortion, episodes))
     out: dict[str, Any] = {k: round(float(merged[k]), 5) for k in KEPT if k in merged}
     out["mse_ratio"] = round(merged["mse"] / merged["query_mse"], 4)
     if "by_n" in merged:
