@@ -498,6 +498,15 @@ def train(
             help="Do not backpropagate through the write's own gradients (faster, less exact)."
         ),
     ] = False,
+    prior_minutes: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Spend the first this many of --minutes on a prior phase: nothing is "
+            "written, queries are read from the initial weights, so the energy learns to "
+            "restore the data's patterns in cheap steps before meta-training proper. 0: none.",
+        ),
+    ] = 0.0,
     lr: Annotated[
         float,
         typer.Option(
@@ -599,6 +608,7 @@ def train(
             steps=steps,
             minutes=minutes,
             first_order=first_order,
+            prior_minutes=prior_minutes,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

@@ -37,7 +37,7 @@ from ebmm_cli.device import resolve_device
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_sets, heldout_sets, plot_curves
 from ebmm_cli.graphs import replayed_step
-from ebmm_cli.memory import read_episodes, write_episodes
+from ebmm_cli.memory import initial_memory, read, read_episodes, write_episodes
 from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig
@@ -118,9 +118,13 @@ class MetaStep:
             else:
                 group["lr"] = base * scale
 
-    def __call__(self, batches: list[Batch], generator: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, batches: list[Batch], generator: torch.Generator, prior: bool = False
+    ) -> torch.Tensor:
         """One meta-gradient step on the mean loss of `batches` (and, distributed, of
         every process's batches). `generator` draws the decoder read's adaptation queries.
+        `prior`: a step of the prior phase (`TrainConfig.prior_minutes`): nothing is
+        written, every query is read from θ̄.
 
         Returns:
             The mean loss, a 0-dim tensor on the device: NaN if the loss or the gradient
@@ -128,10 +132,14 @@ class MetaStep:
         """
         patterns = torch.stack([b.patterns for b in batches])
         queries = torch.stack([b.queries for b in batches])
-        return self.episodes(patterns, queries, generator)
+        return self.episodes(patterns, queries, generator, prior)
 
     def episodes(
-        self, patterns: torch.Tensor, queries: torch.Tensor, generator: torch.Generator | None
+        self,
+        patterns: torch.Tensor,
+        queries: torch.Tensor,
+        generator: torch.Generator | None,
+        prior: bool = False,
     ) -> torch.Tensor:
         """`__call__` on stacked episodes, (E, N, ...) each: the form a CUDA graph
         captures (fixed-shape tensors in, a tensor out, no host sync). Several episodes
@@ -142,11 +150,14 @@ class MetaStep:
         count = patterns.shape[0]
         share = 1.0 / (count * self.world)
         together = count > 1 and self.model.decoder is None
-        groups = [slice(0, count)] if together else [slice(i, i + 1) for i in range(count)]
+        groups = [slice(0, count)] if together or prior else [slice(i, i + 1) for i in range(count)]
         total = torch.zeros((), device=patterns.device)
         finite = torch.ones((), dtype=torch.bool, device=patterns.device)
         for group in groups:  # group by group: one group's graph at a time
-            losses, iterates = self._episode_losses(patterns[group], queries[group], generator)
+            if prior:
+                losses, iterates = self._prior_losses(patterns, queries)
+            else:
+                losses, iterates = self._episode_losses(patterns[group], queries[group], generator)
             finite = finite & losses.isfinite().all()
             (losses.sum() * share).backward()
             total = total + losses.detach().sum() / iterates * share
@@ -175,6 +186,28 @@ class MetaStep:
     def _state(self, param: torch.nn.Parameter) -> list[torch.Tensor]:
         return [v for v in self.optimizer.state.get(param, {}).values() if torch.is_tensor(v)]
 
+    def _prior_losses(
+        self, patterns: torch.Tensor, queries: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """`_episode_losses` with nothing written: all E·N queries read together from θ̄
+        (one read of one memory, no write and no second order through it, so a step
+        costs a fraction of a meta-step's)."""
+        net = self.model.energy
+        memory = initial_memory(net)
+        iterates = read(net, self.model.rules, memory, queries.flatten(0, 1), create_graph=True)
+        return self._summed(iterates, patterns), len(iterates)
+
+    def _summed(self, iterates: list[torch.Tensor], patterns: torch.Tensor) -> torch.Tensor:
+        """Each episode's loss summed over the read iterates (each (E·N, ...) or
+        (E, N, ...)), shape (E,)."""
+        flat = patterns.flatten(0, 1)
+        return sum(
+            reconstruction_loss(self.loss, x.reshape(flat.shape), flat)
+            .view(patterns.shape[0], -1)
+            .mean(1)
+            for x in iterates
+        )
+
     def _episode_losses(
         self, patterns: torch.Tensor, queries: torch.Tensor, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, int]:
@@ -192,14 +225,7 @@ class MetaStep:
             energy_net, rules = self.model.energy, self.model.rules
             memories = write_episodes(energy_net, rules, patterns, create_graph=second)
             iterates = read_episodes(energy_net, rules, memories, queries, create_graph=True)
-        flat = patterns.flatten(0, 1)
-        losses = sum(
-            reconstruction_loss(self.loss, x.flatten(0, 1), flat)
-            .view(patterns.shape[0], -1)
-            .mean(1)
-            for x in iterates
-        )
-        return losses, len(iterates)
+        return self._summed(iterates, patterns), len(iterates)
 
     def _all_reduce(
         self, params: list[torch.nn.Parameter], total: torch.Tensor, finite: torch.Tensor
@@ -270,6 +296,8 @@ class Trainer:
         self.window: list[float] = []
         self.pending: list[torch.Tensor] = []
         self.last_loss: float | None = None
+        # Whether the last step belonged to the prior phase (`TrainConfig.prior_minutes`).
+        self.prior = False
         self.metrics: list[dict[str, Any]] = []
 
     def _settle(self) -> None:
@@ -400,7 +428,11 @@ class Trainer:
                 self._schedule_lr(self.elapsed)
                 n = self.episodes.draw_size()  # one N per step: its episodes go together
                 batches = [self.batch(n) for _ in range(cfg.episodes_per_step)]
-                self.pending.append(self.step_fn(batches, self.generator))
+                self.prior = self.elapsed < cfg.prior_minutes * 60
+                if self.prior:  # eager: no graph of this kind of step
+                    self.pending.append(self.meta_step(batches, self.generator, prior=True))
+                else:
+                    self.pending.append(self.step_fn(batches, self.generator))
                 self.step += 1
                 if self.device.type != "cuda":
                     self._settle()
@@ -469,6 +501,7 @@ class Trainer:
             "heldout_loss": heldout["loss"],
             "heldout_split": self.heldout_split,
             "skipped": self.skipped,
+            **({"prior": self.prior} if self.config.prior_minutes else {}),
             **{f"heldout_{k}": v for k, v in heldout.items() if k != "loss"},
         }
         self.metrics.append(record)

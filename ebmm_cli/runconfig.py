@@ -48,6 +48,11 @@ class TrainConfig:
     With `batch_min`, N is drawn per step from [batch_min, batch_size] (log-uniformly;
     `Episodes.draw_size`), the same N for all of the step's episodes, which are written
     together; held-out evaluation then runs at several N (`capacity_sizes`).
+
+    `prior_minutes` of training time come first as a prior phase: nothing is written,
+    every query is read from θ̄ and the loss is the same, so the slow weights learn what
+    the data look like (an energy whose descent restores a distorted pattern) at a
+    fraction of a meta-step's cost, before they learn to be written (issue 17).
     """
 
     def __post_init__(self) -> None:
@@ -82,6 +87,7 @@ class TrainConfig:
     checkpoint_minutes: float = 2.0
     episodes_per_step: int = 1
     cuda_graph: str = "auto"
+    prior_minutes: float = 0.0
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -250,6 +256,7 @@ def train_config(
     checkpoint_minutes: float = 2.0,
     episodes_per_step: int = 1,
     cuda_graph: str = "auto",
+    prior_minutes: float = 0.0,
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
@@ -272,6 +279,7 @@ def train_config(
     ):
         if value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
+    check_prior(prior_minutes, minutes, read)
     check_dataset(dataset)
     _choice("--cuda-graph", cuda_graph, CUDA_GRAPHS)
     if cuda_graph == "on" and resolve_device(device).type != "cuda":
@@ -319,7 +327,21 @@ def train_config(
         checkpoint_minutes=checkpoint_minutes,
         episodes_per_step=episodes_per_step,
         cuda_graph=cuda_graph,
+        prior_minutes=prior_minutes,
     )
+
+
+def check_prior(prior_minutes: float, minutes: float | None, read: str) -> None:
+    """`--prior-minutes`: not negative, shorter than the budget, and only for the
+    gradient read (the prior trains the energy's descent; a decoder read has none)."""
+    if prior_minutes < 0:
+        raise EbmmError("--prior-minutes", f"must be 0 or more, got {prior_minutes}")
+    if prior_minutes > 0 and read != "gd":
+        raise EbmmError("--prior-minutes", "needs the gradient read (--read gd)")
+    if prior_minutes > 0 and minutes is not None and prior_minutes >= minutes:
+        raise EbmmError(
+            "--prior-minutes", f"{prior_minutes:g} leaves no time of --minutes {minutes:g}"
+        )
 
 
 def _folder_channels(folder: Path) -> int:

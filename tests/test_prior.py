@@ -1,0 +1,97 @@
+"""The prior phase of training (issue 17): before meta-training, steps that write nothing
+and read every query from θ̄, so the slow weights learn the data's shapes cheaply."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebmm_cli.errors import EbmmError
+from ebmm_cli.evaluation import Batch
+from ebmm_cli.memory import initial_memory, read
+from ebmm_cli.meta import MetaStep
+from ebmm_cli.metrics import reconstruction_loss
+from ebmm_cli.model import Model
+from ebmm_cli.runconfig import train_config
+from ebmm_cli.store import load_model
+from tests.conftest import run_ebmm
+
+
+def _binary_step(**options: object) -> tuple[Model, MetaStep, torch.Tensor, torch.Tensor]:
+    config = train_config(dataset="binary", batch_size=6, steps=1, write_steps=2, read_steps=2,
+                          dynamic=8, device="cpu", **options)  # fmt: skip
+    torch.manual_seed(0)
+    model = Model(config.model)
+    step = MetaStep(model, config, torch.device("cpu"), world=1)
+    patterns = (torch.rand(2, 6, 128) > 0.5).float()
+    queries = model.distortion(patterns.flatten(0, 1), torch.Generator().manual_seed(1))
+    return model, step, patterns, queries.view_as(patterns)
+
+
+def test_a_prior_step_reads_from_the_initial_weights_and_writes_nothing() -> None:
+    model, step, patterns, queries = _binary_step()
+    # The loss a prior step should follow: every query read from θ̄, summed over the
+    # read's iterates, averaged over the patterns (computed here without MetaStep).
+    net = model.energy
+    iterates = read(net, model.rules, initial_memory(net), queries.flatten(0, 1))
+    flat = patterns.flatten(0, 1)
+    expected = sum(reconstruction_loss("mse", x, flat).mean() for x in iterates) / len(iterates)
+    rules_before = {k: v.clone() for k, v in model.rules.named_parameters()}
+    slow_before = {k: v.clone() for k, v in net.named_parameters()}
+
+    loss = step([Batch(p, q) for p, q in zip(patterns, queries, strict=True)], None, prior=True)
+
+    torch.testing.assert_close(loss, expected)
+    after = dict(model.rules.named_parameters())
+    # Nothing is written, so no gradient reaches the write's rates, α or β ...
+    for name in ("write_rate", "alpha", "beta"):
+        torch.testing.assert_close(after[name], rules_before[name], rtol=0, atol=0)
+    # ... while the read's first step size and the energy (θ̄ included) move.
+    assert not torch.equal(after["read_rate"], rules_before["read_rate"])
+    moved = [k for k, v in net.named_parameters() if not torch.equal(v, slow_before[k])]
+    assert set(initial_memory(net)) <= set(moved)
+
+
+def test_the_prior_phase_is_checked_with_the_other_options() -> None:
+    with pytest.raises(EbmmError, match="leaves no time"):
+        train_config(dataset="binary", minutes=5, prior_minutes=5)
+    with pytest.raises(EbmmError, match="gradient read"):
+        train_config(dataset="binary", minutes=5, prior_minutes=1, read="decoder")
+    with pytest.raises(EbmmError, match="0 or more"):
+        train_config(dataset="binary", steps=5, prior_minutes=-1)
+
+
+@pytest.mark.slow
+def test_train_starts_with_the_prior_then_writes(tmp_path: Path) -> None:
+    """Through the CLI: a run whose prior phase outlasts its steps never changes the write
+    rates; one whose prior phase is over after its first step records both phases and
+    resumes in the second."""
+    common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
+              "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "1",
+              "--device", "cpu"]  # fmt: skip
+    only = tmp_path / "only-prior"
+    result = run_ebmm("train", *common, "--steps", "3", "--minutes", "60", "--prior-minutes",
+                      "30", "-o", str(only))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (only / "metrics.jsonl").read_text().splitlines()]
+    assert [r["prior"] for r in records] == [True, True, True]
+    trained = load_model(only / "model.safetensors")
+    fresh = Model(trained.config)
+    torch.testing.assert_close(trained.rules.write_rate, fresh.rules.write_rate, rtol=0, atol=0)
+    assert not torch.equal(trained.rules.read_rate, fresh.rules.read_rate)
+
+    both = tmp_path / "both"  # 0.6 ms of prior: the first step's, and no other
+    result = run_ebmm("train", *common, "--steps", "2", "--minutes", "60", "--prior-minutes",
+                      "1e-5", "-o", str(both))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (both / "metrics.jsonl").read_text().splitlines()]
+    assert [r["prior"] for r in records] == [True, False]
+    resumed = run_ebmm("train", "-o", str(both), "--resume", "--steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (both / "metrics.jsonl").read_text().splitlines()]
+    assert [r["prior"] for r in records] == [True, False, False]
+    written = load_model(both / "model.safetensors")
+    assert not torch.equal(written.rules.write_rate, fresh.rules.write_rate)
