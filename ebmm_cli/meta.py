@@ -6,7 +6,9 @@ minimises the loss summed over all read iterates (paper eq. 2, applied step-wise
 backpropagating through the read and, by default, through the write's own gradient
 steps (second order; `first_order` treats each write gradient as a constant).
 Outer optimiser: AdamW, weight decay 1e-6, gradient clipping by global norm 0.05 (the
-paper's). The library never prints: progress goes to a callback.
+paper's). A run may begin with a prior phase (`TrainConfig.prior_minutes`): the same
+loss with nothing written, every query read from θ̄. The library never prints: progress
+goes to a callback.
 
 Distributed (torchrun, `init_distributed`): every process holds the same model, draws
 its own episodes, and all-reduces its gradients before the identical clipped AdamW step
