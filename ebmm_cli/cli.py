@@ -416,6 +416,14 @@ def train(
             "N (the capacity curve).",
         ),
     ] = "5",
+    rates_see_n: Annotated[
+        bool,
+        typer.Option(
+            help="With a range of --batch-size: scale the learned write rates by "
+            "(N / N̄)^κ, one learned κ per term of the write loss (the default), or keep "
+            "the same rates at every N.",
+        ),
+    ] = True,
     shots: Annotated[
         int,
         typer.Option(
@@ -609,6 +617,7 @@ def train(
             minutes=minutes,
             first_order=first_order,
             prior_minutes=prior_minutes,
+            rates_see_n=rates_see_n,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

@@ -63,6 +63,8 @@ class RuleConfig:
         patterns: (least, most) patterns per write that the model was meta-trained on;
             None in files from before it was recorded. Over a range (least < most) the
             learned rates see N: see `Rules.write_schedule`.
+        rates_see_n: over a range of N, whether the learned rates scale with N (the
+            default); False keeps the same rates at every N (the ablation of issue 19).
     """
 
     write_steps: int = 5
@@ -79,6 +81,7 @@ class RuleConfig:
     decoder_steps: int = 2
     decoder_lr: float = 0.1
     patterns: tuple[int, int] | None = None
+    rates_see_n: bool = True
 
     def __post_init__(self) -> None:
         if self.patterns is not None:  # JSON gives a list
@@ -88,6 +91,7 @@ class RuleConfig:
         """Whether the write rates depend on N: learned rates over a range of N."""
         return (
             self.schedule == "learned"
+            and self.rates_see_n
             and self.patterns is not None
             and self.patterns[0] < self.patterns[1]
         )

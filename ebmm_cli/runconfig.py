@@ -257,6 +257,7 @@ def train_config(
     episodes_per_step: int = 1,
     cuda_graph: str = "auto",
     prior_minutes: float = 0.0,
+    rates_see_n: bool = True,
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
@@ -295,7 +296,7 @@ def train_config(
         write_lr=write_lr,
         read_lr=read_lr,
     )
-    rules = replace(rules, patterns=(least, most))
+    rules = replace(rules, patterns=(least, most), rates_see_n=rates_see_n)
     options = dict(
         dataset=dataset,
         memory=memory,

@@ -13,6 +13,7 @@ import torch
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.memory import RuleConfig, Rules
+from ebmm_cli.model import ModelConfig
 from ebmm_cli.runconfig import capacity_sizes, parse_batch_size, train_config
 from ebmm_cli.store import load_model
 from tests.conftest import run_ebmm
@@ -84,6 +85,22 @@ def test_rates_see_n_only_over_a_range() -> None:
     torch.testing.assert_close(rates, base * torch.tensor([2.0, 1.0, 0.5]))
     torch.testing.assert_close(ranged.write_schedule(16)[0], base)
     assert not RuleConfig(schedule="fixed", patterns=(8, 32)).sees_n()
+
+
+def test_rates_that_do_not_see_n_are_recorded_and_kept() -> None:
+    """`--no-rates-see-n` (the ablation): no κ, the same rates at every N, and the model
+    config says so through its JSON; a config from before the switch sees N."""
+    config = train_config(dataset="binary", batch_size=(8, 32), steps=1, rates_see_n=False)
+    rules = config.model.rules
+    assert rules.patterns == (8, 32) and not rules.sees_n()
+    plain = Rules(rules, layers=2)
+    assert not hasattr(plain, "rate_exponent")
+    assert torch.equal(plain.write_schedule(8)[0], plain.write_schedule(32)[0])
+    again = ModelConfig.from_json(config.model.to_json())
+    assert again.rules == rules
+    data = json.loads(config.model.to_json())
+    del data["rules"]["rates_see_n"]
+    assert ModelConfig.from_json(json.dumps(data)).rules.sees_n()
 
 
 @pytest.mark.slow
