@@ -18,9 +18,9 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import Episodes
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
-from ebmm_cli.memory import energy
+from ebmm_cli.memory import energy, initial_memory
 from ebmm_cli.metrics import hamming, reconstruction_loss, ssim
-from ebmm_cli.model import Model, retrieve, write_memory
+from ebmm_cli.model import Memory, Model, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig
 
 
@@ -59,7 +59,12 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     SSIM of the retrieval and of the query, and the mean energy (under the written memory) of the
     originals, the queries and the retrievals (the report's table). Episodes whose write
     or read leaves the reals are left out of the means and counted in `nonfinite`; if
-    all are, the means are NaN."""
+    all are, the means are NaN.
+
+    For the gradient read also `unwritten_mse` and `unwritten_hamming`: the same queries
+    read from θ̄, a memory that holds nothing. The gap to `mse` is what the write
+    stores; without it a run can beat the query on the energy's prior alone, with a
+    write that does nothing (issue 17's trial 4)."""
     model.eval()
     kind = model.config.loss
     sums: dict[str, float] = {}
@@ -85,6 +90,13 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
                 "energy_query": energy(model.energy, memory.params, batch.queries).mean(),
                 "energy_retrieved": energy(model.energy, memory.params, out).mean(),
             }
+            if model.decoder is None:
+                blank = Memory(
+                    {k: v.detach() for k, v in initial_memory(model.energy).items()}, None, 0
+                )
+                unwritten = retrieve(model, blank, batch.queries)[-1]
+                values["unwritten_mse"] = (unwritten - batch.patterns).pow(2).mean()
+                values["unwritten_hamming"] = hamming(unwritten, batch.patterns).mean()
             if batch.patterns.dim() == 4:
                 values["ssim"] = ssim(out, batch.patterns).mean()
                 values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.evaluation import Batch
+from ebmm_cli.evaluation import Batch, evaluate_episodes
 from ebmm_cli.memory import initial_memory, read
 from ebmm_cli.meta import MetaStep
 from ebmm_cli.metrics import reconstruction_loss
@@ -53,6 +53,21 @@ def test_a_prior_step_reads_from_the_initial_weights_and_writes_nothing() -> Non
     assert not torch.equal(after["read_rate"], rules_before["read_rate"])
     moved = [k for k, v in net.named_parameters() if not torch.equal(v, slow_before[k])]
     assert set(initial_memory(net)) <= set(moved)
+
+
+def test_held_out_metrics_show_what_the_write_stores() -> None:
+    """`unwritten_*`: the queries read from θ̄. A write whose rates are nil stores
+    nothing and reads exactly as θ̄ does; a write with the binary rates stores."""
+    model, _, patterns, queries = _binary_step(write_lr=1.0)
+    held = [Batch(p, q) for p, q in zip(patterns, queries, strict=True)]
+    stored = evaluate_episodes(model, held)
+    assert stored["mse"] < stored["unwritten_mse"] - 1e-3
+    with torch.no_grad():
+        model.rules.write_rate.fill_(-40.0)  # softplus: rates of 4e-18
+    nothing = evaluate_episodes(model, held)
+    assert nothing["mse"] == pytest.approx(nothing["unwritten_mse"], abs=1e-7)
+    assert nothing["unwritten_mse"] == pytest.approx(stored["unwritten_mse"], abs=1e-7)
+    assert nothing["hamming"] == nothing["unwritten_hamming"]
 
 
 def test_the_prior_phase_is_checked_with_the_other_options() -> None:

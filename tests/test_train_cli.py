@@ -83,6 +83,9 @@ def test_train_writes_its_run_folder(run_dir: Path) -> None:
     # first falls below the second (the paper's image metric).
     assert 0 < lines[0]["heldout_query_hamming"] < 28 * 28
     assert 0 <= lines[0]["heldout_hamming"] <= 28 * 28
+    # The same queries read from a memory that holds nothing: the gap is the write's.
+    assert 0 <= lines[0]["heldout_unwritten_hamming"] <= 28 * 28
+    assert lines[0]["heldout_unwritten_mse"] > 0
     assert Image.open(run_dir / "loss.png").size[0] > 100
 
 
