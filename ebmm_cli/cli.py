@@ -1164,7 +1164,9 @@ def compare(
     data_shape = next(iter(eps.values()))[0].shape
     for path, net in loaded:
         harness.check_model(net, path, data_shape)
-        methods.append(harness.ModelMethod(net, f"ebmm:{path.parent.name or path.stem}", dev))
+        # A run's model by its run folder; a built-in one by its name, not "models".
+        name = path.stem if path.parent == builtin.FOLDER else path.parent.name or path.stem
+        methods.append(harness.ModelMethod(net, f"ebmm:{name}", dev))
     if not methods:
         raise EbmmError("--baselines", "nothing to compare: give --model or baselines")
     rows = harness.run(methods, eps)

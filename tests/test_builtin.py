@@ -107,6 +107,6 @@ def test_every_built_in_recalls_better_than_the_query(
     result = run_ebmm("compare", "--model", name, "--data-root", str(data_root), "--episodes",
                       "3", "--baselines", "identity", "--json", *protocol)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rows = {r["method"] == "identity": r for r in json.loads(result.stdout)["rows"]}
-    model, query = rows[False], rows[True]
+    rows = {r["method"]: r for r in json.loads(result.stdout)["rows"]}
+    model, query = rows[f"ebmm:{name}"], rows["identity"]  # labelled by its name
     assert model["sq_error"]["mean"] < query["sq_error"]["mean"]
