@@ -1056,6 +1056,14 @@ def compare(
             "nearest-pca:K, hopfield-hebb, hopfield-storkey, hopfield-pinv, modern-hopfield."
         ),
     ] = ("identity,nearest,hopfield-pinv"),
+    unwritten: Annotated[
+        bool,
+        typer.Option(
+            help="Add a row per model that writes nothing and reads every query from its "
+            "initial weights: the gap to the model's own row is what its memory stores (its "
+            "slow weights alone may already beat the query).",
+        ),
+    ] = False,
     dataset: DatasetName = "omniglot",
     data_root: DataRoot = None,
     split: Annotated[str, typer.Option(help="Split the episodes come from.")] = "test",
@@ -1167,6 +1175,8 @@ def compare(
         # A run's model by its run folder; a built-in one by its name, not "models".
         name = path.stem if path.parent == builtin.FOLDER else path.parent.name or path.stem
         methods.append(harness.ModelMethod(net, f"ebmm:{name}", dev))
+        if unwritten:
+            methods.append(harness.ModelMethod(net, f"ebmm:{name} unwritten", dev, unwritten=True))
     if not methods:
         raise EbmmError("--baselines", "nothing to compare: give --model or baselines")
     rows = harness.run(methods, eps)

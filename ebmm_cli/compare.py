@@ -22,7 +22,7 @@ from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.distort import Distortion
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.metrics import hamming, ssim
-from ebmm_cli.model import Model, retrieve, write_memory
+from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 
 METRICS = ("sq_error", "mse", "hamming", "ssim", "psnr", "write_ms", "read_ms")
 
@@ -41,17 +41,25 @@ class Method(Protocol):
 
 @dataclass
 class ModelMethod:
-    """A trained EBMM model as a method: patterns in the model's own shape."""
+    """A trained EBMM model as a method: patterns in the model's own shape.
+
+    `unwritten`: the control that writes nothing, reading every query from θ̄ (and an
+    unadapted decoder). A model can beat the query on what its slow weights learned of
+    the data alone; the gap between its row and this one is what its memory stores.
+    """
 
     model: Model
     name: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    unwritten: bool = False
 
     def memory_floats(self, n: int, d: int) -> int:
         return self.model.memory_floats()
 
     def write(self, patterns: torch.Tensor) -> Any:
         shaped = patterns.reshape(-1, *self.model.config.energy.shape).to(self.device)
+        if self.unwritten:
+            return unwritten_memory(self.model)
         return write_memory(self.model, shaped, generator=torch.Generator().manual_seed(0)).detach()
 
     def read(self, memory: Any, queries: torch.Tensor) -> torch.Tensor:

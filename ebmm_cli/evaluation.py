@@ -18,9 +18,9 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import Episodes
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
-from ebmm_cli.memory import energy, initial_memory
+from ebmm_cli.memory import energy
 from ebmm_cli.metrics import hamming, reconstruction_loss, ssim
-from ebmm_cli.model import Memory, Model, retrieve, write_memory
+from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig
 
 
@@ -61,8 +61,8 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     or read leaves the reals are left out of the means and counted in `nonfinite`; if
     all are, the means are NaN.
 
-    For the gradient read also `unwritten_mse` and `unwritten_hamming`: the same queries
-    read from θ̄, a memory that holds nothing. The gap to `mse` is what the write
+    Also `unwritten_mse` and `unwritten_hamming`: the same queries read from θ̄ (and an
+    unadapted decoder), a memory that holds nothing. The gap to `mse` is what the write
     stores; without it a run can beat the query on the energy's prior alone, with a
     write that does nothing (issue 17's trial 4)."""
     model.eval()
@@ -74,6 +74,7 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
             memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
             memory = memory.detach()
             iterates = retrieve(model, memory, batch.queries)
+            unwritten = retrieve(model, unwritten_memory(model), batch.queries)[-1]
         except FloatingPointError:
             continue
         finite += 1
@@ -89,14 +90,9 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
                 "energy_original": energy(model.energy, memory.params, batch.patterns).mean(),
                 "energy_query": energy(model.energy, memory.params, batch.queries).mean(),
                 "energy_retrieved": energy(model.energy, memory.params, out).mean(),
+                "unwritten_mse": (unwritten - batch.patterns).pow(2).mean(),
+                "unwritten_hamming": hamming(unwritten, batch.patterns).mean(),
             }
-            if model.decoder is None:
-                blank = Memory(
-                    {k: v.detach() for k, v in initial_memory(model.energy).items()}, None, 0
-                )
-                unwritten = retrieve(model, blank, batch.queries)[-1]
-                values["unwritten_mse"] = (unwritten - batch.patterns).pow(2).mean()
-                values["unwritten_hamming"] = hamming(unwritten, batch.patterns).mean()
             if batch.patterns.dim() == 4:
                 values["ssim"] = ssim(out, batch.patterns).mean()
                 values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()

@@ -28,6 +28,7 @@ from ebmm_cli.memory import (
     RuleConfig,
     Rules,
     energy_grad,
+    initial_memory,
     raise_first_non_finite,
     read,
     write,
@@ -129,6 +130,18 @@ class Memory:
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Memory:
         decoder = None if self.decoder is None else {k: fn(v) for k, v in self.decoder.items()}
         return Memory({k: fn(v) for k, v in self.params.items()}, decoder, self.patterns)
+
+
+def unwritten_memory(model: Model) -> Memory:
+    """The memory before any write: θ̄, and for the decoder read the unadapted decoder.
+    Reading from it is the control that shows what a write stores (`unwritten_*` in
+    held-out metrics, `ebmm compare --unwritten`)."""
+    decoder = model.decoder
+    return Memory(
+        {k: v.detach() for k, v in initial_memory(model.energy).items()},
+        None if decoder is None else {k: v.detach() for k, v in decoder.named_parameters()},
+        0,
+    )
 
 
 def write_memory(

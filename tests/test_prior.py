@@ -16,7 +16,7 @@ from ebmm_cli.meta import MetaStep
 from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model
 from ebmm_cli.runconfig import train_config
-from ebmm_cli.store import load_model
+from ebmm_cli.store import load_model, save_model
 from tests.conftest import run_ebmm
 
 
@@ -68,6 +68,21 @@ def test_held_out_metrics_show_what_the_write_stores() -> None:
     assert nothing["mse"] == pytest.approx(nothing["unwritten_mse"], abs=1e-7)
     assert nothing["unwritten_mse"] == pytest.approx(stored["unwritten_mse"], abs=1e-7)
     assert nothing["hamming"] == nothing["unwritten_hamming"]
+
+
+def test_compare_shows_the_unwritten_control(tmp_path: Path) -> None:
+    """`ebmm compare --unwritten`: beside each model, the same model reading from θ̄."""
+    model, *_ = _binary_step(write_lr=1.0)
+    save_model(model, tmp_path / "net" / "model.safetensors")
+    result = run_ebmm("compare", "--model", str(tmp_path / "net" / "model.safetensors"),
+                      "--dataset", "binary", "--batch-size", "6", "--episodes", "3",
+                      "--baselines", "identity", "--unwritten", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {r["method"]: r for r in json.loads(result.stdout)["rows"]}
+    assert list(rows) == ["identity", "ebmm:net", "ebmm:net unwritten"]
+    written, blank = rows["ebmm:net"], rows["ebmm:net unwritten"]
+    assert blank["memory_floats"] == written["memory_floats"] == 129 * 8  # rnn, D = 8
+    assert written["sq_error"]["mean"] < blank["sq_error"]["mean"]
 
 
 def test_the_prior_phase_is_checked_with_the_other_options() -> None:
