@@ -7,7 +7,9 @@
 2. writes episodes of 5 characters from the evaluation alphabets (never seen in
    training) into memories, distorts them, and reads them back;
 3. saves `grid.png` (rows: original, query, retrieved) and prints MSE, SSIM and the mean
-   energies of originals, queries and retrievals.
+   energies of originals, queries and retrievals, and the same read with nothing
+   written (from θ̄): the gap is what the memory adds to what the slow weights know
+   about characters (for `omniglot-28`, little: README, "Built-in models").
 
     python examples/demo.py --data-root ../shared/data --out demo
     python examples/demo.py --data-root ../shared/data --out demo --train-minutes 3
@@ -33,7 +35,7 @@ from ebmm_cli.imageio import save_image
 from ebmm_cli.memory import energy
 from ebmm_cli.meta import Trainer
 from ebmm_cli.metrics import ssim
-from ebmm_cli.model import Model, retrieve, write_memory
+from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import train_config
 from ebmm_cli.store import load_model
 
@@ -67,11 +69,12 @@ def main() -> None:
         queries = distortion(images, generator)
         memory = write_memory(model, images).detach()
         retrieved = retrieve(model, memory, queries)[-1]
+        unwritten = retrieve(model, unwritten_memory(model), queries)[-1]
         rows.append(torch.cat([images, queries, retrieved]))
         with torch.no_grad():
             values = {
-                "MSE": [(queries - images).pow(2).mean(), (retrieved - images).pow(2).mean()],
-                "SSIM": [ssim(queries, images).mean(), ssim(retrieved, images).mean()],
+                "MSE": [(x - images).pow(2).mean() for x in (queries, retrieved, unwritten)],
+                "SSIM": [ssim(x, images).mean() for x in (queries, retrieved, unwritten)],
                 "energy": [
                     energy(model.energy, memory.params, x).mean()
                     for x in (images, queries, retrieved)
@@ -90,13 +93,15 @@ def main() -> None:
 
     table = Table(title=f"{args.episodes} held-out episodes of 5 evaluation characters")
     table.add_column("")
-    for name in ("original", "query", "retrieved"):
+    for name in ("original", "query", "retrieved", "nothing written"):
         table.add_column(name, justify="right")
-    table.add_row("MSE to original", "0", f"{totals['MSE'][0]:.4f}", f"{totals['MSE'][1]:.4f}")
-    table.add_row("SSIM to original", "1", f"{totals['SSIM'][0]:.3f}", f"{totals['SSIM'][1]:.3f}")
-    table.add_row("mean energy", *(f"{v:.3f}" for v in totals["energy"]))
+    table.add_row("MSE to original", "0", *(f"{v:.4f}" for v in totals["MSE"]))
+    table.add_row("SSIM to original", "1", *(f"{v:.3f}" for v in totals["SSIM"]))
+    table.add_row("mean energy", *(f"{v:.3f}" for v in totals["energy"]), "")
     Console().print(table)
-    print(f"retrieved MSE / query MSE = {totals['MSE'][1] / totals['MSE'][0]:.3f}")
+    query, written, blank = totals["MSE"]
+    print(f"retrieved MSE / query MSE = {written / query:.3f}")
+    print(f"read with nothing written: {blank / query:.3f} of the query's MSE")
     print(args.out / "grid.png")
 
 

@@ -88,6 +88,9 @@ def test_the_demo_shows_recall_with_the_built_in_model(data_root: Path, tmp_path
     assert ratio <= 0.35, result.stdout
     ssim = re.search(r"SSIM to original\D+1\D+([0-9.]+)\D+([0-9.]+)", result.stdout)
     assert float(ssim[2]) > float(ssim[1]), result.stdout  # retrieved above the query
+    # The control it prints beside: the same read with nothing written, near (README).
+    blank = float(re.search(r"nothing written: ([0-9.]+) of the query", result.stdout)[1])
+    assert ratio <= blank < 0.4, result.stdout
     assert (tmp_path / "demo" / "grid.png").stat().st_size > 0
 
 
