@@ -57,9 +57,9 @@ class ModelMethod:
         return self.model.memory_floats()
 
     def write(self, patterns: torch.Tensor) -> Any:
-        shaped = patterns.reshape(-1, *self.model.config.energy.shape).to(self.device)
         if self.unwritten:
             return unwritten_memory(self.model)
+        shaped = patterns.reshape(-1, *self.model.config.energy.shape).to(self.device)
         return write_memory(self.model, shaped, generator=torch.Generator().manual_seed(0)).detach()
 
     def read(self, memory: Any, queries: torch.Tensor) -> torch.Tensor:

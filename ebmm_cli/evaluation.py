@@ -69,12 +69,13 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     kind = model.config.loss
     sums: dict[str, float] = {}
     finite = 0
+    blank = unwritten_memory(model)
     for batch in batches:
         try:
             memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
             memory = memory.detach()
             iterates = retrieve(model, memory, batch.queries)
-            unwritten = retrieve(model, unwritten_memory(model), batch.queries)[-1]
+            unwritten = retrieve(model, blank, batch.queries)[-1]
         except FloatingPointError:
             continue
         finite += 1

@@ -157,7 +157,7 @@ class MetaStep:
         finite = torch.ones((), dtype=torch.bool, device=patterns.device)
         for group in groups:  # group by group: one group's graph at a time
             if prior:
-                losses, iterates = self._prior_losses(patterns, queries)
+                losses, iterates = self._prior_losses(patterns[group], queries[group])
             else:
                 losses, iterates = self._episode_losses(patterns[group], queries[group], generator)
             finite = finite & losses.isfinite().all()
