@@ -515,6 +515,14 @@ def train(
             "restore the data's patterns in cheap steps before meta-training proper. 0: none.",
         ),
     ] = 0.0,
+    recognition: Annotated[
+        float,
+        typer.Option(
+            help="Weight of a recognition term in the meta-loss: each written memory is "
+            "also scored on lowering the energy of what it stored more than that of novel "
+            "patterns (held-out metrics report it as `recognition`). 0: the paper's loss.",
+        ),
+    ] = 0.0,
     lr: Annotated[
         float,
         typer.Option(
@@ -618,6 +626,7 @@ def train(
             first_order=first_order,
             prior_minutes=prior_minutes,
             rates_see_n=rates_see_n,
+            recognition=recognition,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

@@ -18,7 +18,7 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import Episodes
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
-from ebmm_cli.memory import energy
+from ebmm_cli.memory import energy, recognition_margins
 from ebmm_cli.metrics import hamming, reconstruction_loss, ssim
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig
@@ -64,13 +64,21 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     Also `unwritten_mse` and `unwritten_hamming`: the same queries read from θ̄ (and an
     unadapted decoder), a memory that holds nothing. The gap to `mse` is what the write
     stores; without it a run can beat the query on the energy's prior alone, with a
-    write that does nothing (issue 17's trial 4)."""
+    write that does nothing (issue 17's trial 4).
+
+    And `recognition`: over pairs of a stored pattern and a novel one (the next
+    episode's patterns, which this memory never saw), the fraction in which the write
+    lowered the stored pattern's energy more (`recognition_margins`; ties count half).
+    0.5: the write treats what it stored like anything else; 1: every stored pattern
+    stands out. It needs no read, so it shows whether a write stores anything before
+    any retrieval can."""
     model.eval()
     kind = model.config.loss
     sums: dict[str, float] = {}
     finite = 0
     blank = unwritten_memory(model)
-    for batch in batches:
+    for index, batch in enumerate(batches):
+        novel = batches[(index + 1) % len(batches)].patterns
         try:
             memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
             memory = memory.detach()
@@ -94,6 +102,11 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
                 "unwritten_mse": (unwritten - batch.patterns).pow(2).mean(),
                 "unwritten_hamming": hamming(unwritten, batch.patterns).mean(),
             }
+            if len(batches) > 1:
+                margins = recognition_margins(model.energy, memory.params, batch.patterns, novel)
+                values["recognition"] = (margins < 0).float().mean() + 0.5 * (
+                    margins == 0
+                ).float().mean()
             if batch.patterns.dim() == 4:
                 values["ssim"] = ssim(out, batch.patterns).mean()
                 values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()

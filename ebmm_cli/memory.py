@@ -200,6 +200,22 @@ def energy(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
     return functional_call(net, memory, (x,))
 
 
+def recognition_margins(
+    net: nn.Module, memory: Params, stored: torch.Tensor, novel: torch.Tensor
+) -> torch.Tensor:
+    """ΔE(xi) − ΔE(yj) for every stored pattern xi and novel pattern yj, (N, M), where
+    ΔE(x) = E(x; θ) − E(x; θ̄) is how much writing `memory` moved x's energy.
+
+    Negative: the write lowered xi's energy more than yj's, i.e. it recognises what it
+    stored. Differences of energies under the same θ̄ cancel each pattern's prior (some
+    characters simply have lower energy), so only what the write did remains. A write
+    that lowers every energy alike, stored or not, has margins near 0: it holds nothing
+    a read could recall (issue 17)."""
+    blank = initial_memory(net)
+    moved = [energy(net, memory, x) - energy(net, blank, x) for x in (stored, novel)]
+    return moved[0][:, None] - moved[1][None, :]
+
+
 def energy_grad(
     net: nn.Module, memory: Params, x: torch.Tensor, create_graph: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

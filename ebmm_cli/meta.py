@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
@@ -39,7 +40,13 @@ from ebmm_cli.device import resolve_device
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_sets, heldout_sets, plot_curves
 from ebmm_cli.graphs import replayed_step
-from ebmm_cli.memory import initial_memory, read, read_episodes, write_episodes
+from ebmm_cli.memory import (
+    initial_memory,
+    read,
+    read_episodes,
+    recognition_margins,
+    write_episodes,
+)
 from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig
@@ -86,6 +93,7 @@ class MetaStep:
         self.model = model
         self.loss = config.model.loss
         self.second_order = not config.first_order
+        self.recognition = config.recognition
         self.device = device
         self.world = world
         rule_params = list(model.rules.parameters())
@@ -121,20 +129,26 @@ class MetaStep:
                 group["lr"] = base * scale
 
     def __call__(
-        self, batches: list[Batch], generator: torch.Generator, prior: bool = False
+        self,
+        batches: list[Batch],
+        generator: torch.Generator,
+        prior: bool = False,
+        foils: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One meta-gradient step on the mean loss of `batches` (and, distributed, of
         every process's batches). `generator` draws the decoder read's adaptation queries.
         `prior`: a step of the prior phase (`TrainConfig.prior_minutes`): nothing is
-        written, every query is read from θ̄.
+        written, every query is read from θ̄. `foils`: novel patterns (M, ...) for the
+        recognition term (`TrainConfig.recognition`), the same for every episode.
 
         Returns:
             The mean loss, a 0-dim tensor on the device: NaN if the loss or the gradient
-            was not finite anywhere, and then nothing changed.
+            was not finite anywhere, and then nothing changed. The recognition term
+            joins the gradient, not the loss returned, so curves stay comparable.
         """
         patterns = torch.stack([b.patterns for b in batches])
         queries = torch.stack([b.queries for b in batches])
-        return self.episodes(patterns, queries, generator, prior)
+        return self.episodes(patterns, queries, generator, prior, foils)
 
     def episodes(
         self,
@@ -142,6 +156,7 @@ class MetaStep:
         queries: torch.Tensor,
         generator: torch.Generator | None,
         prior: bool = False,
+        foils: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`__call__` on stacked episodes, (E, N, ...) each: the form a CUDA graph
         captures (fixed-shape tensors in, a tensor out, no host sync). Several episodes
@@ -158,10 +173,14 @@ class MetaStep:
         for group in groups:  # group by group: one group's graph at a time
             if prior:
                 losses, iterates = self._prior_losses(patterns[group], queries[group])
+                objective = losses.sum()
             else:
-                losses, iterates = self._episode_losses(patterns[group], queries[group], generator)
-            finite = finite & losses.isfinite().all()
-            (losses.sum() * share).backward()
+                losses, iterates, recognition = self._episode_losses(
+                    patterns[group], queries[group], generator, foils
+                )
+                objective = losses.sum() + self.recognition * recognition.sum()
+            finite = finite & objective.isfinite()
+            (objective * share).backward()
             total = total + losses.detach().sum() / iterates * share
         params = list(self.model.parameters())
         if self.world > 1:
@@ -211,23 +230,37 @@ class MetaStep:
         )
 
     def _episode_losses(
-        self, patterns: torch.Tensor, queries: torch.Tensor, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, int]:
+        self,
+        patterns: torch.Tensor,
+        queries: torch.Tensor,
+        generator: torch.Generator | None,
+        foils: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Write each episode, read its queries: each episode's loss summed over read
-        iterates, shape (E,) (NaN where a write or read left the reals), and the number
-        of iterates. One episode goes through `write_memory` (any read); several through
-        `write_episodes` and `read_episodes` (the gradient read)."""
+        iterates, shape (E,) (NaN where a write or read left the reals), the number of
+        iterates, and each episode's recognition term (E,): the mean of
+        softplus(`recognition_margins`) against `foils` (zeros without them). One episode
+        goes through `write_memory` (any read); several through `write_episodes` and
+        `read_episodes` (the gradient read)."""
         second = self.second_order
+        energy_net = self.model.energy
         if patterns.shape[0] == 1:
             memory = write_memory(
                 self.model, patterns[0], create_graph=second, generator=generator, check=False
             )
             iterates = [x[None] for x in retrieve(self.model, memory, queries[0], True)]
+            memories = {k: v[None] for k, v in memory.params.items()}
         else:
-            energy_net, rules = self.model.energy, self.model.rules
+            rules = self.model.rules
             memories = write_episodes(energy_net, rules, patterns, create_graph=second)
             iterates = read_episodes(energy_net, rules, memories, queries, create_graph=True)
-        return self._summed(iterates, patterns), len(iterates)
+        losses = self._summed(iterates, patterns)
+        if foils is None:
+            return losses, len(iterates), torch.zeros_like(losses)
+        margins = torch.func.vmap(lambda m, x: recognition_margins(energy_net, m, x, foils))(
+            memories, patterns
+        )
+        return losses, len(iterates), F.softplus(margins).flatten(1).mean(1)
 
     def _all_reduce(
         self, params: list[torch.nn.Parameter], total: torch.Tensor, finite: torch.Tensor
@@ -274,7 +307,8 @@ class Trainer:
         # left outside graphs, and the decoder read (which draws adaptation queries on
         # the host) runs eagerly.
         self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
-        if self.model.use_cuda_graphs(config.cuda_graph) and self.world == 1:
+        graphs = self.model.use_cuda_graphs(config.cuda_graph)
+        if graphs and self.world == 1 and not config.recognition:
             self.step_fn = replayed_step(self.meta_step)
         train_data, held_data, self.heldout_split = _datasets(config)
         split = "train"
@@ -433,6 +467,9 @@ class Trainer:
                 self.prior = self.elapsed < cfg.prior_minutes * 60
                 if self.prior:  # eager: no graph of this kind of step
                     self.pending.append(self.meta_step(batches, self.generator, prior=True))
+                elif cfg.recognition:  # eager too: the foils are one more episode's patterns
+                    foils = self.episodes.sample(n)[0].to(self.device)
+                    self.pending.append(self.meta_step(batches, self.generator, foils=foils))
                 else:
                     self.pending.append(self.step_fn(batches, self.generator))
                 self.step += 1

@@ -53,6 +53,13 @@ class TrainConfig:
     every query is read from θ̄ and the loss is the same, so the slow weights learn what
     the data look like (an energy whose descent restores a distorted pattern) at a
     fraction of a meta-step's cost, before they learn to be written (issue 17).
+
+    `recognition` weighs an auxiliary term of the meta-loss: each step draws one more
+    episode of novel patterns, and each written memory pays softplus(ΔE(xi) − ΔE(yj))
+    over every pair of a stored xi and a novel yj (`memory.recognition_margins`). It
+    rewards a write that lowers the energy of what it stored more than that of anything
+    else, a signal the read's loss gives only weakly while the energy's prior alone can
+    repair a query (issue 17). 0: the paper's loss alone.
     """
 
     def __post_init__(self) -> None:
@@ -88,6 +95,7 @@ class TrainConfig:
     episodes_per_step: int = 1
     cuda_graph: str = "auto"
     prior_minutes: float = 0.0
+    recognition: float = 0.0
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -258,6 +266,7 @@ def train_config(
     cuda_graph: str = "auto",
     prior_minutes: float = 0.0,
     rates_see_n: bool = True,
+    recognition: float = 0.0,
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
@@ -281,6 +290,8 @@ def train_config(
         if value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
     check_prior(prior_minutes, minutes, read)
+    if not recognition >= 0:  # NaN too
+        raise EbmmError("--recognition", f"must be 0 or more, got {recognition}")
     check_dataset(dataset)
     _choice("--cuda-graph", cuda_graph, CUDA_GRAPHS)
     if cuda_graph == "on" and resolve_device(device).type != "cuda":
@@ -329,6 +340,7 @@ def train_config(
         episodes_per_step=episodes_per_step,
         cuda_graph=cuda_graph,
         prior_minutes=prior_minutes,
+        recognition=recognition,
     )
 
 

@@ -1,0 +1,116 @@
+"""Recognition (issue 17): whether a write lowers the energy of what it stored more than
+that of novel patterns, as a held-out metric and as an optional term of the meta-loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebmm_cli.errors import EbmmError
+from ebmm_cli.evaluation import Batch, evaluate_episodes
+from ebmm_cli.memory import energy, initial_memory, recognition_margins
+from ebmm_cli.meta import MetaStep
+from ebmm_cli.model import Model, write_memory
+from ebmm_cli.runconfig import TrainConfig, train_config
+from ebmm_cli.store import load_checkpoint
+from tests.conftest import run_ebmm
+
+
+def _binary(**options: object) -> tuple[Model, TrainConfig, torch.Tensor, torch.Tensor]:
+    config = train_config(dataset="binary", batch_size=6, steps=1, write_steps=2, read_steps=2,
+                          dynamic=8, device="cpu", write_lr=1.0, **options)  # fmt: skip
+    torch.manual_seed(0)
+    model = Model(config.model)
+    patterns = (torch.rand(3, 6, 128) > 0.5).float()
+    queries = model.distortion(patterns.flatten(0, 1), torch.Generator().manual_seed(1))
+    return model, config, patterns, queries.view_as(patterns)
+
+
+def test_margins_are_the_difference_of_what_the_write_did_to_each_energy() -> None:
+    model, _, patterns, _ = _binary()
+    net = model.energy
+    stored, novel = patterns[0], patterns[1]
+    memory = write_memory(model, stored).params
+    with torch.no_grad():
+        margins = recognition_margins(net, memory, stored, novel)
+        blank = initial_memory(net)
+        moved_stored = energy(net, memory, stored) - energy(net, blank, stored)
+        moved_novel = energy(net, memory, novel) - energy(net, blank, novel)
+    assert margins.shape == (6, 6)
+    torch.testing.assert_close(margins[2, 4], moved_stored[2] - moved_novel[4])
+    # Written with the binary rates, the memory singles out what it stored: most pairs
+    # have the stored pattern's energy lowered more.
+    assert (margins < 0).float().mean() > 0.75
+    # θ̄ itself moves nothing: every margin is 0.
+    assert recognition_margins(net, initial_memory(net), stored, novel).abs().max() == 0
+
+
+def test_held_out_recognition_is_a_half_for_a_write_that_stores_nothing() -> None:
+    model, _, patterns, queries = _binary()
+    held = [Batch(p, q) for p, q in zip(patterns, queries, strict=True)]
+    assert evaluate_episodes(model, held)["recognition"] > 0.75
+    with torch.no_grad():
+        model.rules.write_rate.fill_(-40.0)  # softplus: rates of 4e-18, a write of nothing
+    assert evaluate_episodes(model, held)["recognition"] == 0.5
+    # One episode has no other episode's patterns to be novel: no recognition then.
+    assert "recognition" not in evaluate_episodes(model, held[:1])
+
+
+@pytest.mark.parametrize("episodes", [1, 3])
+def test_the_recognition_term_trains_the_write_but_not_the_reported_loss(episodes: int) -> None:
+    """With `recognition` > 0 the step's gradient gains the term (one episode, and several
+    written together under vmap): the write rates move differently, while the loss the
+    step reports is the read's alone, the same as without the term."""
+    results = {}
+    for weight in (0.0, 5.0):
+        model, config, patterns, queries = _binary(recognition=weight)
+        step = MetaStep(model, config, torch.device("cpu"), world=1)
+        foils = (torch.rand(6, 128, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+        pairs = zip(patterns[:episodes], queries[:episodes], strict=True)
+        batches = [Batch(p, q) for p, q in pairs]
+        loss = step(batches, torch.Generator(), foils=foils)
+        results[weight] = (loss, model.rules.write_rate.detach().clone())
+    torch.testing.assert_close(results[5.0][0], results[0.0][0])
+    assert not torch.equal(results[5.0][1], results[0.0][1])
+
+
+def test_a_negative_weight_is_refused() -> None:
+    with pytest.raises(EbmmError, match=r"must be 0 or more, got -1"):
+        train_config(dataset="binary", steps=5, recognition=-1.0)
+
+
+def test_the_weight_is_part_of_the_run_config() -> None:
+    config = train_config(dataset="binary", steps=5, recognition=0.5)
+    assert TrainConfig.from_json(config.to_json()).recognition == 0.5
+    old = json.loads(config.to_json())
+    del old["recognition"]  # a checkpoint from before the option
+    assert TrainConfig.from_json(json.dumps(old)) == dataclasses.replace(config, recognition=0.0)
+
+
+@pytest.mark.slow
+def test_train_with_recognition_through_the_cli(tmp_path: Path) -> None:
+    """`ebmm train --recognition W` trains, reports held-out recognition at each
+    evaluation, keeps the weight across --resume; a bad weight is a one-line error."""
+    common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
+              "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "2",
+              "--device", "cpu", "--write-lr", "1"]  # fmt: skip
+    bad = run_ebmm("train", *common, "--steps", "1", "--recognition", "-2", "-o",
+                   str(tmp_path / "bad"))  # fmt: skip
+    assert bad.returncode == 2
+    assert "--recognition" in bad.stderr and "0 or more" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "run"
+    result = run_ebmm("train", *common, "--steps", "2", "--recognition", "1", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(0.5 < r["heldout_recognition"] <= 1 for r in records)
+    _, _, state = load_checkpoint(out / "checkpoint.safetensors")
+    assert json.loads(state["train_config"])["recognition"] == 1.0
