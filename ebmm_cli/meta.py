@@ -305,7 +305,8 @@ class Trainer:
         # On CUDA (--cuda-graph auto|on) the held-out write and read, and a single
         # process's meta-step, replay CUDA graphs; a distributed step's all-reduce is
         # left outside graphs, and the decoder read (which draws adaptation queries on
-        # the host) runs eagerly.
+        # the host) and a step with the recognition term (its foils are one more input
+        # than the captured step takes) run eagerly.
         self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
         graphs = self.model.use_cuda_graphs(config.cuda_graph)
         if graphs and self.world == 1 and not config.recognition:
