@@ -18,6 +18,7 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -183,6 +184,24 @@ def run_ebmm(
         env=env,
         timeout=300,
     )
+
+
+def tiny_binary(episodes: int, **options: object) -> tuple[Any, Any, Any, Any]:
+    """A small untrained binary `rnn` (6 patterns of 128 bits per episode, T = K = 2,
+    8 written units, seeded) and `episodes` episodes for it: (model, its TrainConfig,
+    patterns (E, 6, 128), their queries (E, 6, 128)). `options` go to `train_config`."""
+    import torch
+
+    from ebmm_cli.model import Model
+    from ebmm_cli.runconfig import train_config
+
+    config = train_config(dataset="binary", batch_size=6, steps=1, write_steps=2, read_steps=2,
+                          dynamic=8, device="cpu", **options)  # fmt: skip
+    torch.manual_seed(0)
+    model = Model(config.model)
+    patterns = (torch.rand(episodes, 6, 128) > 0.5).float()
+    queries = model.distortion(patterns.flatten(0, 1), torch.Generator().manual_seed(1))
+    return model, config, patterns, queries.view_as(patterns)
 
 
 def limit_file_size() -> None:

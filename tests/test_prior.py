@@ -17,18 +17,12 @@ from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model
 from ebmm_cli.runconfig import train_config
 from ebmm_cli.store import load_model, save_model
-from tests.conftest import run_ebmm
+from tests.conftest import run_ebmm, tiny_binary
 
 
 def _binary_step(**options: object) -> tuple[Model, MetaStep, torch.Tensor, torch.Tensor]:
-    config = train_config(dataset="binary", batch_size=6, steps=1, write_steps=2, read_steps=2,
-                          dynamic=8, device="cpu", **options)  # fmt: skip
-    torch.manual_seed(0)
-    model = Model(config.model)
-    step = MetaStep(model, config, torch.device("cpu"), world=1)
-    patterns = (torch.rand(2, 6, 128) > 0.5).float()
-    queries = model.distortion(patterns.flatten(0, 1), torch.Generator().manual_seed(1))
-    return model, step, patterns, queries.view_as(patterns)
+    model, config, patterns, queries = tiny_binary(2, **options)
+    return model, MetaStep(model, config, torch.device("cpu"), world=1), patterns, queries
 
 
 def test_a_prior_step_reads_from_the_initial_weights_and_writes_nothing() -> None:

@@ -17,17 +17,12 @@ from ebmm_cli.meta import MetaStep
 from ebmm_cli.model import Model, write_memory
 from ebmm_cli.runconfig import TrainConfig, train_config
 from ebmm_cli.store import load_checkpoint
-from tests.conftest import run_ebmm
+from tests.conftest import run_ebmm, tiny_binary
 
 
 def _binary(**options: object) -> tuple[Model, TrainConfig, torch.Tensor, torch.Tensor]:
-    config = train_config(dataset="binary", batch_size=6, steps=1, write_steps=2, read_steps=2,
-                          dynamic=8, device="cpu", write_lr=1.0, **options)  # fmt: skip
-    torch.manual_seed(0)
-    model = Model(config.model)
-    patterns = (torch.rand(3, 6, 128) > 0.5).float()
-    queries = model.distortion(patterns.flatten(0, 1), torch.Generator().manual_seed(1))
-    return model, config, patterns, queries.view_as(patterns)
+    """Three episodes for a model whose write stores (the binary write rate, 1)."""
+    return tiny_binary(3, write_lr=1.0, **options)
 
 
 def test_margins_are_the_difference_of_what_the_write_did_to_each_energy() -> None:
