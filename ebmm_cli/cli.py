@@ -1179,10 +1179,8 @@ def compare(
     )
     eps = harness.make_episodes(config, shape)
     data_shape = next(iter(eps.values()))[0].shape
-    for path, net in loaded:
+    for (path, net), name in zip(loaded, _model_labels([p for p, _ in loaded]), strict=True):
         harness.check_model(net, path, data_shape)
-        # A run's model by its run folder; a built-in one by its name, not "models".
-        name = path.stem if path.parent == builtin.FOLDER else path.parent.name or path.stem
         methods.append(harness.ModelMethod(net, f"ebmm:{name}", dev))
         if unwritten:
             methods.append(harness.ModelMethod(net, f"ebmm:{name} unwritten", dev, unwritten=True))
@@ -1272,6 +1270,25 @@ def _held_out(held: dict[str, Any]) -> str:
     if "ssim" in held:
         parts.append(f"SSIM {held['ssim']:.3f} (query {held['query_ssim']:.3f})")
     return ", ".join(parts)
+
+
+def _model_labels(paths: list[Path]) -> list[str]:
+    """One row label per `--model`: a run's model by its run folder, a built-in one by
+    its name (not "models"). Files whose labels would clash (two models in one folder)
+    are told apart by folder and file name, and the same file given twice by its place."""
+    from ebmm_cli import builtin
+
+    def short(path: Path) -> str:
+        return path.stem if path.parent == builtin.FOLDER else path.parent.name or path.stem
+
+    names = [short(p) for p in paths]
+    names = [
+        f"{p.parent.name}/{p.stem}" if names.count(n) > 1 and p.parent.name else n
+        for p, n in zip(paths, names, strict=True)
+    ]
+    return [
+        f"{n} #{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)
+    ]
 
 
 def _progress(total: int, label: str) -> Any:

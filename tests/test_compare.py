@@ -179,6 +179,16 @@ def test_compare_model_and_baselines_on_omniglot(data_root: Path, tmp_path: Path
     wrong = runner.invoke(app, [*args[:-2], "--image-size", "28", "--force"])  # g.png exists
     assert wrong.exit_code == 2 and "was trained on patterns of shape" in wrong.stderr
 
+    # Two models in one run folder, and one file given twice: every row keeps its own label
+    other = tmp_path / "run" / "other.safetensors"
+    other.write_bytes(model.read_bytes())
+    both = [*args[:3], "--model", str(other), "--model", str(model), *args[3:]]
+    both[both.index("identity,nearest,hopfield-pinv")] = "identity"
+    result = runner.invoke(app, [*both[: both.index("--grid")], "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    labels = [r["method"] for r in json.loads(result.stdout)["rows"]]
+    assert labels == ["identity", "ebmm:run/model #1", "ebmm:run/other", "ebmm:run/model #2"]
+
 
 @pytest.mark.parametrize(
     "args,named",
