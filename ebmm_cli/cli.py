@@ -598,9 +598,11 @@ def train(
     if int(os.environ.get("RANK", "0")) == 0:  # the process that writes the run's files
         _hold(ctx, out)
     if resume:
-        # Under torchrun each process takes its own GPU, whatever the run used before.
+        # Under torchrun each process takes its own GPU, whatever the run used before;
+        # otherwise an explicit --device moves the run (a GPU run resumed on a CPU).
+        moved = distributed or (device if _given(ctx, "device") else None)
         graphs = cuda_graph.value if _given(ctx, "cuda_graph") else None
-        trainer = Trainer.resume(out, steps, minutes, distributed, graphs)
+        trainer = Trainer.resume(out, steps, minutes, moved, graphs)
     else:
         if any((out / name).exists() for name in _RUN_FILES):
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")

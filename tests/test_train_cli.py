@@ -376,6 +376,15 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
     assert (rules.write_lr, rules.read_lr) == (1.5, 5.0)
     assert load_model(tmp_path / "run" / "model.safetensors").config.energy.signed
     assert metrics["heldout_split"] == "fresh random strings"
+    # --resume --device moves the run: refused where that device is missing, else taken
+    resume = ["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--device"]
+    if not torch.cuda.is_available():
+        _one_line(runner.invoke(app, [*resume, "cuda"]), "--device", "no CUDA GPU")
+    moved = runner.invoke(app, [*resume, "cpu"])
+    assert moved.exit_code == 0, moved.output
+    assert (
+        json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    )
     wrong = runner.invoke(
         app,
         [
