@@ -523,6 +523,15 @@ def train(
             "patterns (held-out metrics report it as `recognition`). 0: the paper's loss.",
         ),
     ] = 0.0,
+    completion: Annotated[
+        float,
+        typer.Option(
+            help="Weight of a completion term in the meta-loss: the write must lower the "
+            "energy of each query completed (part of the way) with its own stored "
+            "content more than with another stored pattern's, so that it pulls the read "
+            "towards what it stored. 0: the paper's loss.",
+        ),
+    ] = 0.0,
     lr: Annotated[
         float,
         typer.Option(
@@ -629,6 +638,7 @@ def train(
             prior_minutes=prior_minutes,
             rates_see_n=rates_see_n,
             recognition=recognition,
+            completion=completion,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

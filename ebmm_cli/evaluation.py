@@ -26,10 +26,13 @@ from ebmm_cli.runconfig import TrainConfig
 
 @dataclass
 class Batch:
-    """One episode on the device: clean patterns and their distorted queries."""
+    """One episode on the device: clean patterns and their distorted queries, and where
+    the training's completion term needs them, the positions the distortion drew
+    (`Distortion.with_mask`)."""
 
     patterns: torch.Tensor
     queries: torch.Tensor
+    masks: torch.Tensor | None = None
 
 
 def heldout_batches(

@@ -216,6 +216,44 @@ def recognition_margins(
     return moved[0][:, None] - moved[1][None, :]
 
 
+def completion_margins(
+    net: nn.Module,
+    memory: Params,
+    stored: torch.Tensor,
+    queries: torch.Tensor,
+    masks: torch.Tensor,
+    lam: torch.Tensor,
+    others: int = 3,
+) -> torch.Tensor:
+    """ΔE(own) − ΔE(other) for each query, completed part of the way (λ) with its own
+    stored pattern's content against another stored pattern's: (others, N).
+
+        own_i   = qi + λi mi (xi − qi),   other_ij = qi + λi mi (xj − qi),   j = i − r,
+
+    r = 1 … `others` (indices mod N), mi the positions the distortion changed (1) and
+    ΔE(x) = E(x; θ) − E(x; θ̄) as in `recognition_margins`. Negative: what the write did
+    to the energy favours the query's own content. For small λ the margin is
+    λ ∇ΔE(qi) · mi (xi − xj): the write's own pull on the read's first step, pointing
+    at what was stored rather than at another stored pattern. Recognition compares
+    whole clean patterns; this compares what the read moves through (issue 17).
+
+    Args:
+        stored: the written patterns x (N, ...).
+        queries: their distorted queries q (N, ...).
+        masks: 1 where the distortion changed a pattern, else 0 (N, ...).
+        lam: λ per query (N,), in [0, 1].
+        others: how many other stored patterns each query is contrasted with (at most
+            N − 1; none for N = 1, which gives an empty (0, 1)).
+    """
+    n = stored.shape[0]
+    lam = lam.view(n, *([1] * (stored.dim() - 1)))
+    contents = [stored, *(stored.roll(r, 0) for r in range(1, min(others, n - 1) + 1))]
+    points = torch.cat([queries + lam * masks * (x - queries) for x in contents])
+    blank = initial_memory(net)
+    moved = (energy(net, memory, points) - energy(net, blank, points)).view(-1, n)
+    return moved[0][None] - moved[1:]
+
+
 def energy_grad(
     net: nn.Module, memory: Params, x: torch.Tensor, create_graph: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_sets, heldout_sets, plot_curves
 from ebmm_cli.graphs import replayed_step
 from ebmm_cli.memory import (
+    completion_margins,
     initial_memory,
     read,
     read_episodes,
@@ -94,6 +96,7 @@ class MetaStep:
         self.loss = config.model.loss
         self.second_order = not config.first_order
         self.recognition = config.recognition
+        self.completion = config.completion
         self.device = device
         self.world = world
         rule_params = list(model.rules.parameters())
@@ -139,16 +142,23 @@ class MetaStep:
         every process's batches). `generator` draws the decoder read's adaptation queries.
         `prior`: a step of the prior phase (`TrainConfig.prior_minutes`): nothing is
         written, every query is read from θ̄. `foils`: novel patterns (M, ...) for the
-        recognition term (`TrainConfig.recognition`), the same for every episode.
+        recognition term (`TrainConfig.recognition`), the same for every episode. The
+        completion term (`TrainConfig.completion`) takes each batch's `masks`.
 
         Returns:
             The mean loss, a 0-dim tensor on the device: NaN if the loss or the gradient
-            was not finite anywhere, and then nothing changed. The recognition term
-            joins the gradient, not the loss returned, so curves stay comparable.
+            was not finite anywhere, and then nothing changed. The recognition and
+            completion terms join the gradient, not the loss returned, so curves stay
+            comparable.
         """
         patterns = torch.stack([b.patterns for b in batches])
         queries = torch.stack([b.queries for b in batches])
-        return self.episodes(patterns, queries, generator, prior, foils)
+        masks = None
+        if self.completion:
+            if any(b.masks is None for b in batches):
+                raise ValueError("the completion term needs each batch's masks")
+            masks = torch.stack([b.masks for b in batches])
+        return self.episodes(patterns, queries, generator, prior, foils, masks)
 
     def episodes(
         self,
@@ -157,6 +167,7 @@ class MetaStep:
         generator: torch.Generator | None,
         prior: bool = False,
         foils: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`__call__` on stacked episodes, (E, N, ...) each: the form a CUDA graph
         captures (fixed-shape tensors in, a tensor out, no host sync). Several episodes
@@ -175,10 +186,14 @@ class MetaStep:
                 losses, iterates = self._prior_losses(patterns[group], queries[group])
                 objective = losses.sum()
             else:
-                losses, iterates, recognition = self._episode_losses(
-                    patterns[group], queries[group], generator, foils
+                losses, iterates, extra = self._episode_losses(
+                    patterns[group],
+                    queries[group],
+                    generator,
+                    foils,
+                    None if masks is None else masks[group],
                 )
-                objective = losses.sum() + self.recognition * recognition.sum()
+                objective = losses.sum() + extra.sum()
             finite = finite & objective.isfinite()
             (objective * share).backward()
             total = total + losses.detach().sum() / iterates * share
@@ -235,13 +250,16 @@ class MetaStep:
         queries: torch.Tensor,
         generator: torch.Generator | None,
         foils: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Write each episode, read its queries: each episode's loss summed over read
         iterates, shape (E,) (NaN where a write or read left the reals), the number of
-        iterates, and each episode's recognition term (E,): the mean of
-        softplus(`recognition_margins`) against `foils` (zeros without them). One episode
-        goes through `write_memory` (any read); several through `write_episodes` and
-        `read_episodes` (the gradient read)."""
+        iterates, and each episode's weighted auxiliary terms (E,): `recognition` times
+        the mean of softplus(`recognition_margins`) against `foils`, plus `completion`
+        times the mean of softplus(`completion_margins`) with the queries' `masks` and
+        λ ~ U(0, 1) per query (zeros where a term is off, or has no pairs: N = 1). One
+        episode goes through `write_memory` (any read); several through `write_episodes`
+        and `read_episodes` (the gradient read)."""
         second = self.second_order
         energy_net = self.model.energy
         if patterns.shape[0] == 1:
@@ -255,12 +273,19 @@ class MetaStep:
             memories = write_episodes(energy_net, rules, patterns, create_graph=second)
             iterates = read_episodes(energy_net, rules, memories, queries, create_graph=True)
         losses = self._summed(iterates, patterns)
-        if foils is None:
-            return losses, len(iterates), torch.zeros_like(losses)
-        margins = torch.func.vmap(lambda m, x: recognition_margins(energy_net, m, x, foils))(
-            memories, patterns
-        )
-        return losses, len(iterates), F.softplus(margins).flatten(1).mean(1)
+        extra = torch.zeros_like(losses)
+        if foils is not None and self.recognition:
+            margins = torch.func.vmap(lambda m, x: recognition_margins(energy_net, m, x, foils))(
+                memories, patterns
+            )
+            extra = extra + self.recognition * F.softplus(margins).flatten(1).mean(1)
+        if masks is not None and self.completion and patterns.shape[1] > 1:
+            lam = torch.rand(patterns.shape[:2], device=patterns.device)
+            margins = torch.func.vmap(partial(completion_margins, energy_net))(
+                memories, patterns, queries, masks, lam
+            )
+            extra = extra + self.completion * F.softplus(margins).flatten(1).mean(1)
+        return losses, len(iterates), extra
 
     def _all_reduce(
         self, params: list[torch.nn.Parameter], total: torch.Tensor, finite: torch.Tensor
@@ -305,11 +330,11 @@ class Trainer:
         # On CUDA (--cuda-graph auto|on) the held-out write and read, and a single
         # process's meta-step, replay CUDA graphs; a distributed step's all-reduce is
         # left outside graphs, and the decoder read (which draws adaptation queries on
-        # the host) and a step with the recognition term (its foils are one more input
-        # than the captured step takes) run eagerly.
+        # the host) and a step with the recognition or completion term (their foils,
+        # masks and λ are more inputs than the captured step takes) run eagerly.
         self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
         graphs = self.model.use_cuda_graphs(config.cuda_graph)
-        if graphs and self.world == 1 and not config.recognition:
+        if graphs and self.world == 1 and not (config.recognition or config.completion):
             self.step_fn = replayed_step(self.meta_step)
         train_data, held_data, self.heldout_split = _datasets(config)
         split = "train"
@@ -426,8 +451,12 @@ class Trainer:
     def batch(self, n: int | None = None) -> Batch:
         """The next training episode of `n` patterns (default: the configured N)."""
         patterns, _ = self.episodes.sample(n)
-        queries = self.model.distortion(patterns, self.generator)
-        return Batch(patterns.to(self.device), queries.to(self.device))
+        if not self.config.completion:
+            queries = self.model.distortion(patterns, self.generator)
+            return Batch(patterns.to(self.device), queries.to(self.device))
+        # the same queries, and the positions drawn (for the completion term)
+        queries, masks = self.model.distortion.with_mask(patterns, self.generator)
+        return Batch(*(t.to(self.device) for t in (patterns, queries, masks)))
 
     def _from_rank0(self, *values: float) -> list[float]:
         """Rank 0's `values` on every process: decisions that must agree (stop, the
@@ -468,8 +497,9 @@ class Trainer:
                 self.prior = self.elapsed < cfg.prior_minutes * 60
                 if self.prior:  # eager: no graph of this kind of step
                     self.pending.append(self.meta_step(batches, self.generator, prior=True))
-                elif cfg.recognition:  # eager too: the foils are one more episode's patterns
-                    foils = self.episodes.sample(n)[0].to(self.device)
+                elif cfg.recognition or cfg.completion:  # eager too: more inputs
+                    # the recognition term's foils: one more episode's patterns
+                    foils = self.episodes.sample(n)[0].to(self.device) if cfg.recognition else None
                     self.pending.append(self.meta_step(batches, self.generator, foils=foils))
                 else:
                     self.pending.append(self.step_fn(batches, self.generator))

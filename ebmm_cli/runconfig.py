@@ -60,6 +60,13 @@ class TrainConfig:
     rewards a write that lowers the energy of what it stored more than that of anything
     else, a signal the read's loss gives only weakly while the energy's prior alone can
     repair a query (issue 17). 0: the paper's loss alone.
+
+    `completion` weighs another: each query, completed part of the way with its own
+    stored pattern's content, must have had its energy lowered by the write more than
+    the same query completed with another stored pattern's
+    (`memory.completion_margins`): the write must pull the read towards what it stored,
+    not only recognise it. Its positions come from the distortion
+    (`Distortion.with_mask`). 0: off.
     """
 
     def __post_init__(self) -> None:
@@ -96,6 +103,7 @@ class TrainConfig:
     cuda_graph: str = "auto"
     prior_minutes: float = 0.0
     recognition: float = 0.0
+    completion: float = 0.0
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -267,6 +275,7 @@ def train_config(
     prior_minutes: float = 0.0,
     rates_see_n: bool = True,
     recognition: float = 0.0,
+    completion: float = 0.0,
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
@@ -290,8 +299,9 @@ def train_config(
         if value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
     check_prior(prior_minutes, minutes, read)
-    if not recognition >= 0:  # NaN too
-        raise EbmmError("--recognition", f"must be 0 or more, got {recognition}")
+    for option, weight in (("--recognition", recognition), ("--completion", completion)):
+        if not weight >= 0:  # NaN too
+            raise EbmmError(option, f"must be 0 or more, got {weight}")
     check_dataset(dataset)
     _choice("--cuda-graph", cuda_graph, CUDA_GRAPHS)
     if cuda_graph == "on" and resolve_device(device).type != "cuda":
@@ -341,6 +351,7 @@ def train_config(
         cuda_graph=cuda_graph,
         prior_minutes=prior_minutes,
         recognition=recognition,
+        completion=completion,
     )
 
 

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(1, args.meta_steps + 1):
             x, _ = episodes.sample()
             foils = episodes.sample()[0] if config.recognition else None
-            loss = step([Batch(x, model.distortion(x, generator))], generator, foils=foils)
+            queries, masks = model.distortion.with_mask(x, generator)
+            loss = step([Batch(x, queries, masks)], generator, foils=foils)
             if k & (k - 1) == 0 or k == args.meta_steps:  # powers of two, and the last
                 stats = write_gradients(model, patterns)
                 print(f"step {k}: loss {loss.item():.4f}, cosine {stats['mean_cosine']:.3f}, "

@@ -1,5 +1,7 @@
-"""Recognition (issue 17): whether a write lowers the energy of what it stored more than
-that of novel patterns, as a held-out metric and as an optional term of the meta-loss."""
+"""Recognition and completion (issue 17): whether a write lowers the energy of what it
+stored more than that of novel patterns (a held-out metric and an optional term of the
+meta-loss), and whether it lowers a query completed with its own stored content more than
+one completed with another stored pattern's (an optional term)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ebmm_cli.distort import Distortion
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_episodes
-from ebmm_cli.memory import energy, initial_memory, recognition_margins
+from ebmm_cli.memory import completion_margins, energy, initial_memory, recognition_margins
 from ebmm_cli.meta import MetaStep
 from ebmm_cli.model import Model, write_memory
 from ebmm_cli.runconfig import TrainConfig, train_config
@@ -109,3 +112,100 @@ def test_train_with_recognition_through_the_cli(tmp_path: Path) -> None:
     assert all(0.5 < r["heldout_recognition"] <= 1 for r in records)
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
     assert json.loads(state["train_config"])["recognition"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "spec,shape,drawn,keeps",
+    [
+        ("occlude:16", (4, 1, 32, 32), 256, True),
+        ("noise:7", (4, 3, 28, 28), 49, True),  # the first channel only; clamped noise
+        ("eraseblock:64", (4, 128), 64, False),
+        ("flip:10", (4, 128), 10, False),
+    ],
+)
+def test_with_mask_marks_every_drawn_position_and_draws_the_same_queries(
+    spec: str, shape: tuple[int, ...], drawn: int, keeps: bool
+) -> None:
+    """The mask counts a drawn position even where the distortion left its value (an
+    occluding 0 over ink-free pixels), and the queries and the generator's state after
+    are those of the distortion alone."""
+    distortion = Distortion.parse(spec)
+    x = (torch.rand(shape, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    alone, paired = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    queries, mask = distortion.with_mask(x, paired)
+    torch.testing.assert_close(queries, distortion(x, alone))
+    assert torch.equal(paired.get_state(), alone.get_state())
+    assert mask.shape == x.shape and mask.dtype == x.dtype
+    assert (mask.flatten(1).sum(1) == drawn).all()
+    assert ((queries != x) <= (mask == 1)).all()  # every change lies inside the mask
+    # occluding and clamped noise leave some drawn positions as they were
+    assert ((queries == x) & (mask == 1)).any() == keeps
+
+
+def test_completion_margins_are_own_against_other_content_of_what_the_write_did() -> None:
+    model, _, patterns, _ = _binary()
+    net = model.energy
+    stored = patterns[0]
+    queries, masks = Distortion.parse("eraseblock:64").with_mask(stored, torch.Generator())
+    lam = torch.linspace(0.1, 1.0, 6)
+    memory = write_memory(model, stored).params
+    with torch.no_grad():
+        margins = completion_margins(net, memory, stored, queries, masks, lam)
+        blank = initial_memory(net)
+
+        def moved(x: torch.Tensor) -> torch.Tensor:
+            return energy(net, memory, x[None]) - energy(net, blank, x[None])
+
+        i, r = 4, 2  # query 4 against stored pattern 2's content
+        own = queries[i] + lam[i] * masks[i] * (stored[i] - queries[i])
+        other = queries[i] + lam[i] * masks[i] * (stored[i - r] - queries[i])
+        assert margins.shape == (3, 6)
+        torch.testing.assert_close(margins[r - 1, i], (moved(own) - moved(other))[0])
+        # θ̄ itself moves nothing: every margin is 0; one pattern has nothing to contrast
+        assert completion_margins(net, blank, stored, queries, masks, lam).abs().max() == 0
+        one = completion_margins(net, memory, stored[:1], queries[:1], masks[:1], lam[:1])
+        assert one.shape == (0, 1)
+
+
+@pytest.mark.parametrize("episodes", [1, 3])
+def test_the_completion_term_trains_the_write_but_not_the_reported_loss(episodes: int) -> None:
+    results = {}
+    for weight in (0.0, 5.0):
+        model, config, patterns, _ = _binary(completion=weight)
+        step = MetaStep(model, config, torch.device("cpu"), world=1)
+        distortion, generator = model.distortion, torch.Generator().manual_seed(1)
+        batches = [Batch(p, *distortion.with_mask(p, generator)) for p in patterns[:episodes]]
+        torch.manual_seed(5)  # λ
+        loss = step(batches, torch.Generator())
+        results[weight] = (loss, model.rules.write_rate.detach().clone())
+    torch.testing.assert_close(results[5.0][0], results[0.0][0])
+    assert not torch.equal(results[5.0][1], results[0.0][1])
+    # Without masks the term cannot be computed: refused rather than silently skipped
+    model, config, patterns, queries = _binary(completion=1.0)
+    step = MetaStep(model, config, torch.device("cpu"), world=1)
+    with pytest.raises(ValueError, match="masks"):
+        step([Batch(patterns[0], queries[0])], torch.Generator())
+
+
+@pytest.mark.slow
+def test_train_with_completion_through_the_cli(tmp_path: Path) -> None:
+    """`ebmm train --completion W` trains and keeps the weight across --resume; a bad
+    weight is a one-line error."""
+    common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
+              "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "2",
+              "--device", "cpu", "--write-lr", "1"]  # fmt: skip
+    bad = run_ebmm("train", *common, "--steps", "1", "--completion", "nan", "-o",
+                   str(tmp_path / "bad"))  # fmt: skip
+    assert bad.returncode == 2
+    assert "--completion" in bad.stderr and "0 or more" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "run"
+    result = run_ebmm("train", *common, "--steps", "2", "--completion", "2", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    _, _, state = load_checkpoint(out / "checkpoint.safetensors")
+    assert json.loads(state["train_config"])["completion"] == 2.0
