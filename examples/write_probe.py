@@ -10,6 +10,11 @@ same configuration), on the run's own held-out episodes:
   any batch, and stores no pattern apart from the others;
 - recognition: the held-out metric of training (`evaluation.evaluate_episodes`), the
   fraction of stored/novel pairs whose energy the write lowered more for the stored one;
+- completion: the fraction of (query, other stored pattern) pairs in which the write
+  lowered the query completed with its own content more than with the other's
+  (`memory.completion_margins`, the `--completion` term), for λ = 0.05 (the read's first
+  step) and λ = 1 (whole completions); and the write's share of the read's first
+  gradient, |∇x ΔE(q)| / |∇x E(q)| (ΔE = E(θ) − E(θ̄)): how much the memory can steer a read;
 - the written and the unwritten (θ̄) read of the same queries: MSE / the query's, Hamming.
 
 With `--meta-steps K` it instead starts a fresh model of the run's configuration and
@@ -32,9 +37,9 @@ import torch
 
 from ebmm_cli.data import Episodes
 from ebmm_cli.evaluation import Batch, evaluate_episodes, heldout_batches
-from ebmm_cli.memory import energy, initial_memory
+from ebmm_cli.memory import completion_margins, energy, initial_memory
 from ebmm_cli.meta import MetaStep, _datasets
-from ebmm_cli.model import Model
+from ebmm_cli.model import Model, write_memory
 from ebmm_cli.runconfig import TrainConfig
 from ebmm_cli.store import load_checkpoint
 
@@ -55,6 +60,35 @@ def write_gradients(model: Model, patterns: torch.Tensor) -> dict[str, float]:
     return {
         "mean_cosine": cosines.mean().item(),
         "effective_rank": (eigen.sum() ** 2 / (eigen**2).sum()).item(),
+    }
+
+
+def completion_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
+    """Over the episodes: the fraction of negative `completion_margins` at λ = 0.05 and
+    λ = 1, and the mean of |∇x ΔE(q)| / |∇x E(q)| per query (queries and the positions
+    drawn made afresh, seeded, by `Distortion.with_mask`)."""
+    net = model.energy
+    blank = initial_memory(net)
+    generator = torch.Generator().manual_seed(0)
+    wins: dict[float, list[torch.Tensor]] = {0.05: [], 1.0: []}
+    shares = []
+    for batch in batches:
+        x = batch.patterns
+        queries, masks = model.distortion.with_mask(x, generator)
+        memory = write_memory(model, x).params
+        with torch.no_grad():
+            for lam, won in wins.items():
+                lams = torch.full((len(x),), lam)
+                margins = completion_margins(net, memory, x, queries, masks, lams)
+                won.append((margins < 0).float().flatten())
+        q = queries.clone().requires_grad_(True)
+        written = energy(net, memory, q)
+        (full,) = torch.autograd.grad(written.sum(), q, retain_graph=True)
+        (moved,) = torch.autograd.grad((written - energy(net, blank, q)).sum(), q)
+        shares.append(moved.flatten(1).norm(dim=1) / full.flatten(1).norm(dim=1))
+    return {
+        **{f"completion_{lam}": torch.cat(won).mean().item() for lam, won in wins.items()},
+        "write_share": torch.cat(shares).mean().item(),
     }
 
 
@@ -95,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stats = write_gradients(model, patterns)
     metrics = evaluate_episodes(model, batches)
+    completion = completion_stats(model, batches)
     query = metrics["query_mse"]
     which = "untrained" if args.untrained else f"step {state['step']}"
     print(
@@ -102,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         f"  write gradients: mean cosine {stats['mean_cosine']:.3f}, "
         f"effective rank {stats['effective_rank']:.1f} of {patterns.shape[0]}\n"
         f"  recognition {metrics.get('recognition', float('nan')):.3f}\n"
+        f"  completion {completion['completion_0.05']:.3f} (λ = 0.05), "
+        f"{completion['completion_1.0']:.3f} (λ = 1); the write's share of the read's "
+        f"first gradient {completion['write_share']:.3f}\n"
         f"  written:   MSE / query's {metrics['mse'] / query:.3f}, "
         f"Hamming {metrics['hamming']:.1f}\n"
         f"  unwritten: MSE / query's {metrics['unwritten_mse'] / query:.3f}, "
