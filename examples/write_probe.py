@@ -15,6 +15,9 @@ same configuration), on the run's own held-out episodes:
   (`memory.completion_margins`, the `--completion` term), for λ = 0.05 (the read's first
   step) and λ = 1 (whole completions); and the write's share of the read's first
   gradient, |∇x ΔE(q)| / |∇x E(q)| (ΔE = E(θ) − E(θ̄)): how much the memory can steer a read;
+- how far the read moves: the mean |x̂ − q| over the positions the distortion drew and
+  over the rest (where q is already right), and its progress towards the stored
+  pattern, <x̂ − q, x − q> / |x − q|² over the drawn positions (1: all the way);
 - the written and the unwritten (θ̄) read of the same queries: MSE / the query's, Hamming.
 
 With `--meta-steps K` it instead starts a fresh model of the run's configuration and
@@ -39,7 +42,7 @@ from ebmm_cli.data import Episodes
 from ebmm_cli.evaluation import Batch, evaluate_episodes, heldout_batches
 from ebmm_cli.memory import completion_margins, energy, initial_memory
 from ebmm_cli.meta import MetaStep, _datasets
-from ebmm_cli.model import Model, write_memory
+from ebmm_cli.model import Model, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig
 from ebmm_cli.store import load_checkpoint
 
@@ -63,32 +66,47 @@ def write_gradients(model: Model, patterns: torch.Tensor) -> dict[str, float]:
     }
 
 
-def completion_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
+def read_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
     """Over the episodes: the fraction of negative `completion_margins` at λ = 0.05 and
-    λ = 1, and the mean of |∇x ΔE(q)| / |∇x E(q)| per query (queries and the positions
-    drawn made afresh, seeded, by `Distortion.with_mask`)."""
+    λ = 1, the mean of |∇x ΔE(q)| / |∇x E(q)| per query, and how far the read moves
+    (queries and the positions drawn made afresh, seeded, by `Distortion.with_mask`)."""
     net = model.energy
     blank = initial_memory(net)
     generator = torch.Generator().manual_seed(0)
     wins: dict[float, list[torch.Tensor]] = {0.05: [], 1.0: []}
-    shares = []
+    shares, moves = [], []
     for batch in batches:
         x = batch.patterns
         queries, masks = model.distortion.with_mask(x, generator)
-        memory = write_memory(model, x).params
+        written = write_memory(model, x)
+        memory = written.params
+        read = retrieve(model, written, queries)[-1]
+        step, gap = read - queries, (x - queries) * masks
+        drawn, kept = masks.sum(), (1 - masks).sum().clamp(min=1)
+        moves.append(
+            [
+                (step.abs() * masks).sum() / drawn,
+                (step.abs() * (1 - masks)).sum() / kept,
+                (step * gap).sum() / gap.pow(2).sum(),
+            ]
+        )
         with torch.no_grad():
             for lam, won in wins.items():
                 lams = torch.full((len(x),), lam)
                 margins = completion_margins(net, memory, x, queries, masks, lams)
                 won.append((margins < 0).float().flatten())
         q = queries.clone().requires_grad_(True)
-        written = energy(net, memory, q)
-        (full,) = torch.autograd.grad(written.sum(), q, retain_graph=True)
-        (moved,) = torch.autograd.grad((written - energy(net, blank, q)).sum(), q)
+        e = energy(net, memory, q)
+        (full,) = torch.autograd.grad(e.sum(), q, retain_graph=True)
+        (moved,) = torch.autograd.grad((e - energy(net, blank, q)).sum(), q)
         shares.append(moved.flatten(1).norm(dim=1) / full.flatten(1).norm(dim=1))
+    inside, outside, progress = torch.tensor(moves).mean(0).tolist()
     return {
         **{f"completion_{lam}": torch.cat(won).mean().item() for lam, won in wins.items()},
         "write_share": torch.cat(shares).mean().item(),
+        "move_drawn": inside,
+        "move_kept": outside,
+        "progress": progress,
     }
 
 
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stats = write_gradients(model, patterns)
     metrics = evaluate_episodes(model, batches)
-    completion = completion_stats(model, batches)
+    reading = read_stats(model, batches)
     query = metrics["query_mse"]
     which = "untrained" if args.untrained else f"step {state['step']}"
     print(
@@ -137,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         f"  write gradients: mean cosine {stats['mean_cosine']:.3f}, "
         f"effective rank {stats['effective_rank']:.1f} of {patterns.shape[0]}\n"
         f"  recognition {metrics.get('recognition', float('nan')):.3f}\n"
-        f"  completion {completion['completion_0.05']:.3f} (λ = 0.05), "
-        f"{completion['completion_1.0']:.3f} (λ = 1); the write's share of the read's "
-        f"first gradient {completion['write_share']:.3f}\n"
+        f"  completion {reading['completion_0.05']:.3f} (λ = 0.05), "
+        f"{reading['completion_1.0']:.3f} (λ = 1); the write's share of the read's "
+        f"first gradient {reading['write_share']:.3f}\n"
+        f"  read moves {reading['move_drawn']:.3f} per drawn position, "
+        f"{reading['move_kept']:.3f} per other; progress to the stored pattern "
+        f"{reading['progress']:.3f}\n"
         f"  written:   MSE / query's {metrics['mse'] / query:.3f}, "
         f"Hamming {metrics['hamming']:.1f}\n"
         f"  unwritten: MSE / query's {metrics['unwritten_mse'] / query:.3f}, "
