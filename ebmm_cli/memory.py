@@ -230,7 +230,7 @@ def completion_margins(
 
         own_i   = qi + λi mi (xi − qi),   other_ij = qi + λi mi (xj − qi),   j = i − r,
 
-    r = 1 … `others` (indices mod N), mi the positions the distortion changed (1) and
+    r = 1 … `others` (indices mod N), mi the positions the distortion drew (1) and
     ΔE(x) = E(x; θ) − E(x; θ̄) as in `recognition_margins`. Negative: what the write did
     to the energy favours the query's own content. For small λ the margin is
     λ ∇ΔE(qi) · mi (xi − xj): the write's own pull on the read's first step, pointing
@@ -240,7 +240,8 @@ def completion_margins(
     Args:
         stored: the written patterns x (N, ...).
         queries: their distorted queries q (N, ...).
-        masks: 1 where the distortion changed a pattern, else 0 (N, ...).
+        masks: 1 where the distortion drew a position, else 0 (N, ...;
+            `Distortion.with_mask`).
         lam: λ per query (N,), in [0, 1].
         others: how many other stored patterns each query is contrasted with (at most
             N − 1; none for N = 1, which gives an empty (0, 1)).

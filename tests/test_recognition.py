@@ -87,6 +87,11 @@ def test_the_weight_is_part_of_the_run_config() -> None:
     old = json.loads(config.to_json())
     del old["recognition"]  # a checkpoint from before the option
     assert TrainConfig.from_json(json.dumps(old)) == dataclasses.replace(config, recognition=0.0)
+    config = train_config(dataset="binary", steps=5, completion=2.5)
+    assert TrainConfig.from_json(config.to_json()).completion == 2.5
+    old = json.loads(config.to_json())
+    del old["completion"]  # a checkpoint from before the option
+    assert TrainConfig.from_json(json.dumps(old)).completion == 0.0
 
 
 @pytest.mark.slow
