@@ -200,20 +200,23 @@ def energy(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
     return functional_call(net, memory, (x,))
 
 
+def energy_moved(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
+    """ΔE(x) = E(x; θ) − E(x; θ̄): how much writing `memory` moved each pattern's energy
+    (B,). Differences of these cancel each pattern's prior (some characters simply have
+    lower energy), so only what the write did remains."""
+    return energy(net, memory, x) - energy(net, initial_memory(net), x)
+
+
 def recognition_margins(
     net: nn.Module, memory: Params, stored: torch.Tensor, novel: torch.Tensor
 ) -> torch.Tensor:
-    """ΔE(xi) − ΔE(yj) for every stored pattern xi and novel pattern yj, (N, M), where
-    ΔE(x) = E(x; θ) − E(x; θ̄) is how much writing `memory` moved x's energy.
+    """ΔE(xi) − ΔE(yj) for every stored pattern xi and novel pattern yj, (N, M), with ΔE
+    the `energy_moved` by writing `memory`.
 
     Negative: the write lowered xi's energy more than yj's, i.e. it recognises what it
-    stored. Differences of energies under the same θ̄ cancel each pattern's prior (some
-    characters simply have lower energy), so only what the write did remains. A write
-    that lowers every energy alike, stored or not, has margins near 0: it holds nothing
-    a read could recall (issue 17)."""
-    blank = initial_memory(net)
-    moved = [energy(net, memory, x) - energy(net, blank, x) for x in (stored, novel)]
-    return moved[0][:, None] - moved[1][None, :]
+    stored. A write that lowers every energy alike, stored or not, has margins near 0:
+    it holds nothing a read could recall (issue 17)."""
+    return energy_moved(net, memory, stored)[:, None] - energy_moved(net, memory, novel)[None, :]
 
 
 def completion_margins(
@@ -230,11 +233,11 @@ def completion_margins(
 
         own_i   = qi + λi mi (xi − qi),   other_ij = qi + λi mi (xj − qi),   j = i − r,
 
-    r = 1 … `others` (indices mod N), mi the positions the distortion drew (1) and
-    ΔE(x) = E(x; θ) − E(x; θ̄) as in `recognition_margins`. Negative: what the write did
-    to the energy favours the query's own content. For small λ the margin is
-    λ ∇ΔE(qi) · mi (xi − xj): the write's own pull on the read's first step, pointing
-    at what was stored rather than at another stored pattern. Recognition compares
+    r = 1 … `others` (indices mod N), mi the positions the distortion drew (1) and ΔE
+    the `energy_moved` by the write. Negative: what the write did to the energy favours
+    the query's own content. For small λ the margin is λ ∇ΔE(qi) · mi (xi − xj): the
+    write's own pull on the read's first step, pointing at what was stored rather than
+    at another stored pattern. Recognition compares
     whole clean patterns; this compares what the read moves through (issue 17).
 
     Args:
@@ -250,8 +253,7 @@ def completion_margins(
     lam = lam.view(n, *([1] * (stored.dim() - 1)))
     contents = [stored, *(stored.roll(r, 0) for r in range(1, min(others, n - 1) + 1))]
     points = torch.cat([queries + lam * masks * (x - queries) for x in contents])
-    blank = initial_memory(net)
-    moved = (energy(net, memory, points) - energy(net, blank, points)).view(-1, n)
+    moved = energy_moved(net, memory, points).view(-1, n)
     return moved[0][None] - moved[1:]
 
 

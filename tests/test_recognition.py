@@ -94,31 +94,6 @@ def test_the_weight_is_part_of_the_run_config() -> None:
     assert TrainConfig.from_json(json.dumps(old)).completion == 0.0
 
 
-@pytest.mark.slow
-def test_train_with_recognition_through_the_cli(tmp_path: Path) -> None:
-    """`ebmm train --recognition W` trains, reports held-out recognition at each
-    evaluation, keeps the weight across --resume; a bad weight is a one-line error."""
-    common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
-              "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "2",
-              "--device", "cpu", "--write-lr", "1"]  # fmt: skip
-    bad = run_ebmm("train", *common, "--steps", "1", "--recognition", "-2", "-o",
-                   str(tmp_path / "bad"))  # fmt: skip
-    assert bad.returncode == 2
-    assert "--recognition" in bad.stderr and "0 or more" in bad.stderr
-    assert not (tmp_path / "bad").exists()
-
-    out = tmp_path / "run"
-    result = run_ebmm("train", *common, "--steps", "2", "--recognition", "1", "-o", str(out))
-    assert result.returncode == 0, result.stderr
-    resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
-    assert resumed.returncode == 0, resumed.stderr
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert all(0.5 < r["heldout_recognition"] <= 1 for r in records)
-    _, _, state = load_checkpoint(out / "checkpoint.safetensors")
-    assert json.loads(state["train_config"])["recognition"] == 1.0
-
-
 @pytest.mark.parametrize(
     "spec,shape,drawn,keeps",
     [
@@ -193,24 +168,32 @@ def test_the_completion_term_trains_the_write_but_not_the_reported_loss(episodes
 
 
 @pytest.mark.slow
-def test_train_with_completion_through_the_cli(tmp_path: Path) -> None:
-    """`ebmm train --completion W` trains and keeps the weight across --resume; a bad
-    weight is a one-line error."""
+@pytest.mark.parametrize(
+    "option,bad,weight", [("--recognition", "-2", 1.0), ("--completion", "nan", 2.0)]
+)
+def test_train_with_a_term_through_the_cli(
+    option: str, bad: str, weight: float, tmp_path: Path
+) -> None:
+    """`ebmm train --recognition W` / `--completion W` trains and keeps the weight across
+    --resume (with recognition, held-out recognition is reported at each evaluation); a
+    bad weight is a one-line error."""
     common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
               "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "2",
               "--device", "cpu", "--write-lr", "1"]  # fmt: skip
-    bad = run_ebmm("train", *common, "--steps", "1", "--completion", "nan", "-o",
-                   str(tmp_path / "bad"))  # fmt: skip
-    assert bad.returncode == 2
-    assert "--completion" in bad.stderr and "0 or more" in bad.stderr
+    refused = run_ebmm("train", *common, "--steps", "1", option, bad, "-o",
+                       str(tmp_path / "bad"))  # fmt: skip
+    assert refused.returncode == 2
+    assert option in refused.stderr and "0 or more" in refused.stderr
     assert not (tmp_path / "bad").exists()
 
     out = tmp_path / "run"
-    result = run_ebmm("train", *common, "--steps", "2", "--completion", "2", "-o", str(out))
+    result = run_ebmm("train", *common, "--steps", "2", option, str(weight), "-o", str(out))
     assert result.returncode == 0, result.stderr
     resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
     assert resumed.returncode == 0, resumed.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+    if option == "--recognition":
+        assert all(0.5 < r["heldout_recognition"] <= 1 for r in records)
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
-    assert json.loads(state["train_config"])["completion"] == 2.0
+    assert json.loads(state["train_config"])[option.lstrip("-")] == weight
