@@ -532,6 +532,14 @@ def train(
             "towards what it stored. 0: the paper's loss.",
         ),
     ] = 0.0,
+    contrast: Annotated[
+        float,
+        typer.Option(
+            help="Weight of a contrast term in the meta-loss: each stored pattern must have "
+            "lower energy than the point where the read of its query ended, so that what "
+            "was stored becomes the energy's minimum. 0: the paper's loss.",
+        ),
+    ] = 0.0,
     lr: Annotated[
         float,
         typer.Option(
@@ -639,6 +647,7 @@ def train(
             rates_see_n=rates_see_n,
             recognition=recognition,
             completion=completion,
+            contrast=contrast,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

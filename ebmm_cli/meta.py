@@ -43,6 +43,7 @@ from ebmm_cli.evaluation import Batch, evaluate_sets, heldout_sets, plot_curves
 from ebmm_cli.graphs import replayed_step
 from ebmm_cli.memory import (
     completion_margins,
+    endpoint_margins,
     initial_memory,
     read,
     read_episodes,
@@ -97,6 +98,7 @@ class MetaStep:
         self.second_order = not config.first_order
         self.recognition = config.recognition
         self.completion = config.completion
+        self.contrast = config.contrast
         self.device = device
         self.world = world
         rule_params = list(model.rules.parameters())
@@ -143,13 +145,14 @@ class MetaStep:
         `prior`: a step of the prior phase (`TrainConfig.prior_minutes`): nothing is
         written, every query is read from θ̄. `foils`: novel patterns (M, ...) for the
         recognition term (`TrainConfig.recognition`), the same for every episode. The
-        completion term (`TrainConfig.completion`) takes each batch's `masks`.
+        completion term (`TrainConfig.completion`) takes each batch's `masks`; the
+        contrast term (`TrainConfig.contrast`) needs nothing more than the read.
 
         Returns:
             The mean loss, a 0-dim tensor on the device: NaN if the loss or the gradient
-            was not finite anywhere, and then nothing changed. The recognition and
-            completion terms join the gradient, not the loss returned, so curves stay
-            comparable.
+            was not finite anywhere, and then nothing changed. The recognition,
+            completion and contrast terms join the gradient, not the loss returned, so
+            curves stay comparable.
         """
         patterns = torch.stack([b.patterns for b in batches])
         queries = torch.stack([b.queries for b in batches])
@@ -257,7 +260,10 @@ class MetaStep:
         iterates, and each episode's weighted auxiliary terms (E,): `recognition` times
         the mean of softplus(`recognition_margins`) against `foils`, plus `completion`
         times the mean of softplus(`completion_margins`) with the queries' `masks` and
-        λ ~ U(0, 1) per query (zeros where a term is off, or has no pairs: N = 1). One
+        λ ~ U(0, 1) per query, plus `contrast` times the mean of
+        softplus(`endpoint_margins`) against where each read ended (detached: the term
+        moves the energy under the read's endpoint, not the read) (zeros where a term is
+        off; recognition and completion have no pairs at N = 1). One
         episode goes through `write_memory` (any read); several through `write_episodes`
         and `read_episodes` (the gradient read)."""
         second = self.second_order
@@ -285,6 +291,12 @@ class MetaStep:
                 memories, patterns, queries, masks, lam
             )
             extra = extra + self.completion * F.softplus(margins).flatten(1).mean(1)
+        if self.contrast:
+            ends = iterates[-1].detach()
+            margins = torch.func.vmap(partial(endpoint_margins, energy_net))(
+                memories, patterns, ends
+            )
+            extra = extra + self.contrast * F.softplus(margins).mean(1)
         return losses, len(iterates), extra
 
     def _all_reduce(

@@ -67,6 +67,13 @@ class TrainConfig:
     (`memory.completion_margins`): the write must pull the read towards what it stored,
     not only recognise it. Its positions come from the distortion
     (`Distortion.with_mask`). 0: off.
+
+    `contrast` weighs a third: softplus(E(xi) − E(x̂i)) under the written memory, x̂i
+    where the read of xi's query ended (`memory.endpoint_margins`): each stored pattern
+    must lie lower in the energy than where its read stopped, so that the stored
+    patterns become the energy's minima rather than points a short read passes on the
+    way to a lower fill (issue 17). It needs nothing but the read, so the step stays
+    one CUDA graph. 0: off.
     """
 
     def __post_init__(self) -> None:
@@ -104,6 +111,7 @@ class TrainConfig:
     prior_minutes: float = 0.0
     recognition: float = 0.0
     completion: float = 0.0
+    contrast: float = 0.0
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -276,6 +284,7 @@ def train_config(
     rates_see_n: bool = True,
     recognition: float = 0.0,
     completion: float = 0.0,
+    contrast: float = 0.0,
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
@@ -299,7 +308,11 @@ def train_config(
         if value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
     check_prior(prior_minutes, minutes, read)
-    for option, weight in (("--recognition", recognition), ("--completion", completion)):
+    for option, weight in (
+        ("--recognition", recognition),
+        ("--completion", completion),
+        ("--contrast", contrast),
+    ):
         if not weight >= 0:  # NaN too
             raise EbmmError(option, f"must be 0 or more, got {weight}")
     check_dataset(dataset)
@@ -352,6 +365,7 @@ def train_config(
         prior_minutes=prior_minutes,
         recognition=recognition,
         completion=completion,
+        contrast=contrast,
     )
 
 

@@ -1,7 +1,8 @@
 """Recognition and completion (issue 17): whether a write lowers the energy of what it
 stored more than that of novel patterns (a held-out metric and an optional term of the
 meta-loss), and whether it lowers a query completed with its own stored content more than
-one completed with another stored pattern's (an optional term)."""
+one completed with another stored pattern's (an optional term); and whether each stored
+pattern lies lower in the energy than where its read ended (an optional term)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,15 @@ import torch
 from ebmm_cli.distort import Distortion
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_episodes
-from ebmm_cli.memory import completion_margins, energy, initial_memory, recognition_margins
+from ebmm_cli.memory import (
+    completion_margins,
+    endpoint_margins,
+    energy,
+    initial_memory,
+    recognition_margins,
+)
 from ebmm_cli.meta import MetaStep
-from ebmm_cli.model import Model, write_memory
+from ebmm_cli.model import Model, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig, train_config
 from ebmm_cli.store import load_checkpoint
 from tests.conftest import run_ebmm, tiny_binary
@@ -58,24 +65,6 @@ def test_held_out_recognition_is_a_half_for_a_write_that_stores_nothing() -> Non
     assert "recognition" not in evaluate_episodes(model, held[:1])
 
 
-@pytest.mark.parametrize("episodes", [1, 3])
-def test_the_recognition_term_trains_the_write_but_not_the_reported_loss(episodes: int) -> None:
-    """With `recognition` > 0 the step's gradient gains the term (one episode, and several
-    written together under vmap): the write rates move differently, while the loss the
-    step reports is the read's alone, the same as without the term."""
-    results = {}
-    for weight in (0.0, 5.0):
-        model, config, patterns, queries = _binary(recognition=weight)
-        step = MetaStep(model, config, torch.device("cpu"), world=1)
-        foils = (torch.rand(6, 128, generator=torch.Generator().manual_seed(2)) > 0.5).float()
-        pairs = zip(patterns[:episodes], queries[:episodes], strict=True)
-        batches = [Batch(p, q) for p, q in pairs]
-        loss = step(batches, torch.Generator(), foils=foils)
-        results[weight] = (loss, model.rules.write_rate.detach().clone())
-    torch.testing.assert_close(results[5.0][0], results[0.0][0])
-    assert not torch.equal(results[5.0][1], results[0.0][1])
-
-
 def test_a_negative_weight_is_refused() -> None:
     with pytest.raises(EbmmError, match=r"must be 0 or more, got -1"):
         train_config(dataset="binary", steps=5, recognition=-1.0)
@@ -87,11 +76,12 @@ def test_the_weight_is_part_of_the_run_config() -> None:
     old = json.loads(config.to_json())
     del old["recognition"]  # a checkpoint from before the option
     assert TrainConfig.from_json(json.dumps(old)) == dataclasses.replace(config, recognition=0.0)
-    config = train_config(dataset="binary", steps=5, completion=2.5)
-    assert TrainConfig.from_json(config.to_json()).completion == 2.5
-    old = json.loads(config.to_json())
-    del old["completion"]  # a checkpoint from before the option
-    assert TrainConfig.from_json(json.dumps(old)).completion == 0.0
+    for term in ("completion", "contrast"):
+        config = train_config(dataset="binary", steps=5, **{term: 2.5})
+        assert getattr(TrainConfig.from_json(config.to_json()), term) == 2.5
+        old = json.loads(config.to_json())
+        del old[term]  # a checkpoint from before the option
+        assert getattr(TrainConfig.from_json(json.dumps(old)), term) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -148,35 +138,58 @@ def test_completion_margins_are_own_against_other_content_of_what_the_write_did(
 
 
 @pytest.mark.parametrize("episodes", [1, 3])
-def test_the_completion_term_trains_the_write_but_not_the_reported_loss(episodes: int) -> None:
+@pytest.mark.parametrize("term", ["recognition", "completion", "contrast"])
+def test_each_term_trains_the_write_but_not_the_reported_loss(term: str, episodes: int) -> None:
+    """With a term's weight > 0 the step's gradient gains the term (one episode, and
+    several written together under vmap): the write rates move differently, while the
+    loss the step reports is the read's alone, the same as without the term."""
     results = {}
     for weight in (0.0, 5.0):
-        model, config, patterns, _ = _binary(completion=weight)
+        model, config, patterns, _ = _binary(**{term: weight})
         step = MetaStep(model, config, torch.device("cpu"), world=1)
         distortion, generator = model.distortion, torch.Generator().manual_seed(1)
         batches = [Batch(p, *distortion.with_mask(p, generator)) for p in patterns[:episodes]]
+        foils = (torch.rand(6, 128, generator=torch.Generator().manual_seed(2)) > 0.5).float()
         torch.manual_seed(5)  # λ
-        loss = step(batches, torch.Generator())
+        loss = step(batches, torch.Generator(), foils=foils)
         results[weight] = (loss, model.rules.write_rate.detach().clone())
     torch.testing.assert_close(results[5.0][0], results[0.0][0])
     assert not torch.equal(results[5.0][1], results[0.0][1])
-    # Without masks the term cannot be computed: refused rather than silently skipped
+
+
+def test_the_completion_term_without_masks_is_refused() -> None:
+    """Without masks the term cannot be computed: refused rather than silently skipped."""
     model, config, patterns, queries = _binary(completion=1.0)
     step = MetaStep(model, config, torch.device("cpu"), world=1)
     with pytest.raises(ValueError, match="masks"):
         step([Batch(patterns[0], queries[0])], torch.Generator())
 
 
+def test_endpoint_margins_are_the_energy_of_the_stored_pattern_less_the_read_end() -> None:
+    model, _, patterns, queries = _binary()
+    net, stored = model.energy, patterns[0]
+    written = write_memory(model, stored)
+    ends = retrieve(model, written, queries[0])[-1]
+    with torch.no_grad():
+        margins = endpoint_margins(net, written.params, stored, ends)
+        expected = energy(net, written.params, stored) - energy(net, written.params, ends)
+        assert margins.shape == (6,)
+        torch.testing.assert_close(margins, expected)
+        # a read that ends on the stored pattern itself leaves nothing to contrast
+        assert endpoint_margins(net, written.params, stored, stored).abs().max() == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "option,bad,weight", [("--recognition", "-2", 1.0), ("--completion", "nan", 2.0)]
+    "option,bad,weight",
+    [("--recognition", "-2", 1.0), ("--completion", "nan", 2.0), ("--contrast", "-0.5", 1.5)],
 )
 def test_train_with_a_term_through_the_cli(
     option: str, bad: str, weight: float, tmp_path: Path
 ) -> None:
-    """`ebmm train --recognition W` / `--completion W` trains and keeps the weight across
-    --resume (with recognition, held-out recognition is reported at each evaluation); a
-    bad weight is a one-line error."""
+    """`ebmm train --recognition W` / `--completion W` / `--contrast W` trains and keeps
+    the weight across --resume (with recognition, held-out recognition is reported at
+    each evaluation); a bad weight is a one-line error."""
     common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
               "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "2",
               "--device", "cpu", "--write-lr", "1"]  # fmt: skip
