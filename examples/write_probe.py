@@ -18,6 +18,10 @@ same configuration), on the run's own held-out episodes:
 - how far the read moves: the mean |x̂ − q| over the positions the distortion drew and
   over the rest (where q is already right), and its progress towards the stored
   pattern, <x̂ − q, x − q> / |x − q|² over the drawn positions (1: all the way);
+- where the read ends in the energy: the fraction of queries whose stored pattern has a
+  lower energy (written θ) than the read's endpoint x̂ (`memory.endpoint_margins` < 0,
+  what the `--contrast` term trains): where it is not, descending further from x̂ lowers
+  the energy and so can never reach the stored pattern;
 - the written and the unwritten (θ̄) read of the same queries: MSE / the query's, Hamming.
 
 With `--meta-steps K` it instead starts a fresh model of the run's configuration and
@@ -40,7 +44,7 @@ import torch
 
 from ebmm_cli.data import Episodes
 from ebmm_cli.evaluation import Batch, evaluate_episodes, heldout_batches
-from ebmm_cli.memory import completion_margins, energy, initial_memory
+from ebmm_cli.memory import completion_margins, endpoint_margins, energy, initial_memory
 from ebmm_cli.meta import MetaStep, _datasets
 from ebmm_cli.model import Model, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig
@@ -68,13 +72,14 @@ def write_gradients(model: Model, patterns: torch.Tensor) -> dict[str, float]:
 
 def read_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
     """Over the episodes: the fraction of negative `completion_margins` at λ = 0.05 and
-    λ = 1, the mean of |∇x ΔE(q)| / |∇x E(q)| per query, and how far the read moves
-    (queries and the positions drawn made afresh, seeded, by `Distortion.with_mask`)."""
+    λ = 1, the mean of |∇x ΔE(q)| / |∇x E(q)| per query, how far the read moves, and the
+    fraction of stored patterns below their read's endpoint in the energy (queries and
+    the positions drawn made afresh, seeded, by `Distortion.with_mask`)."""
     net = model.energy
     blank = initial_memory(net)
     generator = torch.Generator().manual_seed(0)
     wins: dict[float, list[torch.Tensor]] = {0.05: [], 1.0: []}
-    shares, moves = [], []
+    shares, moves, below = [], [], []
     for batch in batches:
         x = batch.patterns
         queries, masks = model.distortion.with_mask(x, generator)
@@ -91,6 +96,7 @@ def read_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
             ]
         )
         with torch.no_grad():
+            below.append((endpoint_margins(net, memory, x, read) < 0).float())
             for lam, won in wins.items():
                 lams = torch.full((len(x),), lam)
                 margins = completion_margins(net, memory, x, queries, masks, lams)
@@ -107,6 +113,7 @@ def read_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
         "move_drawn": inside,
         "move_kept": outside,
         "progress": progress,
+        "below_end": torch.cat(below).mean().item(),
     }
 
 
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         f"first gradient {reading['write_share']:.3f}\n"
         f"  read moves {reading['move_drawn']:.3f} per drawn position, "
         f"{reading['move_kept']:.3f} per other; progress to the stored pattern "
-        f"{reading['progress']:.3f}\n"
+        f"{reading['progress']:.3f}; stored below the read's end in energy "
+        f"{reading['below_end']:.3f}\n"
         f"  written:   MSE / query's {metrics['mse'] / query:.3f}, "
         f"Hamming {metrics['hamming']:.1f}\n"
         f"  unwritten: MSE / query's {metrics['unwritten_mse'] / query:.3f}, "

@@ -140,6 +140,7 @@ def test_the_write_probe_reads_a_run(tmp_path: Path) -> None:
     assert float(completion.split("first gradient ")[1].split()[0]) > 0
     assert 0 <= float(trained.split("read moves ")[1].split()[0]) <= 1
     assert "progress to the stored pattern" in trained
+    assert 0 <= float(trained.split("read's end in energy ")[1].split()[0]) <= 1
     assert "(untrained)" in probe("--untrained")
     steps = [line.split(":")[0] for line in probe("--meta-steps", "3").splitlines()]
     assert steps == ["step 0", "step 1", "step 2", "step 3"]
