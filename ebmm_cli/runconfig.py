@@ -72,8 +72,8 @@ class TrainConfig:
     where the read of xi's query ended (`memory.endpoint_margins`): each stored pattern
     must lie lower in the energy than where its read stopped, so that the stored
     patterns become the energy's minima rather than points a short read passes on the
-    way to a lower fill (issue 17). It needs nothing but the read, so the step stays
-    one CUDA graph. 0: off.
+    way to a lower fill (issue 17). It needs nothing but the read, so the step keeps
+    its CUDA graph. 0: off.
     """
 
     def __post_init__(self) -> None:
