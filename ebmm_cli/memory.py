@@ -225,11 +225,11 @@ def endpoint_margins(
     """E(xi; θ) − E(x̂i; θ) for each stored pattern xi and the point x̂i where the read of
     its query ended (N,), both under the written memory θ.
 
-    Positive: the read stopped somewhere the energy ranks below the truth, so reading
-    longer could only move further from it. Trained reads do this at every query
-    (issue 17: the fill where an Omniglot read ends is lower than the stored character;
-    binary strings: plain descent from the query ends lower than the stored string), so
-    their stored patterns are not the energy's minima but points a short read passes."""
+    Positive: the read stopped somewhere the energy ranks below the truth, so descending
+    further from there cannot reach it. Trained Omniglot reads stop there at every
+    query, and plain descent from the query ends below the stored pattern on Omniglot
+    and binary strings alike (issue 17): their stored patterns are not the energy's
+    minima but points a short read passes."""
     return energy(net, memory, stored) - energy(net, memory, ends)
 
 
