@@ -261,9 +261,9 @@ class MetaStep:
         the mean of softplus(`recognition_margins`) against `foils`, plus `completion`
         times the mean of softplus(`completion_margins`) with the queries' `masks` and
         λ ~ U(0, 1) per query, plus `contrast` times the mean of
-        softplus(`endpoint_margins`) against where each read ended (detached: the term
-        moves the energy under the read's endpoint, not the read) (zeros where a term is
-        off; recognition and completion have no pairs at N = 1). One
+        softplus(`endpoint_margins`) against where each read ended, detached (the term
+        moves the energy under the read's endpoint, not the read). Zeros where a term is
+        off; recognition and completion have no pairs at N = 1. One
         episode goes through `write_memory` (any read); several through `write_episodes`
         and `read_episodes` (the gradient read)."""
         second = self.second_order

@@ -70,18 +70,15 @@ def test_a_negative_weight_is_refused() -> None:
         train_config(dataset="binary", steps=5, recognition=-1.0)
 
 
-def test_the_weight_is_part_of_the_run_config() -> None:
-    config = train_config(dataset="binary", steps=5, recognition=0.5)
-    assert TrainConfig.from_json(config.to_json()).recognition == 0.5
+@pytest.mark.parametrize(
+    "term,weight", [("recognition", 0.5), ("completion", 2.5), ("contrast", 2.5)]
+)
+def test_the_weight_is_part_of_the_run_config(term: str, weight: float) -> None:
+    config = train_config(dataset="binary", steps=5, **{term: weight})
+    assert getattr(TrainConfig.from_json(config.to_json()), term) == weight
     old = json.loads(config.to_json())
-    del old["recognition"]  # a checkpoint from before the option
-    assert TrainConfig.from_json(json.dumps(old)) == dataclasses.replace(config, recognition=0.0)
-    for term in ("completion", "contrast"):
-        config = train_config(dataset="binary", steps=5, **{term: 2.5})
-        assert getattr(TrainConfig.from_json(config.to_json()), term) == 2.5
-        old = json.loads(config.to_json())
-        del old[term]  # a checkpoint from before the option
-        assert getattr(TrainConfig.from_json(json.dumps(old)), term) == 0.0
+    del old[term]  # a checkpoint from before the option
+    assert TrainConfig.from_json(json.dumps(old)) == dataclasses.replace(config, **{term: 0.0})
 
 
 @pytest.mark.parametrize(
