@@ -12,8 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
-import signal
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,22 +100,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
     _make_folder(path.parent, path.parent)
     tmp = None
     try:
-        # Ctrl-C and SIGTERM raise where the program is; held back while the temporary
-        # file is made, they arrive once it has a name to be cleaned up by.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            tmp = Path(name)
-        except OSError as e:
-            raise EbmmError(path.parent, f"cannot write here ({e.strerror or e})") from None
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        # Named before it exists: Ctrl-C or SIGTERM raise wherever the program is (a signal
+        # that arrived just before this point included), and whatever they interrupt, the
+        # cleanup below knows the name. Made with the mode a plain open() would give it.
+        while tmp is None:
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                tmp = None  # another writer's temporary by the same name: not ours to remove
+            except OSError as e:
+                tmp = None
+                raise EbmmError(path.parent, f"cannot write here ({e.strerror or e})") from None
         yield tmp
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -204,6 +206,9 @@ def test_save_image_round_trips_and_leaves_no_temporary(tmp_path: Path) -> None:
     assert y.shape == (3, 5, 7) and (x - y).abs().max() <= 0.5 / 255 + 1e-6
     assert [p.name for p in (tmp_path / "deep").iterdir()] == ["x.png"]
     assert Image.open(tmp_path / "deep" / "x.png").mode == "RGB"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "deep" / "x.png").stat().st_mode & 0o777 == 0o666 & ~umask  # as open()'s
 
 
 def test_a_write_that_fails_half_way_leaves_the_old_file(tmp_path: Path) -> None:
@@ -215,3 +220,43 @@ def test_a_write_that_fails_half_way_leaves_the_old_file(tmp_path: Path) -> None
         raise RuntimeError("disk full")
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def _write_interrupted_at(target: Path, point: int) -> int:
+    """Write `target` through `atomic_path`, raising KeyboardInterrupt at the given point
+    (counted from 1; 0: never) of those where Python may run a signal's handler: a
+    function's start and the return of a call into C. Return how many the write passed."""
+    seen = 0
+
+    def interrupt(frame: object, event: str, arg: object) -> None:
+        nonlocal seen
+        if event in ("call", "c_return"):
+            seen += 1
+            if seen == point:
+                raise KeyboardInterrupt
+
+    sys.setprofile(interrupt)
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"new")
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def test_an_interrupt_at_any_point_of_a_write_leaves_no_temporary(tmp_path: Path) -> None:
+    # A Ctrl-C or SIGTERM raises wherever the program is, including one that arrived just
+    # before the write began (its handler runs at the next call, signal mask or not): a
+    # temporary made before its name was kept was left behind (CI, 2026-11-28).
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+    points = _write_interrupted_at(target, 0)
+    for point in range(1, points + 1):
+        target.write_bytes(b"old")
+        try:
+            _write_interrupted_at(target, point)
+        except KeyboardInterrupt:
+            assert target.read_bytes() in (b"old", b"new"), point
+        else:
+            assert target.read_bytes() == b"new", point
+        assert [p.name for p in tmp_path.iterdir()] == ["x.bin"], point
