@@ -12,7 +12,7 @@ from dataclasses import dataclass
 MEMORIES = ("conv", "conv-large", "fc", "rnn")
 READS = ("gd", "decoder")
 SCHEDULES = ("learned", "fixed")
-LOSSES = ("mse", "ssim+mse")
+LOSSES = ("mse", "ssim+mse", "l1")
 DISTORTIONS = (
     "noise",
     "occlude",

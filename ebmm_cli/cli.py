@@ -476,7 +476,10 @@ def train(
     ] = None,
     loss: Annotated[
         Loss,
-        typer.Option(help="mse (the paper) or ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report)."),
+        typer.Option(
+            help="mse (the paper), ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report), or l1: "
+            "mean absolute error, the expected Hamming error of a randomly rounded read."
+        ),
     ] = Loss("mse"),
     dynamic: Annotated[
         int | None,

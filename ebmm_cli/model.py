@@ -44,7 +44,7 @@ class ModelConfig:
         rules: the write and read rules.
         distortion: the distortion it was meta-trained on (`KIND:N`); the decoder read
             also adapts to it when writing.
-        loss: the meta-training loss, `mse` or `ssim+mse`.
+        loss: the meta-training loss, `mse`, `ssim+mse` or `l1`.
         dataset: what it was meta-trained on.
         invert_files: image files hold dark strokes on light (Omniglot's PNGs, a folder
             trained with `--invert`) while the model sees ink = 1; the CLI inverts files

@@ -213,8 +213,8 @@ def model_config(
     if (dataset == "binary") != (memory == "rnn"):
         raise EbmmError("--memory", "binary strings take --memory rnn, and rnn takes only them")
     _choice("--loss", loss, LOSSES)
-    if loss != "mse" and memory == "rnn":
-        raise EbmmError("--loss", "ssim+mse needs images; use mse for binary strings")
+    if loss == "ssim+mse" and memory == "rnn":
+        raise EbmmError("--loss", "ssim+mse needs images; use mse or l1 for binary strings")
     if dynamic is not None and dynamic < 1:
         raise EbmmError("--dynamic", f"must be at least 1, got {dynamic}")
     if invert and dataset in DATASETS:

@@ -13,7 +13,7 @@ from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_episodes
 from ebmm_cli.memory import initial_memory, read
 from ebmm_cli.meta import MetaStep
-from ebmm_cli.metrics import reconstruction_loss
+from ebmm_cli.metrics import hamming, reconstruction_loss
 from ebmm_cli.model import Model
 from ebmm_cli.runconfig import train_config
 from ebmm_cli.store import load_model, save_model
@@ -25,14 +25,15 @@ def _binary_step(**options: object) -> tuple[Model, MetaStep, torch.Tensor, torc
     return model, MetaStep(model, config, torch.device("cpu"), world=1), patterns, queries
 
 
-def test_a_prior_step_reads_from_the_initial_weights_and_writes_nothing() -> None:
-    model, step, patterns, queries = _binary_step()
+@pytest.mark.parametrize("loss", ["mse", "l1"])
+def test_a_prior_step_reads_from_the_initial_weights_and_writes_nothing(loss: str) -> None:
+    model, step, patterns, queries = _binary_step(loss=loss)
     # The loss a prior step should follow: every query read from θ̄, summed over the
     # read's iterates, averaged over the patterns (computed here without MetaStep).
     net = model.energy
     iterates = read(net, model.rules, initial_memory(net), queries.flatten(0, 1))
     flat = patterns.flatten(0, 1)
-    expected = sum(reconstruction_loss("mse", x, flat).mean() for x in iterates) / len(iterates)
+    expected = sum(reconstruction_loss(loss, x, flat).mean() for x in iterates) / len(iterates)
     rules_before = {k: v.clone() for k, v in model.rules.named_parameters()}
     slow_before = {k: v.clone() for k, v in net.named_parameters()}
 
@@ -119,3 +120,19 @@ def test_train_starts_with_the_prior_then_writes(tmp_path: Path) -> None:
     assert [r["prior"] for r in records] == [True, False, False]
     written = load_model(both / "model.safetensors")
     assert not torch.equal(written.rules.write_rate, fresh.rules.write_rate)
+
+
+def test_l1_is_the_expected_hamming_error_of_a_randomly_rounded_read() -> None:
+    """Why `--loss l1` suits the Hamming bars: for binary targets it is the error a read
+    would have, rounded at random, per pixel; the squared error is not."""
+    g = torch.Generator().manual_seed(0)
+    read_out = torch.rand(3, 1, 8, 8, generator=g)
+    target = (torch.rand(3, 1, 8, 8, generator=g) > 0.5).float()
+    draws = 4000
+    rounded = (torch.rand(draws, *read_out.shape, generator=g) < read_out).float()
+    errors = hamming(rounded.flatten(0, 1), target.repeat(draws, 1, 1, 1)).view(draws, 3)
+    expected = errors.mean(0) / 64
+    torch.testing.assert_close(
+        reconstruction_loss("l1", read_out, target), expected, atol=0.01, rtol=0
+    )
+    assert (reconstruction_loss("mse", read_out, target) - expected).abs().max() > 0.05

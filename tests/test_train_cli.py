@@ -359,6 +359,8 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
             "1.5",
             "--read-lr",
             "5",
+            "--loss",
+            "l1",
             "--eval-every",
             "2",
             "--eval-episodes",
@@ -375,6 +377,7 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
     rules = load_model(tmp_path / "run" / "model.safetensors").config.rules
     assert (rules.write_lr, rules.read_lr) == (1.5, 5.0)
     assert load_model(tmp_path / "run" / "model.safetensors").config.energy.signed
+    assert load_model(tmp_path / "run" / "model.safetensors").config.loss == "l1"
     assert metrics["heldout_split"] == "fresh random strings"
     # --resume --device moves the run: refused where that device is missing, else taken
     resume = ["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--device"]
