@@ -589,8 +589,8 @@ def train(
     resume: Annotated[
         bool,
         typer.Option(
-            help="Continue the run in --out from its checkpoint "
-            "(only --steps/--minutes may change)."
+            help="Continue the run in --out from its checkpoint, with its own budget and "
+            "schedule; a new --steps/--minutes (all that may change) replaces both."
         ),
     ] = False,
     profile: Annotated[
@@ -609,7 +609,8 @@ def train(
     from ebmm_cli.meta import Trainer, init_distributed
     from ebmm_cli.runconfig import check_budget, parse_batch_size, train_config
 
-    check_budget(steps, minutes)  # --resume takes a new budget too
+    if not resume or steps is not None or minutes is not None:
+        check_budget(steps, minutes)  # a resumed run keeps its own budget unless given one
     if resume:
         _only_with_resume(ctx)
     if out.exists() and not out.is_dir():

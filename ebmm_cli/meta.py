@@ -414,7 +414,10 @@ class Trainer:
         cuda_graph: str | None = None,
     ) -> Trainer:
         """Continue from `out/checkpoint.safetensors`; only the stopping rule, the
-        device (a distributed run's processes) and `cuda_graph` may change.
+        device (a distributed run's processes) and `cuda_graph` may change. Without a
+        new `steps` or `minutes` the run keeps its own, and so its learning-rate
+        schedule, which spans the budget: a run of `--steps 1000` resumed with only
+        `--minutes` would otherwise restart its cosine near the base rate.
 
         Temporary files a killed run left half-written (`atomic_path`'s `.NAME.*.tmp`)
         are removed: the files they were replacing are still whole.
@@ -430,7 +433,8 @@ class Trainer:
             config = TrainConfig.from_json(state["train_config"])
         except (KeyError, ValueError, TypeError) as e:
             raise EbmmError(path, f"damaged training config ({e})") from None
-        config = replace(config, steps=steps, minutes=minutes)
+        if steps is not None or minutes is not None:
+            config = replace(config, steps=steps, minutes=minutes)
         if device is not None:
             config = replace(config, device=device)
         if cuda_graph is not None:

@@ -214,8 +214,9 @@ def test_same_seed_same_run(run_dir: Path, data_root: Path, tmp_path: Path) -> N
 
 
 def test_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
-    """Ctrl-C after step 2 saves a checkpoint; `--resume` then ends where an uninterrupted
-    run with the same budget ends, to the bit."""
+    """Ctrl-C after step 2 saves a checkpoint; `--resume`, which keeps the run's budget
+    (and so its rate schedule) when given none, then ends where an uninterrupted run
+    ends, to the bit."""
     _train(data_root, tmp_path / "whole", "--steps", "4")
     model = model_config(
         dataset="omniglot",
@@ -242,9 +243,7 @@ def test_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> Non
 
     with pytest.raises(KeyboardInterrupt):
         trainer.run(interrupt)
-    result = runner.invoke(
-        app, ["train", "--out", str(tmp_path / "split"), "--resume", "--steps", "4"]
-    )
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "split"), "--resume"])
     assert result.exit_code == 0, result.output
     whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
