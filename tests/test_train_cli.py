@@ -373,10 +373,10 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["heldout_query_mse"] == 0.125  # eraseblock:64: 64 of 128 bits at 0.5
-    rules = load_model(tmp_path / "run" / "model.safetensors").config.rules
-    assert (rules.write_lr, rules.read_lr) == (1.5, 5.0)
-    assert load_model(tmp_path / "run" / "model.safetensors").config.energy.signed
-    assert load_model(tmp_path / "run" / "model.safetensors").config.loss == "l1"
+    config = load_model(tmp_path / "run" / "model.safetensors").config
+    assert (config.rules.write_lr, config.rules.read_lr) == (1.5, 5.0)
+    assert config.energy.signed
+    assert config.loss == "l1"
     assert metrics["heldout_split"] == "fresh random strings"
     # --resume --device moves the run: refused where that device is missing, else taken
     resume = ["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--device"]
