@@ -543,6 +543,15 @@ def train(
             "was stored becomes the energy's minimum. 0: the paper's loss.",
         ),
     ] = 0.0,
+    prior_penalty: Annotated[
+        float,
+        typer.Option(
+            help="Weight of a penalty in the meta-loss on the energy's prior repairing "
+            "queries on its own: the queries are also read from the unwritten memory, and "
+            "whatever that read improves on the query is penalised, so only what the "
+            "write stored can lower the loss. Gradient read only. 0: the paper's loss.",
+        ),
+    ] = 0.0,
     lr: Annotated[
         float,
         typer.Option(
@@ -652,6 +661,7 @@ def train(
             recognition=recognition,
             completion=completion,
             contrast=contrast,
+            prior_penalty=prior_penalty,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

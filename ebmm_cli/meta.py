@@ -99,6 +99,7 @@ class MetaStep:
         self.recognition = config.recognition
         self.completion = config.completion
         self.contrast = config.contrast
+        self.prior_penalty = config.prior_penalty
         self.device = device
         self.world = world
         rule_params = list(model.rules.parameters())
@@ -146,13 +147,14 @@ class MetaStep:
         written, every query is read from θ̄. `foils`: novel patterns (M, ...) for the
         recognition term (`TrainConfig.recognition`), the same for every episode. The
         completion term (`TrainConfig.completion`) takes each batch's `masks`; the
-        contrast term (`TrainConfig.contrast`) needs nothing more than the read.
+        contrast term (`TrainConfig.contrast`) and the prior penalty
+        (`TrainConfig.prior_penalty`) need nothing more than the queries.
 
         Returns:
             The mean loss, a 0-dim tensor on the device: NaN if the loss or the gradient
             was not finite anywhere, and then nothing changed. The recognition,
-            completion and contrast terms join the gradient, not the loss returned, so
-            curves stay comparable.
+            completion and contrast terms and the prior penalty join the gradient, not
+            the loss returned, so curves stay comparable.
         """
         patterns = torch.stack([b.patterns for b in batches])
         queries = torch.stack([b.queries for b in batches])
@@ -262,8 +264,10 @@ class MetaStep:
         times the mean of softplus(`completion_margins`) with the queries' `masks` and
         λ ~ U(0, 1) per query, plus `contrast` times the mean of
         softplus(`endpoint_margins`) against where each read ended, detached (the term
-        moves the energy under the read's endpoint, not the read). Zeros where a term is
-        off; recognition and completion have no pairs at N = 1. One
+        moves the energy under the read's endpoint, not the read), plus `prior_penalty`
+        times how far the same queries read from θ̄ improve on the queries themselves
+        (the loss summed over iterates; 0 where that read is no better). Zeros where a
+        term is off; recognition and completion have no pairs at N = 1. One
         episode goes through `write_memory` (any read); several through `write_episodes`
         and `read_episodes` (the gradient read)."""
         second = self.second_order
@@ -297,6 +301,10 @@ class MetaStep:
                 memories, patterns, ends
             )
             extra = extra + self.contrast * F.softplus(margins).mean(1)
+        if self.prior_penalty:
+            unwritten, count = self._prior_losses(patterns, queries)
+            baseline = count * self._summed([queries], patterns)
+            extra = extra + self.prior_penalty * F.relu(baseline - unwritten)
         return losses, len(iterates), extra
 
     def _all_reduce(

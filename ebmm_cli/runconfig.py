@@ -74,6 +74,14 @@ class TrainConfig:
     patterns become the energy's minima rather than points a short read passes on the
     way to a lower fill (issue 17). It needs nothing but the read, so the step keeps
     its CUDA graph. 0: off.
+
+    `prior_penalty` weighs a fourth: the same queries are also read from θ̄, the memory
+    before any write, and the penalty is how much that read improves on the queries
+    themselves (the loss summed over the read's iterates; nothing where it does not).
+    The energy's prior alone then gains nothing by repairing a query, so the loss can
+    only fall through what the write stored: it takes away the shortcut every Omniglot
+    run takes first (a faint average fill; issue 17). A model's unwritten read may be
+    worse than the query, as a binary model's is. Gradient read only. 0: off.
     """
 
     def __post_init__(self) -> None:
@@ -112,6 +120,7 @@ class TrainConfig:
     recognition: float = 0.0
     completion: float = 0.0
     contrast: float = 0.0
+    prior_penalty: float = 0.0
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -285,6 +294,7 @@ def train_config(
     recognition: float = 0.0,
     completion: float = 0.0,
     contrast: float = 0.0,
+    prior_penalty: float = 0.0,
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
@@ -312,9 +322,12 @@ def train_config(
         ("--recognition", recognition),
         ("--completion", completion),
         ("--contrast", contrast),
+        ("--prior-penalty", prior_penalty),
     ):
         if not weight >= 0:  # NaN too
             raise EbmmError(option, f"must be 0 or more, got {weight}")
+    if prior_penalty > 0 and read != "gd":
+        raise EbmmError("--prior-penalty", "needs the gradient read (--read gd)")
     check_dataset(dataset)
     _choice("--cuda-graph", cuda_graph, CUDA_GRAPHS)
     if cuda_graph == "on" and resolve_device(device).type != "cuda":
@@ -366,6 +379,7 @@ def train_config(
         recognition=recognition,
         completion=completion,
         contrast=contrast,
+        prior_penalty=prior_penalty,
     )
 
 

@@ -2,7 +2,8 @@
 stored more than that of novel patterns (a held-out metric and an optional term of the
 meta-loss), and whether it lowers a query completed with its own stored content more than
 one completed with another stored pattern's (an optional term); and whether each stored
-pattern lies lower in the energy than where its read ended (an optional term)."""
+pattern lies lower in the energy than where its read ended (an optional term); and a
+penalty on the energy's prior repairing a query without the memory (an optional term)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ebmm_cli.memory import (
     recognition_margins,
 )
 from ebmm_cli.meta import MetaStep
-from ebmm_cli.model import Model, retrieve, write_memory
+from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig, train_config
 from ebmm_cli.store import load_checkpoint
 from tests.conftest import run_ebmm, tiny_binary
@@ -71,7 +72,8 @@ def test_a_negative_weight_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "term,weight", [("recognition", 0.5), ("completion", 2.5), ("contrast", 2.5)]
+    "term,weight",
+    [("recognition", 0.5), ("completion", 2.5), ("contrast", 2.5), ("prior_penalty", 3.0)],
 )
 def test_the_weight_is_part_of_the_run_config(term: str, weight: float) -> None:
     config = train_config(dataset="binary", steps=5, **{term: weight})
@@ -176,15 +178,49 @@ def test_endpoint_margins_are_the_energy_of_the_stored_pattern_less_the_read_end
         assert endpoint_margins(net, written.params, stored, stored).abs().max() == 0
 
 
+@pytest.mark.parametrize("episodes", [1, 3])
+def test_the_prior_penalty_acts_only_where_the_unwritten_read_beats_the_query(
+    episodes: int,
+) -> None:
+    """Targets where the read from θ̄ ends (so it beats the query): the penalty changes
+    the step (the network's weights move otherwise) but not the loss it reports. Targets
+    equal to the queries (nothing to beat): the step is exactly the one without it."""
+    model, _, _, queries = _binary()
+    with torch.no_grad():
+        ends = retrieve(model, unwritten_memory(model), queries.flatten(0, 1))[-1]
+    reached = ends.view_as(queries)[:episodes]
+    for targets, changes in ((reached, True), (queries[:episodes], False)):
+        results = {}
+        for weight in (0.0, 5.0):
+            model, config, _, _ = _binary(prior_penalty=weight)
+            step = MetaStep(model, config, torch.device("cpu"), world=1)
+            batches = [Batch(t, q) for t, q in zip(targets, queries[:episodes], strict=True)]
+            loss = step(batches, torch.Generator())
+            results[weight] = (loss, model.energy.static.weight.detach().clone())
+        torch.testing.assert_close(results[5.0][0], results[0.0][0])
+        assert torch.equal(results[5.0][1], results[0.0][1]) != changes
+
+
+def test_the_prior_penalty_needs_the_gradient_read() -> None:
+    with pytest.raises(EbmmError, match=r"needs the gradient read"):
+        train_config(dataset="omniglot", steps=5, read="decoder", prior_penalty=1.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "option,bad,weight",
-    [("--recognition", "-2", 1.0), ("--completion", "nan", 2.0), ("--contrast", "-0.5", 1.5)],
+    [
+        ("--recognition", "-2", 1.0),
+        ("--completion", "nan", 2.0),
+        ("--contrast", "-0.5", 1.5),
+        ("--prior-penalty", "-1", 2.0),
+    ],
 )
 def test_train_with_a_term_through_the_cli(
     option: str, bad: str, weight: float, tmp_path: Path
 ) -> None:
-    """`ebmm train --recognition W` / `--completion W` / `--contrast W` trains and keeps
+    """`ebmm train --recognition W` / `--completion W` / `--contrast W` /
+    `--prior-penalty W` trains and keeps
     the weight across --resume (with recognition, held-out recognition is reported at
     each evaluation); a bad weight is a one-line error."""
     common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
@@ -206,4 +242,4 @@ def test_train_with_a_term_through_the_cli(
     if option == "--recognition":
         assert all(0.5 < r["heldout_recognition"] <= 1 for r in records)
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
-    assert json.loads(state["train_config"])[option.lstrip("-")] == weight
+    assert json.loads(state["train_config"])[option.lstrip("-").replace("-", "_")] == weight
