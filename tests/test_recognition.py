@@ -198,7 +198,8 @@ def test_the_prior_penalty_acts_only_where_the_unwritten_read_beats_the_query(
             loss = step(batches, torch.Generator())
             results[weight] = (loss, model.energy.static.weight.detach().clone())
         torch.testing.assert_close(results[5.0][0], results[0.0][0])
-        assert torch.equal(results[5.0][1], results[0.0][1]) != changes
+        moved_otherwise = not torch.equal(results[5.0][1], results[0.0][1])
+        assert moved_otherwise == changes
 
 
 def test_the_prior_penalty_needs_the_gradient_read() -> None:
@@ -220,9 +221,9 @@ def test_train_with_a_term_through_the_cli(
     option: str, bad: str, weight: float, tmp_path: Path
 ) -> None:
     """`ebmm train --recognition W` / `--completion W` / `--contrast W` /
-    `--prior-penalty W` trains and keeps
-    the weight across --resume (with recognition, held-out recognition is reported at
-    each evaluation); a bad weight is a one-line error."""
+    `--prior-penalty W` trains and keeps the weight across --resume (with recognition,
+    held-out recognition is reported at each evaluation); a bad weight is a one-line
+    error."""
     common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
               "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "2",
               "--device", "cpu", "--write-lr", "1"]  # fmt: skip
