@@ -548,8 +548,8 @@ def train(
         typer.Option(
             help="Weight of a penalty in the meta-loss on the energy's prior repairing "
             "queries on its own: the queries are also read from the unwritten memory, and "
-            "whatever that read improves on the query is penalised, so only what the "
-            "write stored can lower the loss. Gradient read only. 0: the paper's loss.",
+            "whatever that read improves on the query is penalised, so the prior gains "
+            "nothing by repairing a query alone. Gradient read only. 0: the paper's loss.",
         ),
     ] = 0.0,
     lr: Annotated[

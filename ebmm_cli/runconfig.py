@@ -78,10 +78,11 @@ class TrainConfig:
     `prior_penalty` weighs a fourth: the same queries are also read from θ̄, the memory
     before any write, and the penalty is how much that read improves on the queries
     themselves (the loss summed over the read's iterates; nothing where it does not).
-    The energy's prior alone then gains nothing by repairing a query, so the loss can
-    only fall through what the write stored: it takes away the shortcut every Omniglot
-    run takes first (a faint average fill; issue 17). A model's unwritten read may be
-    worse than the query, as a binary model's is. Gradient read only. 0: off.
+    The energy's prior alone then gains nothing by repairing a query: it takes away the
+    shortcut every Omniglot run takes first (a faint average fill; issue 17), though a
+    write that switches the same fill on for any batch is still rewarded (trial 20 in
+    `docs/TRAINING.md`). A model's unwritten read may be worse than the query, as a
+    binary model's is. Gradient read only. 0: off.
     """
 
     def __post_init__(self) -> None:
