@@ -26,6 +26,9 @@ DISTORTIONS = (
 DATASETS = ("omniglot", "fc100", "cifar10", "imagenet64", "binary")
 CUDA_GRAPHS = ("auto", "on", "off")
 """`--cuda-graph`: auto (on for CUDA), on (CUDA required), off (launch every kernel)."""
+PENALTY_MEMORIES = ("unwritten", "foil")
+"""`--penalty-memory`: what the prior penalty reads the queries from: θ̄ (nothing
+written) or a memory written with a foil episode (other patterns)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,15 @@ import typer
 from typer.core import TyperGroup
 
 from ebmm_cli import __version__
-from ebmm_cli.choices import CUDA_GRAPHS, DISTORTIONS, LOSSES, MEMORIES, READS, SCHEDULES
+from ebmm_cli.choices import (
+    CUDA_GRAPHS,
+    DISTORTIONS,
+    LOSSES,
+    MEMORIES,
+    PENALTY_MEMORIES,
+    READS,
+    SCHEDULES,
+)
 from ebmm_cli.errors import EbmmError
 
 
@@ -169,6 +177,7 @@ ReadKind = _choices("ReadKind", READS)
 Schedule = _choices("Schedule", SCHEDULES)
 Loss = _choices("Loss", LOSSES)
 CudaGraph = _choices("CudaGraph", CUDA_GRAPHS)
+PenaltyMemory = _choices("PenaltyMemory", PENALTY_MEMORIES)
 
 CudaGraphOption = Annotated[
     CudaGraph,
@@ -552,6 +561,14 @@ def train(
             "nothing by repairing a query alone. Gradient read only. 0: the paper's loss.",
         ),
     ] = 0.0,
+    penalty_memory: Annotated[
+        PenaltyMemory,
+        typer.Option(
+            help="What --prior-penalty reads the queries from: the unwritten memory, or a "
+            "foil: a memory written with another episode's patterns, so that a write that "
+            "helps any batch alike gains nothing either. One more write per step.",
+        ),
+    ] = PenaltyMemory.unwritten,
     lr: Annotated[
         float,
         typer.Option(
@@ -662,6 +679,7 @@ def train(
             completion=completion,
             contrast=contrast,
             prior_penalty=prior_penalty,
+            penalty_memory=penalty_memory.value,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

@@ -48,6 +48,7 @@ from ebmm_cli.memory import (
     read,
     read_episodes,
     recognition_margins,
+    write,
     write_episodes,
 )
 from ebmm_cli.metrics import reconstruction_loss
@@ -100,6 +101,7 @@ class MetaStep:
         self.completion = config.completion
         self.contrast = config.contrast
         self.prior_penalty = config.prior_penalty
+        self.against_foil = config.prior_penalty > 0 and config.penalty_memory == "foil"
         self.device = device
         self.world = world
         rule_params = list(model.rules.parameters())
@@ -145,10 +147,11 @@ class MetaStep:
         every process's batches). `generator` draws the decoder read's adaptation queries.
         `prior`: a step of the prior phase (`TrainConfig.prior_minutes`): nothing is
         written, every query is read from θ̄. `foils`: novel patterns (M, ...) for the
-        recognition term (`TrainConfig.recognition`), the same for every episode. The
-        completion term (`TrainConfig.completion`) takes each batch's `masks`; the
-        contrast term (`TrainConfig.contrast`) and the prior penalty
-        (`TrainConfig.prior_penalty`) need nothing more than the queries.
+        recognition term (`TrainConfig.recognition`) and the foil-written prior penalty
+        (`TrainConfig.penalty_memory`), the same for every episode. The completion term
+        (`TrainConfig.completion`) takes each batch's `masks`; the contrast term
+        (`TrainConfig.contrast`) and the unwritten prior penalty need nothing more than
+        the queries.
 
         Returns:
             The mean loss, a 0-dim tensor on the device: NaN if the loss or the gradient
@@ -238,6 +241,18 @@ class MetaStep:
         iterates = read(net, self.model.rules, memory, queries.flatten(0, 1), create_graph=True)
         return self._summed(iterates, patterns), len(iterates)
 
+    def _foil_losses(
+        self, foils: torch.Tensor, patterns: torch.Tensor, queries: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """`_prior_losses` read from a memory written with `foils` (M, ...), patterns
+        no episode stored, instead of θ̄: what a write of any batch does for these
+        queries. The write keeps its graph (second order if training is), so that the
+        rates learn not to help queries they did not store."""
+        net = self.model.energy
+        memory = write(net, self.model.rules, foils, create_graph=self.second_order, check=False)
+        iterates = read(net, self.model.rules, memory, queries.flatten(0, 1), create_graph=True)
+        return self._summed(iterates, patterns), len(iterates)
+
     def _summed(self, iterates: list[torch.Tensor], patterns: torch.Tensor) -> torch.Tensor:
         """Each episode's loss summed over the read iterates (each (E·N, ...) or
         (E, N, ...)), shape (E,)."""
@@ -265,11 +280,11 @@ class MetaStep:
         λ ~ U(0, 1) per query, plus `contrast` times the mean of
         softplus(`endpoint_margins`) against where each read ended, detached (the term
         moves the energy under the read's endpoint, not the read), plus `prior_penalty`
-        times how far the same queries read from θ̄ improve on the queries themselves
-        (the loss summed over iterates; 0 where that read is no better). Zeros where a
-        term is off; recognition and completion have no pairs at N = 1. One
-        episode goes through `write_memory` (any read); several through `write_episodes`
-        and `read_episodes` (the gradient read)."""
+        times how far the same queries read from θ̄ (or from a memory written with
+        `foils`) improve on the queries themselves (the loss summed over iterates; 0
+        where that read is no better). Zeros where a term is off; recognition and
+        completion have no pairs at N = 1. One episode goes through `write_memory` (any
+        read); several through `write_episodes` and `read_episodes` (the gradient read)."""
         second = self.second_order
         energy_net = self.model.energy
         if patterns.shape[0] == 1:
@@ -302,9 +317,14 @@ class MetaStep:
             )
             extra = extra + self.contrast * F.softplus(margins).mean(1)
         if self.prior_penalty:
-            unwritten, count = self._prior_losses(patterns, queries)
+            if self.against_foil:
+                if foils is None:
+                    raise ValueError("the prior penalty against a foil needs foils")
+                control, count = self._foil_losses(foils, patterns, queries)
+            else:
+                control, count = self._prior_losses(patterns, queries)
             baseline = count * self._summed([queries], patterns)
-            extra = extra + self.prior_penalty * F.relu(baseline - unwritten)
+            extra = extra + self.prior_penalty * F.relu(baseline - control)
         return losses, len(iterates), extra
 
     def _all_reduce(
@@ -350,11 +370,16 @@ class Trainer:
         # On CUDA (--cuda-graph auto|on) the held-out write and read, and a single
         # process's meta-step, replay CUDA graphs; a distributed step's all-reduce is
         # left outside graphs, and the decoder read (which draws adaptation queries on
-        # the host) and a step with the recognition or completion term (their foils,
-        # masks and λ are more inputs than the captured step takes) run eagerly.
+        # the host) and a step with the recognition or completion term or the penalty
+        # against a foil (their foils, masks and λ are more inputs than the captured
+        # step takes) run eagerly.
         self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
         graphs = self.model.use_cuda_graphs(config.cuda_graph)
-        if graphs and self.world == 1 and not (config.recognition or config.completion):
+        if (
+            graphs
+            and self.world == 1
+            and not (config.recognition or config.completion or self.meta_step.against_foil)
+        ):
             self.step_fn = replayed_step(self.meta_step)
         train_data, held_data, self.heldout_split = _datasets(config)
         split = "train"
@@ -521,9 +546,11 @@ class Trainer:
                 self.prior = self.elapsed < cfg.prior_minutes * 60
                 if self.prior:  # eager: no graph of this kind of step
                     self.pending.append(self.meta_step(batches, self.generator, prior=True))
-                elif cfg.recognition or cfg.completion:  # eager too: more inputs
-                    # the recognition term's foils: one more episode's patterns
-                    foils = self.episodes.sample(n)[0].to(self.device) if cfg.recognition else None
+                elif cfg.recognition or cfg.completion or self.meta_step.against_foil:
+                    # eager too: more inputs. Foils (the recognition term's, the foil
+                    # penalty's): one more episode's patterns
+                    drawn = cfg.recognition or self.meta_step.against_foil
+                    foils = self.episodes.sample(n)[0].to(self.device) if drawn else None
                     self.pending.append(self.meta_step(batches, self.generator, foils=foils))
                 else:
                     self.pending.append(self.step_fn(batches, self.generator))

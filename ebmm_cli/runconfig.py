@@ -18,6 +18,7 @@ from ebmm_cli.choices import (
     DATASETS,
     LOSSES,
     MEMORIES,
+    PENALTY_MEMORIES,
     READS,
     SCHEDULES,
     dataset_defaults,
@@ -83,6 +84,12 @@ class TrainConfig:
     write that switches the same fill on for any batch is still rewarded (trial 20 in
     `docs/TRAINING.md`). A model's unwritten read may be worse than the query, as a
     binary model's is. Gradient read only. 0: off.
+
+    `penalty_memory` is what the penalty reads the queries from: `unwritten` (θ̄, above)
+    or `foil`, a memory written with another episode's patterns (the recognition term's
+    foils, drawn every step). Against a foil a write that switches a generic fill on for
+    any batch gains nothing either (trial 20's way around the unwritten control); only
+    what the write stored of the queries' own patterns can lower the loss.
     """
 
     def __post_init__(self) -> None:
@@ -122,6 +129,7 @@ class TrainConfig:
     completion: float = 0.0
     contrast: float = 0.0
     prior_penalty: float = 0.0
+    penalty_memory: str = "unwritten"
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -296,6 +304,7 @@ def train_config(
     completion: float = 0.0,
     contrast: float = 0.0,
     prior_penalty: float = 0.0,
+    penalty_memory: str = "unwritten",
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
@@ -329,6 +338,9 @@ def train_config(
             raise EbmmError(option, f"must be 0 or more, got {weight}")
     if prior_penalty > 0 and read != "gd":
         raise EbmmError("--prior-penalty", "needs the gradient read (--read gd)")
+    _choice("--penalty-memory", penalty_memory, PENALTY_MEMORIES)
+    if penalty_memory != "unwritten" and not prior_penalty > 0:
+        raise EbmmError("--penalty-memory", f"{penalty_memory} needs --prior-penalty above 0")
     check_dataset(dataset)
     _choice("--cuda-graph", cuda_graph, CUDA_GRAPHS)
     if cuda_graph == "on" and resolve_device(device).type != "cuda":
@@ -381,6 +393,7 @@ def train_config(
         completion=completion,
         contrast=contrast,
         prior_penalty=prior_penalty,
+        penalty_memory=penalty_memory,
     )
 
 

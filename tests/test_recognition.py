@@ -3,7 +3,8 @@ stored more than that of novel patterns (a held-out metric and an optional term 
 meta-loss), and whether it lowers a query completed with its own stored content more than
 one completed with another stored pattern's (an optional term); and whether each stored
 pattern lies lower in the energy than where its read ended (an optional term); and a
-penalty on the energy's prior repairing a query without the memory (an optional term)."""
+penalty on the energy's prior repairing a query without the memory, or with a memory of
+other patterns (an optional term)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from ebmm_cli.memory import (
     endpoint_margins,
     energy,
     initial_memory,
+    read,
     recognition_margins,
+    write,
 )
 from ebmm_cli.meta import MetaStep
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
@@ -202,6 +205,53 @@ def test_the_prior_penalty_acts_only_where_the_unwritten_read_beats_the_query(
         assert moved_otherwise == changes
 
 
+@pytest.mark.parametrize("episodes", [1, 3])
+def test_the_penalty_against_a_foil_acts_only_where_the_foil_read_beats_the_query(
+    episodes: int,
+) -> None:
+    """`penalty_memory="foil"`: the control reads the queries from a memory written with
+    the foils. Targets where that read ends (so it beats the query): the step changes, and
+    differently from the penalty against θ̄; targets equal to the queries: the step is
+    exactly the one without the penalty. The reported loss never changes."""
+    model, _, _, queries = _binary()
+    foils = (torch.rand(6, 128, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    foil_memory = write(model.energy, model.rules, foils)
+    ends = read(model.energy, model.rules, foil_memory, queries.flatten(0, 1))[-1]
+    reached = ends.view_as(queries)[:episodes]
+    for targets, changes in ((reached, True), (queries[:episodes], False)):
+        results = {}
+        for weight, against in ((0.0, "unwritten"), (5.0, "foil"), (5.0, "unwritten")):
+            model, config, _, _ = _binary(prior_penalty=weight, penalty_memory=against)
+            step = MetaStep(model, config, torch.device("cpu"), world=1)
+            batches = [Batch(t, q) for t, q in zip(targets, queries[:episodes], strict=True)]
+            loss = step(batches, torch.Generator(), foils=foils)
+            results[weight, against] = (loss, model.energy.static.weight.detach().clone())
+        plain, foil = results[0.0, "unwritten"], results[5.0, "foil"]
+        torch.testing.assert_close(foil[0], plain[0])
+        assert (not torch.equal(foil[1], plain[1])) == changes
+        if changes:  # a different control from θ̄'s
+            assert not torch.equal(foil[1], results[5.0, "unwritten"][1])
+
+
+def test_the_penalty_against_a_foil_without_foils_is_refused() -> None:
+    model, config, patterns, queries = _binary(prior_penalty=1.0, penalty_memory="foil")
+    step = MetaStep(model, config, torch.device("cpu"), world=1)
+    with pytest.raises(ValueError, match="foils"):
+        step([Batch(patterns[0], queries[0])], torch.Generator())
+
+
+def test_the_penalty_memory_is_checked_and_kept_in_the_run_config() -> None:
+    config = train_config(dataset="binary", steps=5, prior_penalty=1.0, penalty_memory="foil")
+    assert TrainConfig.from_json(config.to_json()).penalty_memory == "foil"
+    old = json.loads(config.to_json())
+    del old["penalty_memory"]  # a checkpoint from before the option
+    assert TrainConfig.from_json(json.dumps(old)).penalty_memory == "unwritten"
+    with pytest.raises(EbmmError, match=r"foil needs --prior-penalty above 0"):
+        train_config(dataset="binary", steps=5, penalty_memory="foil")
+    with pytest.raises(EbmmError, match=r"unknown value 'blank'"):
+        train_config(dataset="binary", steps=5, prior_penalty=1.0, penalty_memory="blank")
+
+
 def test_the_prior_penalty_needs_the_gradient_read() -> None:
     with pytest.raises(EbmmError, match=r"needs the gradient read"):
         train_config(dataset="omniglot", steps=5, read="decoder", prior_penalty=1.0)
@@ -244,3 +294,30 @@ def test_train_with_a_term_through_the_cli(
         assert all(0.5 < r["heldout_recognition"] <= 1 for r in records)
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
     assert json.loads(state["train_config"])[option.lstrip("-").replace("-", "_")] == weight
+
+
+@pytest.mark.slow
+def test_train_with_the_penalty_against_a_foil_through_the_cli(tmp_path: Path) -> None:
+    """`ebmm train --prior-penalty W --penalty-memory foil` trains and keeps both across
+    --resume; the foil without a penalty is a one-line error, and nothing is created."""
+    common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
+              "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "2",
+              "--device", "cpu", "--write-lr", "1"]  # fmt: skip
+    refused = run_ebmm("train", *common, "--steps", "1", "--penalty-memory", "foil", "-o",
+                       str(tmp_path / "bad"))  # fmt: skip
+    assert refused.returncode == 2
+    assert "--penalty-memory" in refused.stderr and "--prior-penalty" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "run"
+    result = run_ebmm("train", *common, "--steps", "2", "--prior-penalty", "2",
+                      "--penalty-memory", "foil", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    _, _, state = load_checkpoint(out / "checkpoint.safetensors")
+    config = json.loads(state["train_config"])
+    assert (config["prior_penalty"], config["penalty_memory"]) == (2.0, "foil")
