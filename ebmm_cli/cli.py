@@ -566,7 +566,7 @@ def train(
         typer.Option(
             help="What --prior-penalty reads the queries from: the unwritten memory, or a "
             "foil: a memory written with another episode's patterns, so that a write that "
-            "helps any batch alike gains nothing either. One more write per step.",
+            "helps any batch alike gains nothing either. One more write and read per step.",
         ),
     ] = PenaltyMemory.unwritten,
     lr: Annotated[
