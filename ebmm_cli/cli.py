@@ -1326,13 +1326,15 @@ def _held_out(held: dict[str, Any]) -> str:
 
 
 def _model_labels(paths: list[Path]) -> list[str]:
-    """One row label per `--model`: a run's model by its run folder, a built-in one by
-    its name (not "models"). Files whose labels would clash (two models in one folder)
+    """One row label per `--model`: a run's model (`model.safetensors`) by its run
+    folder, a built-in or any other file by its own name (a file kept as
+    `exports/best.safetensors` is `best`, not `exports`). Files whose labels would clash
     are told apart by folder and file name, and the same file given twice by its place."""
     from ebmm_cli import builtin
 
     def short(path: Path) -> str:
-        return path.stem if path.parent == builtin.FOLDER else path.parent.name or path.stem
+        in_run = path.stem == "model" and path.parent != builtin.FOLDER
+        return path.parent.name or path.stem if in_run else path.stem
 
     names = [short(p) for p in paths]
     names = [

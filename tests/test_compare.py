@@ -179,15 +179,23 @@ def test_compare_model_and_baselines_on_omniglot(data_root: Path, tmp_path: Path
     wrong = runner.invoke(app, [*args[:-2], "--image-size", "28", "--force"])  # g.png exists
     assert wrong.exit_code == 2 and "was trained on patterns of shape" in wrong.stderr
 
-    # Two models in one run folder, and one file given twice: every row keeps its own label
+    # A run's model goes by its folder, any other file by its own name (not the folder's:
+    # `exports/best.safetensors` is `best`); clashing labels by folder and file name, the
+    # same file given twice by its place
     other = tmp_path / "run" / "other.safetensors"
     other.write_bytes(model.read_bytes())
-    both = [*args[:3], "--model", str(other), "--model", str(model), *args[3:]]
+    (tmp_path / "exports").mkdir()
+    best = tmp_path / "exports" / "best.safetensors"
+    best.write_bytes(model.read_bytes())
+    both = [*args[:3], "--model", str(other), "--model", str(model), "--model", str(best)]
+    both += args[3:]
     both[both.index("identity,nearest,hopfield-pinv")] = "identity"
     result = runner.invoke(app, [*both[: both.index("--grid")], "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     labels = [r["method"] for r in json.loads(result.stdout)["rows"]]
-    assert labels == ["identity", "ebmm:run/model #1", "ebmm:run/other", "ebmm:run/model #2"]
+    assert labels == [
+        "identity", "ebmm:run/model #1", "ebmm:other", "ebmm:run/model #2", "ebmm:best",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
