@@ -1334,7 +1334,7 @@ def _model_labels(paths: list[Path]) -> list[str]:
 
     def short(path: Path) -> str:
         in_run = path.stem == "model" and path.parent != builtin.FOLDER
-        return path.parent.name or path.stem if in_run else path.stem
+        return (path.parent.name or path.stem) if in_run else path.stem
 
     names = [short(p) for p in paths]
     names = [

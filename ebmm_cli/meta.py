@@ -42,6 +42,7 @@ from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_sets, heldout_sets, plot_curves
 from ebmm_cli.graphs import replayed_step
 from ebmm_cli.memory import (
+    Params,
     completion_margins,
     endpoint_margins,
     initial_memory,
@@ -102,6 +103,8 @@ class MetaStep:
         self.contrast = config.contrast
         self.prior_penalty = config.prior_penalty
         self.against_foil = config.prior_penalty > 0 and config.penalty_memory == "foil"
+        # steps that take one more episode's patterns (and so run eagerly)
+        self.draws_foils = config.recognition > 0 or self.against_foil
         self.device = device
         self.world = world
         rule_params = list(model.rules.parameters())
@@ -231,25 +234,13 @@ class MetaStep:
         return [v for v in self.optimizer.state.get(param, {}).values() if torch.is_tensor(v)]
 
     def _prior_losses(
-        self, patterns: torch.Tensor, queries: torch.Tensor
+        self, patterns: torch.Tensor, queries: torch.Tensor, memory: Params | None = None
     ) -> tuple[torch.Tensor, int]:
-        """`_episode_losses` with nothing written: all E·N queries read together from θ̄
-        (one read of one memory, no write and no second order through it, so a step
+        """`_episode_losses` with every E·N query read together from one `memory`,
+        default θ̄ (nothing written: no write and no second order through it, so a step
         costs a fraction of a meta-step's)."""
         net = self.model.energy
-        memory = initial_memory(net)
-        iterates = read(net, self.model.rules, memory, queries.flatten(0, 1), create_graph=True)
-        return self._summed(iterates, patterns), len(iterates)
-
-    def _foil_losses(
-        self, foils: torch.Tensor, patterns: torch.Tensor, queries: torch.Tensor
-    ) -> tuple[torch.Tensor, int]:
-        """`_prior_losses` read from a memory written with `foils` (M, ...), patterns
-        no episode stored, instead of θ̄: what a write of any batch does for these
-        queries. The write keeps its graph (second order if training is), so that the
-        rates learn not to help queries they did not store."""
-        net = self.model.energy
-        memory = write(net, self.model.rules, foils, create_graph=self.second_order, check=False)
+        memory = initial_memory(net) if memory is None else memory
         iterates = read(net, self.model.rules, memory, queries.flatten(0, 1), create_graph=True)
         return self._summed(iterates, patterns), len(iterates)
 
@@ -317,12 +308,15 @@ class MetaStep:
             )
             extra = extra + self.contrast * F.softplus(margins).mean(1)
         if self.prior_penalty:
-            if self.against_foil:
+            control_memory = None  # θ̄
+            if self.against_foil:  # what a write of any batch does for these queries
                 if foils is None:
                     raise ValueError("the prior penalty against a foil needs foils")
-                control, count = self._foil_losses(foils, patterns, queries)
-            else:
-                control, count = self._prior_losses(patterns, queries)
+                # the write keeps its graph, so the rates learn not to help what they
+                # did not store
+                rules = self.model.rules
+                control_memory = write(energy_net, rules, foils, create_graph=second, check=False)
+            control, count = self._prior_losses(patterns, queries, control_memory)
             baseline = count * self._summed([queries], patterns)
             extra = extra + self.prior_penalty * F.relu(baseline - control)
         return losses, len(iterates), extra
@@ -375,11 +369,7 @@ class Trainer:
         # step takes) run eagerly.
         self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
         graphs = self.model.use_cuda_graphs(config.cuda_graph)
-        if (
-            graphs
-            and self.world == 1
-            and not (config.recognition or config.completion or self.meta_step.against_foil)
-        ):
+        if graphs and self.world == 1 and not (config.completion or self.meta_step.draws_foils):
             self.step_fn = replayed_step(self.meta_step)
         train_data, held_data, self.heldout_split = _datasets(config)
         split = "train"
@@ -546,10 +536,9 @@ class Trainer:
                 self.prior = self.elapsed < cfg.prior_minutes * 60
                 if self.prior:  # eager: no graph of this kind of step
                     self.pending.append(self.meta_step(batches, self.generator, prior=True))
-                elif cfg.recognition or cfg.completion or self.meta_step.against_foil:
-                    # eager too: more inputs. Foils (the recognition term's, the foil
-                    # penalty's): one more episode's patterns
-                    drawn = cfg.recognition or self.meta_step.against_foil
+                elif cfg.completion or self.meta_step.draws_foils:  # eager too: more inputs
+                    # foils (the recognition term's, the foil penalty's): one more episode
+                    drawn = self.meta_step.draws_foils
                     foils = self.episodes.sample(n)[0].to(self.device) if drawn else None
                     self.pending.append(self.meta_step(batches, self.generator, foils=foils))
                 else:

@@ -33,6 +33,11 @@ from ebmm_cli.runconfig import TrainConfig, train_config
 from ebmm_cli.store import load_checkpoint
 from tests.conftest import run_ebmm, tiny_binary
 
+_TINY_TRAIN = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2",
+               "--read-steps", "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes",
+               "2", "--device", "cpu", "--write-lr", "1"]  # fmt: skip
+"""`ebmm train` options for a tiny binary run that trains in seconds (the CLI tests)."""
+
 
 def _binary(**options: object) -> tuple[Model, TrainConfig, torch.Tensor, torch.Tensor]:
     """Three episodes for a model whose write stores (the binary write rate, 1)."""
@@ -274,17 +279,14 @@ def test_train_with_a_term_through_the_cli(
     `--prior-penalty W` trains and keeps the weight across --resume (with recognition,
     held-out recognition is reported at each evaluation); a bad weight is a one-line
     error."""
-    common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
-              "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "2",
-              "--device", "cpu", "--write-lr", "1"]  # fmt: skip
-    refused = run_ebmm("train", *common, "--steps", "1", option, bad, "-o",
+    refused = run_ebmm("train", *_TINY_TRAIN, "--steps", "1", option, bad, "-o",
                        str(tmp_path / "bad"))  # fmt: skip
     assert refused.returncode == 2
     assert option in refused.stderr and "0 or more" in refused.stderr
     assert not (tmp_path / "bad").exists()
 
     out = tmp_path / "run"
-    result = run_ebmm("train", *common, "--steps", "2", option, str(weight), "-o", str(out))
+    result = run_ebmm("train", *_TINY_TRAIN, "--steps", "2", option, str(weight), "-o", str(out))
     assert result.returncode == 0, result.stderr
     resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
     assert resumed.returncode == 0, resumed.stderr
@@ -300,10 +302,7 @@ def test_train_with_a_term_through_the_cli(
 def test_train_with_the_penalty_against_a_foil_through_the_cli(tmp_path: Path) -> None:
     """`ebmm train --prior-penalty W --penalty-memory foil` trains and keeps both across
     --resume; the foil without a penalty is a one-line error, and nothing is created."""
-    common = ["--dataset", "binary", "--batch-size", "6", "--write-steps", "2", "--read-steps",
-              "2", "--dynamic", "8", "--eval-every", "1", "--eval-episodes", "2",
-              "--device", "cpu", "--write-lr", "1"]  # fmt: skip
-    refused = run_ebmm("train", *common, "--steps", "1", "--penalty-memory", "foil", "-o",
+    refused = run_ebmm("train", *_TINY_TRAIN, "--steps", "1", "--penalty-memory", "foil", "-o",
                        str(tmp_path / "bad"))  # fmt: skip
     assert refused.returncode == 2
     assert "--penalty-memory" in refused.stderr and "--prior-penalty" in refused.stderr
@@ -311,7 +310,7 @@ def test_train_with_the_penalty_against_a_foil_through_the_cli(tmp_path: Path) -
     assert not (tmp_path / "bad").exists()
 
     out = tmp_path / "run"
-    result = run_ebmm("train", *common, "--steps", "2", "--prior-penalty", "2",
+    result = run_ebmm("train", *_TINY_TRAIN, "--steps", "2", "--prior-penalty", "2",
                       "--penalty-memory", "foil", "-o", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
     resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
