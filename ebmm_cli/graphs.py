@@ -16,8 +16,9 @@ it, and the model must stay where it was when captured (no `.to()`, no
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,39 @@ def _clone(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_clone(v) for v in value)
     return value
+
+
+# Warm-ups and captures all run on one side stream per device, as PyTorch advises:
+# autograd remembers the stream on which a parameter's gradient accumulator was made,
+# and one made on a warm-up's own stream lies outside the capture. (Not sufficient on an
+# H200 with torch 2.11, 2026-11-28: the second-order meta-step's backward still could not
+# be captured there; README, "On a GPU: CUDA graphs".)
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one stream on which every graph of `device` warms up and is captured."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+@contextlib.contextmanager
+def _stale_streams_redirected() -> Iterator[None]:
+    """Where PyTorch offers it, let autograd move a gradient
+    accumulator made on another stream (eager work before the graphs: an evaluation, a
+    step launched without graphs) onto the capturing stream instead of failing the
+    capture; the process-wide setting is restored afterwards."""
+    setter = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    if setter is None:
+        yield
+        return
+    before = torch._C._override_stale_capture_stream()
+    setter(True)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 @dataclass
@@ -103,7 +137,7 @@ class Captured:
         return self._capture(entry, inputs)
 
     def _on_side_stream(self, inputs: tuple[torch.Tensor, ...]) -> Any:
-        side = torch.cuda.Stream()
+        side = _side_stream(inputs[0].device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = self.fn(*inputs)
@@ -114,7 +148,10 @@ class Captured:
         statics = tuple(t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with (
+                _stale_streams_redirected(),
+                torch.cuda.graph(graph, stream=_side_stream(inputs[0].device)),
+            ):
                 outputs = self.fn(*statics)
         except Exception as e:  # any failure means: run eagerly
             self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
