@@ -552,6 +552,14 @@ def train(
             "was stored becomes the energy's minimum. 0: the paper's loss.",
         ),
     ] = 0.0,
+    contrast_steps: Annotated[
+        int,
+        typer.Option(
+            help="With --contrast: compare each stored pattern with where this many plain "
+            "descent steps from the read's end lead instead (long descents end far below "
+            "and away from what was stored). 0: the read's end.",
+        ),
+    ] = 0,
     prior_penalty: Annotated[
         float,
         typer.Option(
@@ -678,6 +686,7 @@ def train(
             recognition=recognition,
             completion=completion,
             contrast=contrast,
+            contrast_steps=contrast_steps,
             prior_penalty=prior_penalty,
             penalty_memory=penalty_memory.value,
             lr=lr,

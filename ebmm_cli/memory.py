@@ -233,6 +233,34 @@ def endpoint_margins(
     return energy(net, memory, stored) - energy(net, memory, ends)
 
 
+def long_descent(
+    net: nn.Module, memory: Params, starts: torch.Tensor, steps: int, size: float = 0.02
+) -> torch.Tensor:
+    """Where `steps` plain projected gradient steps on E(·; θ) take `starts` (B, ...),
+    without a graph: each step moves by `size` / mean |∇x E| at the start, per pattern,
+    so a flat and a steep energy are descended alike. Functional (`torch.func`), so it
+    runs under `vmap` over episodes too.
+
+    The learned read stops after K small steps; a long descent shows where the energy
+    actually leads. On trained Omniglot memories it ends below the stored character and
+    ~110 pixels from it (issue 17, `docs/TRAINING.md`): the contrast term
+    (`TrainConfig.contrast_steps`) takes its negatives here."""
+    memory = {k: v.detach() for k, v in memory.items()}
+
+    def grad(x: torch.Tensor) -> torch.Tensor:
+        return torch.func.grad(lambda y: functional_call(net, memory, (y,)).sum())(x)
+
+    x = starts.detach()
+    scale = None
+    for _ in range(steps):
+        g = grad(x)
+        if scale is None:
+            mean = g.abs().flatten(1).mean(1).clamp_min(1e-12)
+            scale = (size / mean).view(-1, *[1] * (g.dim() - 1))
+        x = (x - scale * g).clamp(0.0, 1.0).detach()
+    return x
+
+
 def completion_margins(
     net: nn.Module,
     memory: Params,

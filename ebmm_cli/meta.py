@@ -46,6 +46,7 @@ from ebmm_cli.memory import (
     completion_margins,
     endpoint_margins,
     initial_memory,
+    long_descent,
     read,
     read_episodes,
     recognition_margins,
@@ -101,6 +102,7 @@ class MetaStep:
         self.recognition = config.recognition
         self.completion = config.completion
         self.contrast = config.contrast
+        self.contrast_steps = config.contrast_steps
         self.prior_penalty = config.prior_penalty
         self.against_foil = config.prior_penalty > 0 and config.penalty_memory == "foil"
         # steps that take one more episode's patterns (and so run eagerly)
@@ -270,7 +272,8 @@ class MetaStep:
         times the mean of softplus(`completion_margins`) with the queries' `masks` and
         λ ~ U(0, 1) per query, plus `contrast` times the mean of
         softplus(`endpoint_margins`) against where each read ended, detached (the term
-        moves the energy under the read's endpoint, not the read), plus `prior_penalty`
+        moves the energy under the read's endpoint, not the read; with `contrast_steps`,
+        where a `long_descent` from there ended), plus `prior_penalty`
         times how far the same queries read from θ̄ (or from a memory written with
         `foils`) improve on the queries themselves (the loss summed over iterates; 0
         where that read is no better). Zeros where a term is off; recognition and
@@ -303,6 +306,10 @@ class MetaStep:
             extra = extra + self.completion * F.softplus(margins).flatten(1).mean(1)
         if self.contrast:
             ends = iterates[-1].detach()
+            if self.contrast_steps:
+                ends = torch.func.vmap(
+                    lambda m, x: long_descent(energy_net, m, x, self.contrast_steps)
+                )(memories, ends)
             margins = torch.func.vmap(partial(endpoint_margins, energy_net))(
                 memories, patterns, ends
             )

@@ -74,7 +74,11 @@ class TrainConfig:
     must lie lower in the energy than where its read stopped, so that the stored
     patterns become the energy's minima rather than points a short read passes on the
     way to a lower fill (issue 17). It needs nothing but the read, so the step keeps
-    its CUDA graph. 0: off.
+    its CUDA graph. 0: off. `contrast_steps` L > 0 takes x̂i further: L plain descent
+    steps from where the read ended, under the written memory, without a graph
+    (`memory.long_descent`), since long descents on trained Omniglot memories end far
+    below and away from the stored character where the K-step read does not yet show
+    it. 0: the read's own end.
 
     `prior_penalty` weighs a fourth: the same queries are also read from θ̄, the memory
     before any write, and the penalty is how much that read improves on the queries
@@ -128,6 +132,7 @@ class TrainConfig:
     recognition: float = 0.0
     completion: float = 0.0
     contrast: float = 0.0
+    contrast_steps: int = 0
     prior_penalty: float = 0.0
     penalty_memory: str = "unwritten"
 
@@ -303,6 +308,7 @@ def train_config(
     recognition: float = 0.0,
     completion: float = 0.0,
     contrast: float = 0.0,
+    contrast_steps: int = 0,
     prior_penalty: float = 0.0,
     penalty_memory: str = "unwritten",
 ) -> TrainConfig:
@@ -338,6 +344,10 @@ def train_config(
             raise EbmmError(option, f"must be 0 or more, got {weight}")
     if prior_penalty > 0 and read != "gd":
         raise EbmmError("--prior-penalty", "needs the gradient read (--read gd)")
+    if contrast_steps < 0:
+        raise EbmmError("--contrast-steps", f"must be 0 or more, got {contrast_steps}")
+    if contrast_steps > 0 and not contrast > 0:
+        raise EbmmError("--contrast-steps", "needs --contrast above 0")
     _choice("--penalty-memory", penalty_memory, PENALTY_MEMORIES)
     if penalty_memory != "unwritten" and not prior_penalty > 0:
         raise EbmmError("--penalty-memory", f"{penalty_memory} needs --prior-penalty above 0")
@@ -392,6 +402,7 @@ def train_config(
         recognition=recognition,
         completion=completion,
         contrast=contrast,
+        contrast_steps=contrast_steps,
         prior_penalty=prior_penalty,
         penalty_memory=penalty_memory,
     )

@@ -23,6 +23,7 @@ from ebmm_cli.memory import (
     endpoint_margins,
     energy,
     initial_memory,
+    long_descent,
     read,
     recognition_margins,
     write,
@@ -186,6 +187,58 @@ def test_endpoint_margins_are_the_energy_of_the_stored_pattern_less_the_read_end
         assert endpoint_margins(net, written.params, stored, stored).abs().max() == 0
 
 
+def test_a_long_descent_goes_down_inside_the_box_without_a_graph() -> None:
+    """Plain descent from the read's end: lower energy for every pattern, values kept
+    in [0, 1], nothing to backpropagate, the starts left alone; zero steps are the starts;
+    under vmap over episodes each episode descends as it would alone."""
+    model, _, patterns, queries = _binary()
+    net = model.energy
+    memory = write_memory(model, patterns[0]).params
+    starts = retrieve(model, write_memory(model, patterns[0]), queries[0])[-1]
+    kept = starts.clone()
+    ends = long_descent(net, memory, starts, steps=30)
+    assert ends.shape == starts.shape and not ends.requires_grad
+    assert ((ends >= 0) & (ends <= 1)).all()
+    with torch.no_grad():
+        assert (energy(net, memory, ends) < energy(net, memory, starts)).all()
+    assert torch.equal(starts, kept)
+    assert torch.equal(long_descent(net, memory, starts, steps=0), starts)
+    memories = {k: torch.stack([v, v]) for k, v in memory.items()}
+    both = torch.func.vmap(lambda m, x: long_descent(net, m, x, 30))(
+        memories, torch.stack([starts, queries[0]])
+    )
+    torch.testing.assert_close(both[0], ends)
+    torch.testing.assert_close(both[1], long_descent(net, memory, queries[0], 30))
+
+
+@pytest.mark.parametrize("episodes", [1, 3])
+def test_contrast_steps_move_the_negatives_but_not_the_reported_loss(episodes: int) -> None:
+    """The contrast term against long-descent ends is another gradient than against the
+    read's ends (the rates move differently); the loss the step reports is the same."""
+    results = {}
+    for steps in (0, 20):
+        model, config, patterns, _ = _binary(contrast=5.0, contrast_steps=steps)
+        step = MetaStep(model, config, torch.device("cpu"), world=1)
+        generator = torch.Generator().manual_seed(1)
+        batches = [Batch(p, model.distortion(p, generator)) for p in patterns[:episodes]]
+        loss = step(batches, torch.Generator())
+        results[steps] = (loss, model.rules.write_rate.detach().clone())
+    torch.testing.assert_close(results[20][0], results[0][0])
+    assert not torch.equal(results[20][1], results[0][1])
+
+
+def test_contrast_steps_are_checked_and_kept_in_the_run_config() -> None:
+    with pytest.raises(EbmmError, match=r"needs --contrast above 0"):
+        train_config(dataset="binary", steps=5, contrast_steps=10)
+    with pytest.raises(EbmmError, match=r"must be 0 or more, got -1"):
+        train_config(dataset="binary", steps=5, contrast=1.0, contrast_steps=-1)
+    config = train_config(dataset="binary", steps=5, contrast=1.0, contrast_steps=50)
+    assert TrainConfig.from_json(config.to_json()).contrast_steps == 50
+    old = json.loads(config.to_json())
+    del old["contrast_steps"]  # a checkpoint from before the option
+    assert TrainConfig.from_json(json.dumps(old)).contrast_steps == 0
+
+
 @pytest.mark.parametrize("episodes", [1, 3])
 def test_the_prior_penalty_acts_only_where_the_unwritten_read_beats_the_query(
     episodes: int,
@@ -320,3 +373,27 @@ def test_train_with_the_penalty_against_a_foil_through_the_cli(tmp_path: Path) -
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
     config = json.loads(state["train_config"])
     assert (config["prior_penalty"], config["penalty_memory"]) == (2.0, "foil")
+
+
+@pytest.mark.slow
+def test_train_with_long_descent_contrast_through_the_cli(tmp_path: Path) -> None:
+    """`ebmm train --contrast W --contrast-steps L` trains and keeps L across --resume;
+    L without a contrast weight is a one-line error, and nothing is created."""
+    refused = run_ebmm("train", *_TINY_TRAIN, "--steps", "1", "--contrast-steps", "5", "-o",
+                       str(tmp_path / "bad"))  # fmt: skip
+    assert refused.returncode == 2
+    assert "--contrast-steps" in refused.stderr and "--contrast" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "run"
+    result = run_ebmm("train", *_TINY_TRAIN, "--steps", "2", "--contrast", "1",
+                      "--contrast-steps", "5", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    _, _, state = load_checkpoint(out / "checkpoint.safetensors")
+    config = json.loads(state["train_config"])
+    assert (config["contrast"], config["contrast_steps"]) == (1.0, 5)
