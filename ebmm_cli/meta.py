@@ -283,7 +283,12 @@ class MetaStep:
         energy_net = self.model.energy
         if patterns.shape[0] == 1:
             memory = write_memory(
-                self.model, patterns[0], create_graph=second, generator=generator, check=False
+                self.model,
+                patterns[0],
+                create_graph=second,
+                generator=generator,
+                check=False,
+                replay=False,
             )
             iterates = [x[None] for x in retrieve(self.model, memory, queries[0], True)]
             memories = {k: v[None] for k, v in memory.params.items()}

@@ -151,10 +151,16 @@ def write_memory(
     generator: torch.Generator | None = None,
     append_to: Memory | None = None,
     check: bool = True,
+    replay: bool = True,
 ) -> Memory:
     """Write a batch into a new `Memory`: the energy write, then (decoder read) the
     decoder's MAML adaptation to the batch. `generator` draws the adaptation's queries.
     `check` as in `memory.write` (meta-training checks its loss instead).
+
+    `replay`: take the model's captured write (`graphs.InferenceGraphs`) where it has
+    one. Meta-training passes False: the captured write returns a memory cut from θ̄,
+    and a first-order meta-gradient (no `create_graph`) still reaches θ̄ and the write
+    rates through θ(T); with the replayed write they learned nothing.
 
     `append_to` continues writing from that memory instead of θ̄: T more steps on the new
     patterns only (the earlier ones are not seen again, so they may fade). The decoder
@@ -162,7 +168,7 @@ def write_memory(
     """
     if append_to is not None and model.decoder is not None:
         raise ValueError("a decoder-read memory cannot be appended to")
-    if model.graphs is not None and not create_graph and append_to is None:
+    if replay and model.graphs is not None and not create_graph and append_to is None:
         theta, finite = model.graphs.write(patterns)
         if check:
             raise_first_non_finite(finite, "write")

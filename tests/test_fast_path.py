@@ -15,6 +15,7 @@ import copy
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import pytest
@@ -22,7 +23,7 @@ import torch
 
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_episodes
-from ebmm_cli.graphs import replayed_step
+from ebmm_cli.graphs import InferenceGraphs, replayed_step
 from ebmm_cli.memory import RuleConfig, Rules, raise_first_non_finite, read, write
 from ebmm_cli.meta import MetaStep
 from ebmm_cli.model import Model, retrieve, write_memory
@@ -150,6 +151,25 @@ def test_cpu_runs_never_build_graphs() -> None:
 
 def _params(setup: _Setup) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in setup.model.named_parameters()}
+
+
+@pytest.mark.parametrize("memory", ["fc", "rnn"])
+def test_a_first_order_step_never_takes_the_replayed_write(memory: str) -> None:
+    """On CUDA the model replays its write (`InferenceGraphs`), and that write returns a
+    memory cut from θ̄. The first-order meta-step must write eagerly all the same, or
+    θ̄ and the write rates learn nothing from the read's loss (found on the first lent
+    GPU: first-order graphed steps drifted from eager ones). Here, without a GPU, the
+    model is given the very function that the write's graph captures, called directly:
+    the step must be exactly the eager step, and the write rates must get a gradient."""
+    replaying, eager = _setup(memory, True, "cpu"), _setup(memory, True, "cpu")
+    replaying.model.graphs = SimpleNamespace(write=InferenceGraphs(replaying.model)._write_fn)
+    for seed in range(3):
+        a = replaying.meta_step([_episode(replaying, seed)], replaying.generator)
+        b = eager.meta_step([_episode(eager, seed)], eager.generator)
+        assert torch.equal(a, b)
+    assert replaying.model.rules.write_rate.grad is not None
+    ours, theirs = _params(replaying), _params(eager)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
 
 
 @needs_cuda
