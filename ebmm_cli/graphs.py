@@ -69,15 +69,16 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 @contextlib.contextmanager
 def _stale_streams_redirected() -> Iterator[None]:
-    """Where PyTorch offers it, let autograd move a gradient
+    """Where PyTorch offers it (2.14 does, 2.11 does not), let autograd move a gradient
     accumulator made on another stream (eager work before the graphs: an evaluation, a
     step launched without graphs) onto the capturing stream instead of failing the
     capture; the process-wide setting is restored afterwards."""
     setter = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
-    if setter is None:
+    getter = getattr(torch._C, "_override_stale_capture_stream", None)
+    if setter is None or getter is None:
         yield
         return
-    before = torch._C._override_stale_capture_stream()
+    before = getter()
     setter(True)
     try:
         yield
