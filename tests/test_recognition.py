@@ -352,19 +352,32 @@ def test_train_with_a_term_through_the_cli(
 
 
 @pytest.mark.slow
-def test_train_with_the_penalty_against_a_foil_through_the_cli(tmp_path: Path) -> None:
-    """`ebmm train --prior-penalty W --penalty-memory foil` trains and keeps both across
-    --resume; the foil without a penalty is a one-line error, and nothing is created."""
-    refused = run_ebmm("train", *_TINY_TRAIN, "--steps", "1", "--penalty-memory", "foil", "-o",
+@pytest.mark.parametrize(
+    "alone,needs,options,kept",
+    [
+        (["--penalty-memory", "foil"], "--prior-penalty",
+         ["--prior-penalty", "2", "--penalty-memory", "foil"],
+         {"prior_penalty": 2.0, "penalty_memory": "foil"}),
+        (["--contrast-steps", "5"], "--contrast",
+         ["--contrast", "1", "--contrast-steps", "5"],
+         {"contrast": 1.0, "contrast_steps": 5}),
+    ],
+)  # fmt: skip
+def test_train_with_an_option_that_needs_another_through_the_cli(
+    alone: list[str], needs: str, options: list[str], kept: dict[str, object], tmp_path: Path
+) -> None:
+    """`ebmm train --prior-penalty W --penalty-memory foil` and `--contrast W
+    --contrast-steps L` train and keep both options across --resume; the second option
+    without the first is a one-line error naming both, and nothing is created."""
+    refused = run_ebmm("train", *_TINY_TRAIN, "--steps", "1", *alone, "-o",
                        str(tmp_path / "bad"))  # fmt: skip
     assert refused.returncode == 2
-    assert "--penalty-memory" in refused.stderr and "--prior-penalty" in refused.stderr
+    assert alone[0] in refused.stderr and needs in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
 
     out = tmp_path / "run"
-    result = run_ebmm("train", *_TINY_TRAIN, "--steps", "2", "--prior-penalty", "2",
-                      "--penalty-memory", "foil", "-o", str(out))  # fmt: skip
+    result = run_ebmm("train", *_TINY_TRAIN, "--steps", "2", *options, "-o", str(out))
     assert result.returncode == 0, result.stderr
     resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
     assert resumed.returncode == 0, resumed.stderr
@@ -372,28 +385,4 @@ def test_train_with_the_penalty_against_a_foil_through_the_cli(tmp_path: Path) -
     assert [r["step"] for r in records] == [1, 2, 3]
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
     config = json.loads(state["train_config"])
-    assert (config["prior_penalty"], config["penalty_memory"]) == (2.0, "foil")
-
-
-@pytest.mark.slow
-def test_train_with_long_descent_contrast_through_the_cli(tmp_path: Path) -> None:
-    """`ebmm train --contrast W --contrast-steps L` trains and keeps L across --resume;
-    L without a contrast weight is a one-line error, and nothing is created."""
-    refused = run_ebmm("train", *_TINY_TRAIN, "--steps", "1", "--contrast-steps", "5", "-o",
-                       str(tmp_path / "bad"))  # fmt: skip
-    assert refused.returncode == 2
-    assert "--contrast-steps" in refused.stderr and "--contrast" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "bad").exists()
-
-    out = tmp_path / "run"
-    result = run_ebmm("train", *_TINY_TRAIN, "--steps", "2", "--contrast", "1",
-                      "--contrast-steps", "5", "-o", str(out))  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
-    assert resumed.returncode == 0, resumed.stderr
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    _, _, state = load_checkpoint(out / "checkpoint.safetensors")
-    config = json.loads(state["train_config"])
-    assert (config["contrast"], config["contrast_steps"]) == (1.0, 5)
+    assert {k: config[k] for k in kept} == kept
