@@ -713,8 +713,8 @@ def train(
     except KeyboardInterrupt as e:
         how = "terminated" if isinstance(e, _Terminated) else "interrupted"
         print(
-            f"ebmm train: {how} at step {trainer.step}; checkpoint saved in "
-            f"{out / 'checkpoint.safetensors'}; continue with --resume",
+            f"ebmm train: {how} at step {trainer.step}; model and checkpoint saved in "
+            f"{out}; continue with --resume",
             file=sys.stderr,
         )
         raise typer.Exit(143 if isinstance(e, _Terminated) else 130) from None

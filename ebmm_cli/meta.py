@@ -525,7 +525,8 @@ class Trainer:
 
     def run(self, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
         """Train until `steps` or `minutes` (whichever first); save the model, checkpoint,
-        metrics and curve. On KeyboardInterrupt, save a checkpoint and re-raise.
+        metrics and curve. On KeyboardInterrupt, save the checkpoint and the model (its
+        metrics stay at the last evaluation) and re-raise.
         Distributed, every process calls it; rank 0 evaluates and writes."""
         cfg = self.config
         lead = self.rank == 0
@@ -587,6 +588,8 @@ class Trainer:
                     )
         except KeyboardInterrupt:
             self.save_checkpoint(gather=False)  # the other processes may be gone already
+            if lead:  # the model as it stands, usable by `ebmm write` (not evaluated)
+                save_model(self.model, self.out / "model.safetensors", step=self.step)
             raise
         self._settle()
         if lead and (self.window or not self.metrics or self.metrics[-1]["step"] != self.step):

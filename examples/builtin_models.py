@@ -114,7 +114,12 @@ def export(name: str, run: Path, machine: str, data_root: str | None) -> None:
     config = TrainConfig.from_json(
         json.dumps({**json.loads(config.to_json()), "data_root": data_root, "device": "cpu"})
     )
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    step = int(_header(run / "model.safetensors")["step"])  # newer than metrics if stopped
+    if state["step"] == step:
+        seconds = state["elapsed"]
+    else:
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        seconds = next(m["seconds"] for m in metrics if m["step"] == step)
     trained = load_model(run / "model.safetensors")
     full = Model(config.model)  # the run's configuration, with its N range recorded
     full.load_state_dict(trained.state_dict())
@@ -125,8 +130,8 @@ def export(name: str, run: Path, machine: str, data_root: str | None) -> None:
         "command": _command(name) + _budget(config),
         "commit": _git("rev-parse", "--short", "HEAD"),
         "ebmm_version": _header(run / "model.safetensors").get("ebmm_version", "unknown"),
-        "steps": metrics[-1]["step"],
-        "minutes": round(metrics[-1]["seconds"] / 60, 1),
+        "steps": step,
+        "minutes": round(seconds / 60, 1),
         "machine": machine,
         "memory_floats": full.memory_floats(),
         "heldout_float32": _evaluate(full, config, recipe["episodes"]),

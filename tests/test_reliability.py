@@ -3,6 +3,7 @@ stop, special files and extreme inputs are refused with one line and exit 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
-from ebmm_cli.store import load_memory
+from ebmm_cli.store import load_checkpoint, load_memory
 from tests.conftest import run_ebmm
 
 TINY = ["--batch-size", "2", "--write-steps", "1", "--read-steps", "1", "--eval-episodes", "1",
@@ -95,8 +97,8 @@ def _start(*args: str) -> subprocess.Popen:
     )
 
 
-def test_sigterm_during_training_saves_a_checkpoint_and_says_how_to_resume(
-    data_root: Path, tmp_path: Path
+def test_sigterm_during_training_saves_the_model_and_a_checkpoint_and_says_how_to_resume(
+    data_root: Path, omniglot_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
     proc = _start("train", "--data-root", str(data_root), "-o", str(out), "--steps", "1000",
@@ -110,8 +112,17 @@ def test_sigterm_during_training_saves_a_checkpoint_and_says_how_to_resume(
     assert proc.returncode == 143, stderr
     (line,) = stderr.strip().splitlines()
     assert line.startswith("ebmm train: terminated at step ") and "--resume" in line
-    assert (out / "checkpoint.safetensors").exists()
-    assert not list(out.glob(".*.tmp"))
+    step = int(line.removeprefix("ebmm train: terminated at step ").split(";")[0])
+    assert step > 0 and not list(out.glob(".*.tmp"))
+    _, _, state = load_checkpoint(out / "checkpoint.safetensors")
+    assert state["step"] == step
+    # No evaluation was due, yet the folder holds a model a user can write with, as trained
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["step"]) == step
+    chars = omniglot_dir / "Greek" / "character03"
+    written = run_ebmm("write", "--model", str(out / "model.safetensors"), str(chars),
+                       "-o", str(tmp_path / "m.safetensors"))  # fmt: skip
+    assert written.returncode == 0, written.stderr
     resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "2")
     assert resumed.returncode == 0, resumed.stderr
 
