@@ -13,11 +13,7 @@
 #   OUT=/tmp/out examples/gpu_check.sh
 set -u
 OUT=${OUT:?set OUT}
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 EBMM_DATA="$PWD/.gpu-data"
+source examples/gpu_env.sh
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch; print('torch', torch.__version__)"

@@ -19,11 +19,8 @@ MINUTES=${MINUTES:-4.5}
 DEVICE=${DEVICE:-cuda}
 work=/tmp/ebmm-gpu
 rm -rf "$work" && mkdir -p "$work"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 EBMM_DATA="$PWD/.gpu-data" OMP_NUM_THREADS=2
+source examples/gpu_env.sh
+export OMP_NUM_THREADS=2
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, typer; print('torch', torch.__version__, 'typer', typer.__version__)"
