@@ -2,6 +2,7 @@
 
     # 1. train by the recipe (an `ebmm train` run folder; resumable with --resume)
     python examples/builtin_models.py train omniglot-28 --minutes 45 --out runs/omniglot-28
+    python examples/builtin_models.py train binary-128 --steps 4000 --out runs/binary-128
     # 2. evaluate in float32 and float16 on fixed held-out episodes, and write
     #    ebmm_cli/models/omniglot-28.safetensors in float16 with its provenance
     python examples/builtin_models.py export omniglot-28 --run runs/omniglot-28 \
@@ -50,7 +51,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "what": "128-bit strings, 8 to 96 per memory, eraseblock:64 (8,256 floats)",
         "train": dict(dataset="binary", memory="rnn", batch_size=(8, 96),
                       distortion="eraseblock:64", write_lr=1.0, read_lr=5.0, rule_lr=0.1,
-                      lr=2e-3),
+                      lr=2e-3, contrast=0.1),
         "episodes": 50,
     },
 }  # fmt: skip
@@ -73,13 +74,14 @@ def _command(name: str) -> str:
     return "ebmm train " + " ".join(_arguments(name))
 
 
-def train(name: str, out: Path, minutes: float, data_root: str | None) -> None:
-    """Run the recipe's `ebmm train` (resuming `out` when it holds a run)."""
+def train(name: str, out: Path, budget: list[str], data_root: str | None) -> None:
+    """Run the recipe's `ebmm train` for `budget` (`--minutes M` or `--steps S`: the
+    learning rate decays over it), resuming `out` when it holds a run."""
     ebmm = [sys.executable, "-m", "ebmm_cli", "train", "--out", str(out)]
     if (out / "checkpoint.safetensors").exists():
-        command = [*ebmm, "--resume", "--minutes", str(minutes)]
+        command = [*ebmm, "--resume", *budget]
     else:
-        command = [*ebmm, *_arguments(name), "--minutes", str(minutes)]
+        command = [*ebmm, *_arguments(name), *budget]
         command += ["--eval-every", "100"] + (["--data-root", data_root] if data_root else [])
     subprocess.run(command, check=True)
 
@@ -183,12 +185,14 @@ def main() -> None:
     parser.add_argument("name", choices=sorted(RECIPES))
     parser.add_argument("--out", type=Path, help="train: the run folder")
     parser.add_argument("--run", type=Path, help="export: the run folder")
-    parser.add_argument("--minutes", type=float, default=45.0)
+    parser.add_argument("--minutes", type=float, default=45.0, help="train: the budget")
+    parser.add_argument("--steps", type=int, help="train: a budget in steps instead")
     parser.add_argument("--machine", default="unknown machine")
     parser.add_argument("--data-root", default=os.environ.get("EBMM_DATA") or None)
     args = parser.parse_args()
     if args.action == "train":
-        train(args.name, args.out or Path("runs") / args.name, args.minutes, args.data_root)
+        budget = ["--steps", str(args.steps)] if args.steps else ["--minutes", str(args.minutes)]
+        train(args.name, args.out or Path("runs") / args.name, budget, args.data_root)
     else:
         export(args.name, args.run, args.machine, args.data_root)
 
