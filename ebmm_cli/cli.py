@@ -577,6 +577,15 @@ def train(
             "helps any batch alike gains nothing either. One more write and read per step.",
         ),
     ] = PenaltyMemory.unwritten,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Start from a trained model's weights (a file or a built-in's name) instead "
+            "of a fresh initialisation: a curriculum's next stage (N = 1, then 8, then 64), "
+            "or a built-in fine-tuned. Its network and rules must match this run's.",
+        ),
+    ] = None,
     lr: Annotated[
         float,
         typer.Option(
@@ -640,6 +649,7 @@ def train(
     Several processes: torchrun --nproc-per-node N -m ebmm_cli train ... (each process
     draws its own episodes; gradients are averaged; rank 0 writes the files).
     """
+    from ebmm_cli import builtin
     from ebmm_cli.meta import Trainer, init_distributed
     from ebmm_cli.runconfig import check_budget, parse_batch_size, train_config
 
@@ -687,6 +697,7 @@ def train(
             completion=completion,
             contrast=contrast,
             contrast_steps=contrast_steps,
+            init=str(builtin.resolve(init).resolve()) if init is not None else None,
             prior_penalty=prior_penalty,
             penalty_memory=penalty_memory.value,
             lr=lr,

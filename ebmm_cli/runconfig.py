@@ -94,6 +94,9 @@ class TrainConfig:
     foils, drawn every step). Against a foil a write that switches a generic fill on for
     any batch gains nothing either (trial 20's way around the unwritten control); only
     what the write stored of the queries' own patterns can lower the loss.
+
+    `init` is the model file the run's weights started from (`--init`; None: a fresh He
+    initialisation), kept so that a run says where it began.
     """
 
     def __post_init__(self) -> None:
@@ -135,6 +138,7 @@ class TrainConfig:
     contrast_steps: int = 0
     prior_penalty: float = 0.0
     penalty_memory: str = "unwritten"
+    init: str | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -311,6 +315,7 @@ def train_config(
     contrast_steps: int = 0,
     prior_penalty: float = 0.0,
     penalty_memory: str = "unwritten",
+    init: str | None = None,
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
 
@@ -405,6 +410,7 @@ def train_config(
         contrast_steps=contrast_steps,
         prior_penalty=prior_penalty,
         penalty_memory=penalty_memory,
+        init=init,
     )
 
 

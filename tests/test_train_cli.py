@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from ebmm_cli import builtin
 from ebmm_cli.cli import app
 from ebmm_cli.data.images import ImageFiles
 from ebmm_cli.imageio import load_image
@@ -20,7 +21,7 @@ from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import Trainer
 from ebmm_cli.model import retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig, model_config
-from ebmm_cli.store import load_memory, load_model, save_model
+from ebmm_cli.store import load_checkpoint, load_memory, load_model, save_model
 from tests.conftest import limit_file_size, mixed_folder, run_ebmm
 
 runner = CliRunner()
@@ -211,6 +212,41 @@ def test_same_seed_same_run(run_dir: Path, data_root: Path, tmp_path: Path) -> N
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
         run_dir / "model.safetensors"
     ).read_bytes()
+
+
+def test_init_starts_from_a_trained_model_and_refuses_one_that_does_not_fit(
+    data_root: Path, run_dir: Path, tmp_path: Path
+) -> None:
+    """`--init` starts a run from a model file or a built-in (at another N and distortion:
+    a curriculum's next stage), records where it began, and refuses in one line a model
+    whose network is not the run's, before a run folder exists. With both learning
+    rates 0 the run's model stays the one it started from, to the bit."""
+    frozen = ["--steps", "1", "--lr", "0", "--rule-lr", "0"]
+    for source, extra in [
+        (run_dir / "model.safetensors", ["--batch-size", "1", "--distortion", "occlude:8"]),
+        ("omniglot-28", ["--image-size", "28", "--write-steps", "5", "--read-steps", "5"]),
+    ]:
+        out = tmp_path / f"from-{Path(source).stem}"
+        _train(data_root, out, "--init", str(source), *extra, *frozen)
+        started = load_model(builtin.resolve(source)).state_dict()
+        trained = load_model(out / "model.safetensors").state_dict()
+        assert started.keys() == trained.keys()
+        assert all(torch.equal(started[k], trained[k]) for k in started)
+        config = json.loads(load_checkpoint(out / "checkpoint.safetensors")[2]["train_config"])
+        assert config["init"] == str(builtin.resolve(source).resolve())
+    fresh = load_model(run_dir / "model.safetensors").state_dict()
+    assert not all(torch.equal(fresh[k], started[k]) for k in fresh)  # the check can fail
+
+    refused = run_ebmm("train", "--data-root", str(data_root), *TINY, "--memory", "fc",
+                       "--init", str(run_dir / "model.safetensors"), "--steps", "1",
+                       "-o", str(tmp_path / "bad"))  # fmt: skip
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert str(run_dir / "model.safetensors") in line and "do not fit" in line
+    assert not (tmp_path / "bad").exists()
+    resumed = run_ebmm("train", "-o", str(tmp_path / "from-model"), "--resume", "--init",
+                       "omniglot-28")  # fmt: skip
+    assert resumed.returncode == 2 and "--init" in resumed.stderr
 
 
 def test_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
