@@ -164,7 +164,16 @@ def _with_patterns(config: TrainConfig) -> TrainConfig:
 
 
 # What, beside the model's configuration, makes a run the recipe's.
-_RUN_FIELDS = ("batch_size", "batch_min", "shots", "lr", "rule_lr", "first_order", "contrast")
+_RUN_FIELDS = (
+    "batch_size",
+    "batch_min",
+    "shots",
+    "lr",
+    "rule_lr",
+    "first_order",
+    "contrast",
+    "init",
+)
 
 
 def _header(path: Path) -> dict[str, str]:
