@@ -56,7 +56,13 @@ from ebmm_cli.memory import (
 from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig
-from ebmm_cli.store import load_checkpoint, load_model, save_checkpoint, save_model
+from ebmm_cli.store import (
+    load_checkpoint,
+    load_model,
+    match_tensors,
+    save_checkpoint,
+    save_model,
+)
 
 # Rank r > 0 draws its episodes from seed + r * RANK_SEED_STRIDE: streams that never meet
 # each other's, or the held-out ones (seed + 10,000 and + 20,000), for any sane seed.
@@ -686,16 +692,16 @@ def start_from(model: Model, path: Path) -> None:
     Raises:
         EbmmError: naming `path`, when its parameters are not this run's.
     """
-    mine, theirs = model.state_dict(), load_model(path).state_dict()
-    differ = sorted(set(mine) ^ set(theirs))
-    differ += sorted(k for k in mine.keys() & theirs.keys() if mine[k].shape != theirs[k].shape)
-    if differ:
-        raise EbmmError(
-            path,
-            f"its parameters do not fit this run's ({len(differ)} differ, e.g. {differ[0]}); "
-            "--init needs the same --memory, --dynamic, --image-size, --write-steps, "
-            "--read-steps, --schedule and --read",
-        )
+    theirs = load_model(path).state_dict()
+    match_tensors(
+        path,
+        theirs,
+        model.state_dict(),
+        "its parameters",
+        against="this run",
+        hint="; --init needs the same --memory, --dynamic, --image-size, --write-steps, "
+        "--read-steps, --schedule and --read",
+    )
     model.load_state_dict(theirs)
 
 

@@ -135,23 +135,30 @@ def _verify(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) 
         raise EbmmError(path, "damaged: its tensors do not match the checksum in its header")
 
 
-def _match(
-    path: Path, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str
+def match_tensors(
+    path: Path,
+    got: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    what: str,
+    against: str = "the config",
+    hint: str = "",
 ) -> None:
-    """Refuse tensors whose names or shapes differ from what the config builds."""
+    """Refuse tensors whose names or shapes differ from what `against` (the config in a
+    file's header; for `ebmm train --init`, the run) builds; `hint` ends the message."""
     missing = sorted(set(expected) - set(got))
     unknown = sorted(set(got) - set(expected))
     if missing or unknown:
         raise EbmmError(
             path,
-            f"{what} do not match the config (missing {missing[:3]}, unexpected {unknown[:3]})",
+            f"{what} do not match {against} (missing {missing[:3]}, unexpected {unknown[:3]})"
+            + hint,
         )
     for k, v in got.items():
         if v.shape != expected[k].shape:
             raise EbmmError(
                 path,
-                f"{what}: {k!r} has shape {tuple(v.shape)}, the config needs "
-                f"{tuple(expected[k].shape)}",
+                f"{what}: {k!r} has shape {tuple(v.shape)}, {against} needs "
+                f"{tuple(expected[k].shape)}" + hint,
             )
 
 
@@ -162,7 +169,7 @@ def _model(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -
     except (KeyError, ValueError, TypeError, EbmmError) as e:
         raise EbmmError(path, f"bad model config in the header ({e})") from None
     state = {k: v for k, v in tensors.items() if not k.startswith(("memory.", "decoder_memory."))}
-    _match(path, state, model.state_dict(), "tensors")
+    match_tensors(path, state, model.state_dict(), "tensors")
     model.load_state_dict(state)
     return model
 
@@ -185,12 +192,12 @@ def load_memory(path: Path) -> tuple[Model, Memory]:
     model = _model(path, meta, tensors)
     params = _prefixed(tensors, "memory.")
     energy_params = dict(model.energy.named_parameters())
-    _match(
+    match_tensors(
         path, params, {n: energy_params[n] for n in memory_names(model.energy)}, "written tensors"
     )
     decoder = _prefixed(tensors, "decoder_memory.")
     expected = {} if model.decoder is None else dict(model.decoder.named_parameters())
-    _match(path, decoder, expected, "decoder tensors")
+    match_tensors(path, decoder, expected, "decoder tensors")
     try:
         patterns = int(meta["patterns"])
     except (KeyError, ValueError):

@@ -242,7 +242,7 @@ def test_init_starts_from_a_trained_model_and_refuses_one_that_does_not_fit(
                        "-o", str(tmp_path / "bad"))  # fmt: skip
     assert refused.returncode == 2
     (line,) = refused.stderr.strip().splitlines()
-    assert str(run_dir / "model.safetensors") in line and "do not fit" in line
+    assert str(run_dir / "model.safetensors") in line and "do not match this run" in line
     assert not (tmp_path / "bad").exists()
     resumed = run_ebmm("train", "-o", str(tmp_path / "from-model"), "--resume", "--init",
                        "omniglot-28")  # fmt: skip
