@@ -102,8 +102,16 @@ def _evaluate(model: Any, config: TrainConfig, episodes: int) -> dict[str, Any]:
     return out
 
 
-def export(name: str, run: Path, machine: str, data_root: str | None) -> None:
-    """Evaluate the run's model in float32 and float16; write the float16 built-in."""
+def export(
+    name: str,
+    run: Path,
+    machine: str,
+    data_root: str | None,
+    folder: Path = builtin.FOLDER,
+    episodes: int | None = None,
+) -> Path:
+    """Evaluate the run's model in float32 and float16 on `episodes` per N (default the
+    recipe's); write the float16 model into `folder` (default the package's built-ins)."""
     _, _, state = load_checkpoint(run / "checkpoint.safetensors")
     config = _with_patterns(TrainConfig.from_json(state["train_config"]))
     recipe = RECIPES[name]
@@ -125,8 +133,9 @@ def export(name: str, run: Path, machine: str, data_root: str | None) -> None:
     trained = load_model(run / "model.safetensors")
     full = Model(config.model)  # the run's configuration, with its N range recorded
     full.load_state_dict(trained.state_dict())
-    target = builtin.FOLDER / f"{name}.safetensors"
-    builtin.FOLDER.mkdir(exist_ok=True)
+    episodes = episodes or recipe["episodes"]
+    target = folder / f"{name}.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
     provenance = {
         "what": recipe["what"],
         "command": _command(name) + _budget(config),
@@ -136,14 +145,15 @@ def export(name: str, run: Path, machine: str, data_root: str | None) -> None:
         "minutes": round(seconds / 60, 1),
         "machine": machine,
         "memory_floats": full.memory_floats(),
-        "heldout_float32": _evaluate(full, config, recipe["episodes"]),
+        "heldout_float32": _evaluate(full, config, episodes),
     }
     save_model(full, target, dtype=torch.float16, provenance=provenance)
     half = load_model(target)
-    provenance["heldout"] = _evaluate(half, config, recipe["episodes"])
+    provenance["heldout"] = _evaluate(half, config, episodes)
     save_model(full, target, dtype=torch.float16, provenance=provenance)
     print(json.dumps(provenance, indent=2))
     print(f"{target}: {target.stat().st_size / 2**20:.1f} MiB")
+    return target
 
 
 def _budget(config: TrainConfig) -> str:
@@ -197,13 +207,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=45.0, help="train: the budget")
     parser.add_argument("--steps", type=int, help="train: a budget in steps instead")
     parser.add_argument("--machine", default="unknown machine")
+    parser.add_argument("--to", type=Path, default=builtin.FOLDER, help="export: the folder")
+    parser.add_argument("--episodes", type=int, help="export: per N (default: the recipe's)")
     parser.add_argument("--data-root", default=os.environ.get("EBMM_DATA") or None)
     args = parser.parse_args()
     if args.action == "train":
         budget = ["--steps", str(args.steps)] if args.steps else ["--minutes", str(args.minutes)]
         train(args.name, args.out or Path("runs") / args.name, budget, args.data_root)
     else:
-        export(args.name, args.run, args.machine, args.data_root)
+        export(args.name, args.run, args.machine, args.data_root, args.to, args.episodes)
 
 
 if __name__ == "__main__":

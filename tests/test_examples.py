@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ebmm_cli.store import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,3 +149,43 @@ def test_the_write_probe_reads_a_run(tmp_path: Path) -> None:
     assert "(untrained)" in probe("--untrained")
     steps = [line.split(":")[0] for line in probe("--meta-steps", "3").splitlines()]
     assert steps == ["step 0", "step 1", "step 2", "step 3"]
+
+
+def builtin_models(*args: str) -> subprocess.CompletedProcess:
+    script = ROOT / "examples" / "builtin_models.py"
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+@pytest.mark.slow
+def test_a_recipe_run_exports_as_a_builtin_and_another_run_is_refused(tmp_path: Path) -> None:
+    """What ships a built-in: the recipe's run, exported in float16 with its provenance
+    (the step from the model file, the command with its budget); a run trained otherwise
+    is refused, and nothing is written."""
+    run, folder = tmp_path / "run", tmp_path / "models"
+    trained = builtin_models("train", "binary-128", "--steps", "2", "--out", str(run))
+    assert trained.returncode == 0, trained.stderr
+    exported = builtin_models("export", "binary-128", "--run", str(run), "--to", str(folder),
+                              "--episodes", "1", "--machine", "test")  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    with safe_open(str(folder / "binary-128.safetensors"), "pt") as f:
+        header = f.metadata()
+    tensors = load_file(folder / "binary-128.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    provenance = json.loads(header["provenance"])
+    assert provenance["steps"] == 2 and provenance["machine"] == "test"
+    assert provenance["command"].endswith("--contrast 0.1 --steps 2")
+    assert provenance["heldout"]["episodes"] == 1
+    assert provenance["heldout"]["hamming"] < provenance["heldout"]["query_hamming"] * 2
+    model = load_model(folder / "binary-128.safetensors")
+    assert model.config.rules.patterns == (8, 96)
+
+    other = tmp_path / "other"
+    subprocess.run([sys.executable, "-m", "ebmm_cli", "train", "--out", str(other), "--dataset",
+                    "binary", "--memory", "rnn", "--batch-size", "8", "--steps", "1"],
+                   check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+    refused = builtin_models("export", "binary-128", "--run", str(other), "--to",
+                             str(tmp_path / "none"))  # fmt: skip
+    assert refused.returncode != 0 and "was not trained by the binary-128 recipe" in refused.stderr
+    assert not (tmp_path / "none").exists()
