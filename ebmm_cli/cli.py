@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -32,6 +32,9 @@ from ebmm_cli.choices import (
     SCHEDULES,
 )
 from ebmm_cli.errors import EbmmError
+
+if TYPE_CHECKING:  # torch loads only inside the commands that need it
+    from ebmm_cli.meta import Trainer
 
 
 class _Failure(typer.TyperException):
@@ -718,7 +721,7 @@ def train(
         with (
             _train_progress(trainer.config.steps, trainer.config.minutes) as update,
             _profiled(out, trainer.device, profile) as tick,
-            _sigterm_between_steps() as stop_if_asked,
+            _sigterm_between_steps(trainer) as stop_if_asked,
         ):
             path = trainer.run(lambda info: (update(info), tick(), stop_if_asked()))
     except KeyboardInterrupt as e:
@@ -739,13 +742,21 @@ def train(
 
 
 @contextlib.contextmanager
-def _sigterm_between_steps() -> Iterator[Callable[[], None]]:
+def _sigterm_between_steps(trainer: Trainer) -> Iterator[Callable[[], None]]:
     """While training, SIGTERM only asks to stop: the check it yields (called after each
     step, where the model, optimiser and random streams agree) then raises `_Terminated`,
     so the checkpoint it leaves resumes exactly. A step on the CPU takes seconds, well
-    within the grace period of `timeout`, batch schedulers or `docker stop`."""
+    within the grace period of `timeout`, batch schedulers or `docker stop`. During an
+    evaluation, which can take minutes, it stops at once: the resumed run evaluates that
+    step again first (`Trainer.run`)."""
     asked: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: asked.append(signum))
+
+    def handle(signum: int, frame: Any) -> None:
+        if trainer.evaluating:
+            raise _Terminated
+        asked.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handle)
 
     def stop_if_asked() -> None:
         if asked:

@@ -414,6 +414,9 @@ class Trainer:
         # Whether the last step belonged to the prior phase (`TrainConfig.prior_minutes`).
         self.prior = False
         self.metrics: list[dict[str, Any]] = []
+        # True while evaluating: a stop then loses nothing a resume needs (the resumed
+        # run evaluates that step again first), so the CLI's SIGTERM need not wait.
+        self.evaluating = False
 
     def _settle(self) -> None:
         """Read the losses of the steps not looked at yet (one host sync): finite ones
@@ -529,7 +532,23 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Held-out retrieval on the fixed held-out episodes, at each held-out N
         (see `evaluate_sets`)."""
-        return evaluate_sets(self.model, self.heldout)
+        self.evaluating = True
+        try:
+            return evaluate_sets(self.model, self.heldout)
+        finally:
+            self.evaluating = False
+
+    def _catch_up(self) -> None:
+        """A run stopped (Ctrl-C, SIGTERM) while evaluating, or just after, resumes at an
+        evaluation step: record it first if it has no row yet, and start the next window
+        empty, so that its metrics are the uninterrupted run's."""
+        if self.step == 0 or self.step % self.config.eval_every:
+            return
+        recorded = bool(self.metrics) and self.metrics[-1]["step"] == self.step
+        if self.rank == 0 and not recorded:
+            self._record(self.window)
+            self._save_outputs()
+        self.window = []
 
     def run(self, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
         """Train until `steps` or `minutes` (whichever first); save the model, checkpoint,
@@ -543,8 +562,9 @@ class Trainer:
         start = time.monotonic() - self.elapsed
         last_checkpoint = time.monotonic()
         rate_clock, rate_steps = time.monotonic(), self.step
-        heldout = self.metrics[-1]["heldout_loss"] if self.metrics else None
         try:
+            self._catch_up()
+            heldout = self.metrics[-1]["heldout_loss"] if self.metrics else None
             while True:
                 done, self.elapsed = self._from_rank0(
                     self._done(time.monotonic() - start), time.monotonic() - start

@@ -127,6 +127,41 @@ def test_sigterm_during_training_saves_the_model_and_a_checkpoint_and_says_how_t
     assert resumed.returncode == 0, resumed.stderr
 
 
+def _metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_evaluation_stops_at_once_and_resumes_as_if_never_stopped(
+    tmp_path: Path,
+) -> None:
+    """An evaluation can take minutes (`docker stop` waits 10 s): SIGTERM stops it at
+    once, and the resumed run evaluates that step first, so that its metrics and model
+    are the uninterrupted run's."""
+    args = ["--dataset", "binary", "--memory", "rnn", "--batch-size", "8", "--write-steps",
+            "2", "--read-steps", "2", "--eval-every", "1", "--eval-episodes", "40",
+            "--checkpoint-minutes", "0", "--device", "cpu", "--steps", "2"]  # fmt: skip
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_ebmm("train", "-o", str(whole), *args).returncode == 0
+    proc = _start("train", "-o", str(split), *args)
+    deadline = time.monotonic() + 300
+    while not (split / "checkpoint.safetensors").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)  # step 1 evaluated and saved; step 2 takes a fraction of a second
+    time.sleep(2.0)  # into step 2's evaluation, which takes several seconds
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    _, _, state = load_checkpoint(split / "checkpoint.safetensors")
+    assert state["step"] == 2 and [m["step"] for m in _metrics(split)] == [1]  # cut short
+    resumed = run_ebmm("train", "-o", str(split), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _metrics(split) == _metrics(whole)
+    model = (split / "model.safetensors").read_bytes()
+    assert model == (whole / "model.safetensors").read_bytes()
+
+
 def test_sigterm_during_distort_leaves_no_temporaries(omniglot_dir: Path, tmp_path: Path) -> None:
     for attempt in range(5):
         out = tmp_path / f"q{attempt}"
