@@ -614,18 +614,21 @@ class Trainer:
                             "evaluated": evaluated,
                         }
                     )
+            self._settle()
+            # the last step's evaluation, unless it just had one (a resumed run that was
+            # stopped here, before it was recorded, comes back to it)
+            recorded = self.metrics and self.metrics[-1]["step"] == self.step
+            if lead and (self.window or not recorded):
+                self._record(self.window)
+                self.window = []
+            if lead:
+                self._save_outputs()
+            self.save_checkpoint()
         except KeyboardInterrupt:
             self.save_checkpoint(gather=False)  # the other processes may be gone already
             if lead:  # the model as it stands, usable by `ebmm write` (not evaluated)
                 save_model(self.model, self.out / "model.safetensors", step=self.step)
             raise
-        self._settle()
-        if lead and (self.window or not self.metrics or self.metrics[-1]["step"] != self.step):
-            self._record(self.window)
-            self.window = []
-        if lead:
-            self._save_outputs()
-        self.save_checkpoint()
         return self.out / "model.safetensors"
 
     def _schedule_lr(self, elapsed: float) -> None:

@@ -132,29 +132,44 @@ def _metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
+def _checkpoint_step(out: Path) -> int:
+    if not (out / "checkpoint.safetensors").exists():
+        return 0
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["state"])["step"]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("steps", "eval_every", "cut_after", "evaluated"),
+    [(2, 1, 1, [1]), (3, 2, 3, [2])],
+    ids=["in-the-loop", "the-last-step"],
+)
 def test_sigterm_during_an_evaluation_stops_at_once_and_resumes_as_if_never_stopped(
-    tmp_path: Path,
+    steps: int, eval_every: int, cut_after: int, evaluated: list[int], tmp_path: Path
 ) -> None:
     """An evaluation can take minutes (`docker stop` waits 10 s): SIGTERM stops it at
     once, and the resumed run evaluates that step first, so that its metrics and model
-    are the uninterrupted run's."""
+    are the uninterrupted run's; so too for the last step's evaluation, after the loop."""
     args = ["--dataset", "binary", "--memory", "rnn", "--batch-size", "8", "--write-steps",
-            "2", "--read-steps", "2", "--eval-every", "1", "--eval-episodes", "40",
-            "--checkpoint-minutes", "0", "--device", "cpu", "--steps", "2"]  # fmt: skip
+            "2", "--read-steps", "2", "--eval-every", str(eval_every), "--eval-episodes", "40",
+            "--checkpoint-minutes", "0", "--device", "cpu", "--steps", str(steps)]  # fmt: skip
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run_ebmm("train", "-o", str(whole), *args).returncode == 0
     proc = _start("train", "-o", str(split), *args)
     deadline = time.monotonic() + 300
-    while not (split / "checkpoint.safetensors").exists() and proc.poll() is None:
+    # a checkpoint follows every step (and its evaluation, if any): wait for the one
+    # before the evaluation to cut, then into it (a step takes a fraction of a second,
+    # an evaluation several)
+    while _checkpoint_step(split) < cut_after and proc.poll() is None:
         assert time.monotonic() < deadline
-        time.sleep(0.05)  # step 1 evaluated and saved; step 2 takes a fraction of a second
-    time.sleep(2.0)  # into step 2's evaluation, which takes several seconds
+        time.sleep(0.05)
+    time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    _, _, state = load_checkpoint(split / "checkpoint.safetensors")
-    assert state["step"] == 2 and [m["step"] for m in _metrics(split)] == [1]  # cut short
+    assert _checkpoint_step(split) == steps
+    assert [m["step"] for m in _metrics(split)] == evaluated  # the last one was cut short
     resumed = run_ebmm("train", "-o", str(split), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert _metrics(split) == _metrics(whole)
