@@ -154,11 +154,12 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     capacity = metrics[-1].get("heldout_by_n") if metrics else None
+    cap_axis = None
     if capacity:
-        fig, (ax, cap) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
-        _plot_capacity(cap, metrics[-1]["step"], capacity)
+        fig, (ax, cap_axis) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
+        _plot_capacity(cap_axis, metrics[-1]["step"], capacity)
     else:
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
     steps = [m["step"] for m in metrics]
     train = [(m["step"], m["train_loss"]) for m in metrics if m["train_loss"] is not None]
     if train:
@@ -173,10 +174,14 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
             ax2.plot(steps, ratio, color="tab:red", linestyle=":", label="Hamming / query's")
         ax2.axhline(1.0, color="grey", linewidth=0.5)
         ax2.set_ylabel("retrieved / query (below 1: recall)")
-        ax2.legend(loc="upper center", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss per read iterate")
-    ax.legend(fontsize=8)
+    # one legend for both y axes, below the plot (two inside overlapped each other and
+    # the curves)
+    lines = [line for axis in fig.axes if axis is not cap_axis for line in axis.get_lines()]
+    lines = [line for line in lines if not line.get_label().startswith("_")]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, ncol=2,
+              loc="upper center", bbox_to_anchor=(0.5, -0.18))  # fmt: skip
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
