@@ -544,11 +544,14 @@ class Trainer:
         empty, so that its metrics are the uninterrupted run's."""
         if self.step == 0 or self.step % self.config.eval_every:
             return
-        recorded = bool(self.metrics) and self.metrics[-1]["step"] == self.step
-        if self.rank == 0 and not recorded:
+        if self.rank == 0 and not self._recorded():
             self._record(self.window)
             self._save_outputs()
         self.window = []
+
+    def _recorded(self) -> bool:
+        """Whether the current step has its row of metrics."""
+        return bool(self.metrics) and self.metrics[-1]["step"] == self.step
 
     def run(self, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
         """Train until `steps` or `minutes` (whichever first); save the model, checkpoint,
@@ -617,8 +620,7 @@ class Trainer:
             self._settle()
             # the last step's evaluation, unless it just had one (a resumed run that was
             # stopped here, before it was recorded, comes back to it)
-            recorded = self.metrics and self.metrics[-1]["step"] == self.step
-            if lead and (self.window or not recorded):
+            if lead and (self.window or not self._recorded()):
                 self._record(self.window)
                 self.window = []
             if lead:
