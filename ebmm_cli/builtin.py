@@ -44,10 +44,9 @@ def resolve(model: Path | str) -> Path:
 def describe(path: Path) -> dict[str, Any]:
     """What `ebmm models` lists of one model file: its protocol, pattern shape, memory
     size, N range and provenance (held-out metrics included), from its header alone."""
-    from safetensors import safe_open
+    from ebmm_cli.store import read_header
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
+    meta = read_header(path)
     config = json.loads(meta.get("config", "{}"))
     energy, rules = config.get("energy", {}), config.get("rules", {})
     provenance = json.loads(meta.get("provenance", "{}"))

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from ebmm_cli import __version__
 from ebmm_cli.atomic import atomic_path
@@ -102,9 +101,13 @@ def _open(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor
     if not path.is_file():
         raise EbmmError(path, "no such file" if not path.exists() else "not a file")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        # One read: a file replaced meanwhile (a training run saving its model, which
+        # `ebmm write` may be reading) is seen whole, old or new. safetensors' own
+        # `safe_open` opens the path twice, and can pair one file's header with the
+        # other's tensors.
+        data = path.read_bytes()
+        tensors = load(data)  # checks the header and the offsets
+        meta = _metadata(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
     except Exception as e:  # safetensors raises its own error types, and OSError
         raise EbmmError(path, f"not a readable safetensors file ({e})") from None
     found = meta.get("format")
@@ -126,6 +129,31 @@ def _open(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise EbmmError(path, f"tensor {name!r} holds NaN or infinite values")
     return meta, tensors
+
+
+_HEADER_LIMIT = 100_000_000  # safetensors' own bound on the JSON header
+
+
+def _metadata(header: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file from its JSON header."""
+    return json.loads(header).get("__metadata__") or {}
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """A file's `__metadata__` (step, config, provenance...) without its tensors, read
+    through one open file, so a file replaced meanwhile is seen old or new, not mixed.
+
+    Raises:
+        EbmmError: naming `path`, when it is missing or not a safetensors file.
+    """
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > _HEADER_LIMIT:
+                raise ValueError(f"a header of {length} bytes")
+            return _metadata(f.read(length))
+    except (OSError, ValueError, struct.error) as e:
+        raise EbmmError(path, f"not a readable safetensors file ({e})") from None
 
 
 def _verify(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:

@@ -32,7 +32,7 @@ from ebmm_cli.evaluation import evaluate_sets, heldout_sets
 from ebmm_cli.meta import _datasets
 from ebmm_cli.model import Model
 from ebmm_cli.runconfig import TrainConfig, train_config
-from ebmm_cli.store import load_checkpoint, load_model, save_model
+from ebmm_cli.store import load_checkpoint, load_model, read_header, save_model
 
 RECIPES: dict[str, dict[str, Any]] = {
     "omniglot-28": {
@@ -124,7 +124,7 @@ def export(
     config = TrainConfig.from_json(
         json.dumps({**json.loads(config.to_json()), "data_root": data_root, "device": "cpu"})
     )
-    step = int(_header(run / "model.safetensors")["step"])  # newer than metrics if stopped
+    step = int(read_header(run / "model.safetensors")["step"])  # newer than metrics if stopped
     if state["step"] == step:
         seconds = state["elapsed"]
     else:
@@ -140,7 +140,7 @@ def export(
         "what": recipe["what"],
         "command": _command(name) + _budget(config),
         "commit": _git("rev-parse", "--short", "HEAD"),
-        "ebmm_version": _header(run / "model.safetensors").get("ebmm_version", "unknown"),
+        "ebmm_version": read_header(run / "model.safetensors").get("ebmm_version", "unknown"),
         "steps": step,
         "minutes": round(seconds / 60, 1),
         "machine": machine,
@@ -184,13 +184,6 @@ _RUN_FIELDS = (
     "contrast",
     "init",
 )
-
-
-def _header(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
 
 
 def _git(*args: str) -> str:

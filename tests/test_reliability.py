@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from safetensors import safe_open
 
-from ebmm_cli.store import load_checkpoint, load_memory
+from ebmm_cli.store import load_checkpoint, load_memory, read_header
 from tests.conftest import run_ebmm
 
 TINY = ["--batch-size", "2", "--write-steps", "1", "--read-steps", "1", "--eval-episodes", "1",
@@ -117,8 +116,7 @@ def test_sigterm_during_training_saves_the_model_and_a_checkpoint_and_says_how_t
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
     assert state["step"] == step
     # No evaluation was due, yet the folder holds a model a user can write with, as trained
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        assert json.loads(f.metadata()["step"]) == step
+    assert json.loads(read_header(out / "model.safetensors")["step"]) == step
     chars = omniglot_dir / "Greek" / "character03"
     written = run_ebmm("write", "--model", str(out / "model.safetensors"), str(chars),
                        "-o", str(tmp_path / "m.safetensors"))  # fmt: skip
@@ -135,8 +133,7 @@ def _metrics(out: Path) -> list[dict]:
 def _checkpoint_step(out: Path) -> int:
     if not (out / "checkpoint.safetensors").exists():
         return 0
-    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
-        return json.loads(f.metadata()["state"])["step"]
+    return json.loads(read_header(out / "checkpoint.safetensors")["state"])["step"]
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from ebmm_cli.energy import EnergyConfig
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.memory import RuleConfig
 from ebmm_cli.model import Model, ModelConfig, write_memory
-from ebmm_cli.store import load_memory, load_model, save_memory, save_model
+from ebmm_cli.store import load_memory, load_model, read_header, save_memory, save_model
 
 
 def _model(read: str = "gd") -> Model:
@@ -136,3 +138,44 @@ def test_bad_files_are_refused_with_the_reason(
     with pytest.raises(EbmmError, match=match) as err:
         load_model(bad)
     assert err.value.subject == str(bad)
+
+
+# Swaps two files onto one name as fast as renames go (hard links: no copying), so
+# that a reader opening the name twice almost always gets two different files.
+_REPLACER = """
+import os, sys, time
+target, sources, seconds = sys.argv[1], sys.argv[2:4], float(sys.argv[4])
+end, i = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    os.link(sources[i % 2], target + ".tmp")
+    os.replace(target + ".tmp", target)
+    i += 1
+"""
+
+
+def test_a_file_replaced_while_it_is_read_is_read_whole(tmp_path: Path) -> None:
+    """`ebmm write --model RUN/model.safetensors` while the run replaces that file (at
+    every evaluation): each load sees the old file or the new one. safetensors'
+    `safe_open` opens the path twice: it paired one file's header with the other's
+    tensors (refused as damaged, by the checksum) or mapped one file by the other's size
+    (refused as not readable), in every run of this test before the fix."""
+    a = _model()
+    save_model(a, tmp_path / "a.safetensors", step=1)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(1.0)
+    save_model(a, tmp_path / "b.safetensors", step=10**9)  # another header length
+    target = tmp_path / "model.safetensors"
+    save_model(a, target, step=1)
+    replacer = subprocess.Popen(
+        [sys.executable, "-c", _REPLACER, str(target), str(tmp_path / "a.safetensors"),
+         str(tmp_path / "b.safetensors"), "5"]
+    )  # fmt: skip
+    steps = {"1": 0, str(10**9): 0}
+    try:
+        while replacer.poll() is None:
+            steps[read_header(target)["step"]] += 1
+            load_model(target)  # raises EbmmError on a mixed read
+    finally:
+        replacer.kill()
+    assert all(count > 3 for count in steps.values()), steps  # both files were seen
