@@ -721,14 +721,18 @@ def train(
         with (
             _train_progress(trainer.config.steps, trainer.config.minutes) as update,
             _profiled(out, trainer.device, profile) as tick,
-            _sigterm_between_steps(trainer) as stop_if_asked,
+            _stop_between_steps(trainer) as stop_if_asked,
         ):
             path = trainer.run(lambda info: (update(info), tick(), stop_if_asked()))
     except KeyboardInterrupt as e:
         how = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        if trainer.stepping:
+            saved = f"nothing saved; its checkpoint of step {trainer.checkpointed} stands"
+            where = f"inside step {trainer.step + 1}"
+        else:
+            saved, where = "model and checkpoint saved", f"at step {trainer.step}"
         print(
-            f"ebmm train: {how} at step {trainer.step}; model and checkpoint saved in "
-            f"{out}; continue with --resume",
+            f"ebmm train: {how} {where}; {saved} in {out}; continue with --resume",
             file=sys.stderr,
         )
         raise typer.Exit(143 if isinstance(e, _Terminated) else 130) from None
@@ -742,30 +746,40 @@ def train(
 
 
 @contextlib.contextmanager
-def _sigterm_between_steps(trainer: Trainer) -> Iterator[Callable[[], None]]:
-    """While training, SIGTERM only asks to stop: the check it yields (called after each
-    step, where the model, optimiser and random streams agree) then raises `_Terminated`,
-    so the checkpoint it leaves resumes exactly. A step on the CPU takes seconds, well
-    within the grace period of `timeout`, batch schedulers or `docker stop`. During an
-    evaluation, which can take minutes, it stops at once: the resumed run evaluates that
-    step again first (`Trainer.run`)."""
+def _stop_between_steps(trainer: Trainer) -> Iterator[Callable[[], None]]:
+    """While training, SIGTERM and a first Ctrl-C only ask to stop: the check it yields
+    (called after each step, where the model, optimiser and random streams agree) then
+    raises `_Terminated` or KeyboardInterrupt, so the checkpoint it leaves resumes
+    exactly. A step on the CPU takes seconds, well within the grace period of `timeout`,
+    batch schedulers or `docker stop`; a second Ctrl-C stops at once, inside the step,
+    and then nothing is saved (`Trainer.run`). During an evaluation, which can take
+    minutes, either stops at once: the resumed run evaluates that step again first."""
     asked: list[int] = []
 
+    def stop(signum: int) -> None:
+        raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
     def handle(signum: int, frame: Any) -> None:
-        if trainer.evaluating:
-            raise _Terminated
+        if trainer.evaluating or (signum == signal.SIGINT and signum in asked):
+            stop(signum)
+        if signum == signal.SIGINT:
+            print(
+                "ebmm train: stopping after this step (Ctrl-C again stops at once and loses it)",
+                file=sys.stderr,
+            )
         asked.append(signum)
 
-    previous = signal.signal(signal.SIGTERM, handle)
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def stop_if_asked() -> None:
         if asked:
-            raise _Terminated
+            stop(signal.SIGTERM if signal.SIGTERM in asked else signal.SIGINT)
 
     try:
         yield stop_if_asked
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager

@@ -417,6 +417,11 @@ class Trainer:
         # True while evaluating: a stop then loses nothing a resume needs (the resumed
         # run evaluates that step again first), so the CLI's SIGTERM need not wait.
         self.evaluating = False
+        # True from a step's first draw until its loss is settled: a KeyboardInterrupt
+        # there finds the model, optimiser and random streams out of step with each
+        # other, so nothing is saved and the last checkpoint (`checkpointed`) stands.
+        self.stepping = False
+        self.checkpointed: int | None = None
 
     def _settle(self) -> None:
         """Read the losses of the steps not looked at yet (one host sync): finite ones
@@ -488,6 +493,7 @@ class Trainer:
         trainer = cls(config, model, out)
         trainer.meta_step.load_optimizer(optimizer)
         trainer.step, trainer.elapsed = int(state["step"]), float(state["elapsed"])
+        trainer.checkpointed = trainer.step
         trainer.skipped = int(state["skipped"])
         trainer.window = [float(v) for v in state.get("window", [])]
         prefix = "" if trainer.rank == 0 else f"rank{trainer.rank}_"
@@ -556,7 +562,8 @@ class Trainer:
     def run(self, on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
         """Train until `steps` or `minutes` (whichever first); save the model, checkpoint,
         metrics and curve. On KeyboardInterrupt, save the checkpoint and the model (its
-        metrics stay at the last evaluation) and re-raise.
+        metrics stay at the last evaluation) and re-raise; inside a step (`stepping`),
+        save nothing, since its parts may be half updated, and re-raise.
         Distributed, every process calls it; rank 0 evaluates and writes."""
         cfg = self.config
         lead = self.rank == 0
@@ -566,6 +573,8 @@ class Trainer:
         last_checkpoint = time.monotonic()
         rate_clock, rate_steps = time.monotonic(), self.step
         try:
+            if self.checkpointed is None:  # resumable from the start, whenever stopped
+                self.save_checkpoint()
             self._catch_up()
             heldout = self.metrics[-1]["heldout_loss"] if self.metrics else None
             while True:
@@ -575,6 +584,7 @@ class Trainer:
                 if done:
                     break
                 self._schedule_lr(self.elapsed)
+                self.stepping = True
                 n = self.episodes.draw_size()  # one N per step: its episodes go together
                 batches = [self.batch(n) for _ in range(cfg.episodes_per_step)]
                 self.prior = self.elapsed < cfg.prior_minutes * 60
@@ -590,6 +600,7 @@ class Trainer:
                 self.step += 1
                 if self.device.type != "cuda":
                     self._settle()
+                self.stepping = False
                 self.elapsed = time.monotonic() - start
                 evaluated = self.step % cfg.eval_every == 0
                 if evaluated:
@@ -627,6 +638,8 @@ class Trainer:
                 self._save_outputs()
             self.save_checkpoint()
         except KeyboardInterrupt:
+            if self.stepping:  # a torn step: saving it would resume a different run
+                raise
             self.save_checkpoint(gather=False)  # the other processes may be gone already
             if lead:  # the model as it stands, usable by `ebmm write` (not evaluated)
                 save_model(self.model, self.out / "model.safetensors", step=self.step)
@@ -699,6 +712,7 @@ class Trainer:
         save_checkpoint(
             self.out / "checkpoint.safetensors", self.model, self.meta_step.optimizer, state
         )
+        self.checkpointed = self.step
 
     def _stream_state(self) -> dict[str, Any]:
         episodes = self.episodes.state()

@@ -1,8 +1,9 @@
 """Kill a training run at random moments, resume it, and check the end result.
 
 Trains once without interruption, then the same run again while killing it (`kill -9`,
-no chance to clean up; or SIGTERM with `--signal TERM`, which ebmm answers by saving a
-checkpoint) at random moments `--kills` times, each time continuing with
+no chance to clean up; or SIGTERM with `--signal TERM`, or Ctrl-C's SIGINT with
+`--signal INT`, which ebmm answers by finishing the step and saving a checkpoint) at
+random moments `--kills` times, each time continuing with
 `ebmm train --resume`. Prints JSON: the step each kill landed after, and whether the
 resumed run's metrics (all but wall-clock seconds) and final model file are identical to
 the uninterrupted run's. Exits 1 if they are not.
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from safetensors import safe_open
+from ebmm_cli.store import read_header
 
 
 def train_command(out: Path, steps: int, seed: int, resume: bool) -> list[str]:
@@ -49,8 +50,7 @@ def checkpoint_step(out: Path) -> int:
     path = out / "checkpoint.safetensors"
     if not path.exists():
         return 0
-    with safe_open(str(path), "pt") as f:
-        return int(json.loads(f.metadata()["state"])["step"])
+    return int(json.loads(read_header(path)["state"])["step"])
 
 
 def metrics(out: Path) -> list[dict]:
@@ -68,10 +68,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="of the run and of the kill times")
     parser.add_argument(
         "--signal",
-        choices=["KILL", "TERM"],
+        choices=["KILL", "TERM", "INT"],
         default="KILL",
         help="KILL: no chance to clean up (resumes from the last checkpoint); TERM: what "
-        "`timeout` or a scheduler sends (ebmm saves a checkpoint and exits 143)",
+        "`timeout` or a scheduler sends (ebmm saves a checkpoint and exits 143); INT: "
+        "Ctrl-C (the same, exit 130)",
     )
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -100,6 +101,8 @@ def main() -> None:
                 finished = checkpoint_step(split) == args.steps and code == -signal.SIGTERM
                 if args.signal == "TERM" and code not in (143, 0) and not finished:
                     raise SystemExit(f"SIGTERM gave exit code {code}, not 143")
+                if args.signal == "INT" and code not in (130, 0):
+                    raise SystemExit(f"SIGINT gave exit code {code}, not 130")
                 kills.append(checkpoint_step(split))
                 continue
         if proc.wait() != 0:

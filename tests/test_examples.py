@@ -93,6 +93,26 @@ def test_a_run_terminated_at_random_moments_ends_as_if_never_stopped(tmp_path: P
 
 
 @pytest.mark.slow
+def test_a_run_interrupted_at_random_moments_ends_as_if_never_stopped(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT), 3 times at random moments, most of them inside a step: each
+    time ebmm finishes the step, saves a checkpoint and exits 130, and the resumed run
+    ends bit-identical (a checkpoint taken inside the step used not to)."""
+    script = ROOT / "examples" / "kill_resume.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--kills", "3", "--steps", "10", "--signal", "INT",
+         "--seed", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["killed_after_checkpoint_steps"]) == 3
+    assert report["identical_metrics"] and report["identical_model"]
+    assert report["temporary_files_left"] == []
+
+
+@pytest.mark.slow
 def test_the_benchmark_in_ci_size_measures_every_part(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     script = ROOT / "examples" / "bench.py"

@@ -174,6 +174,41 @@ def test_sigterm_during_an_evaluation_stops_at_once_and_resumes_as_if_never_stop
     assert model == (whole / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_inside_the_step_saves_nothing_and_resumes_as_if_never_stopped(
+    tmp_path: Path,
+) -> None:
+    """A first Ctrl-C lets the step in flight finish (its checkpoint then resumes exactly:
+    `test_examples.py`, `kill_resume.py --signal INT`); a second stops at once, inside
+    the step, and saves nothing: a model and optimiser half through a step would resume
+    another run. The checkpoint of the step before stands, and resuming from it ends as
+    the uninterrupted run does."""
+    args = ["--dataset", "binary", "--memory", "rnn", "--batch-size", "128", "--write-steps",
+            "5", "--read-steps", "5", "--eval-every", "100", "--eval-episodes", "1",
+            "--checkpoint-minutes", "0", "--device", "cpu", "--steps", "3"]  # fmt: skip
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_ebmm("train", "-o", str(whole), *args).returncode == 0
+    proc = _start("train", "-o", str(split), *args)
+    deadline = time.monotonic() + 300
+    while _checkpoint_step(split) < 1 and proc.poll() is None:  # step 1 done, 2 begun
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)  # a step takes seconds
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "stopping after this step" in stderr
+    assert "interrupted inside step 2; nothing saved; its checkpoint of step 1" in stderr
+    assert _checkpoint_step(split) == 1
+    resumed = run_ebmm("train", "-o", str(split), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _metrics(split) == _metrics(whole)
+    model = (split / "model.safetensors").read_bytes()
+    assert model == (whole / "model.safetensors").read_bytes()
+
+
 def test_sigterm_during_distort_leaves_no_temporaries(omniglot_dir: Path, tmp_path: Path) -> None:
     for attempt in range(5):
         out = tmp_path / f"q{attempt}"
