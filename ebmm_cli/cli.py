@@ -419,6 +419,14 @@ def train(
             "model invert image files on the way in and out. Omniglot always is.",
         ),
     ] = False,
+    binarize: Annotated[
+        bool,
+        typer.Option(
+            help="Threshold the images at 0.5 after resizing, and image files on the way "
+            "in: the binary characters of the paper's Omniglot (32x32 resizing greys the "
+            "strokes' edges).",
+        ),
+    ] = False,
     batch_size: Annotated[
         str,
         typer.Option(
@@ -680,6 +688,7 @@ def train(
             data_root=data_root,
             image_size=image_size,
             invert=invert,
+            binarize=binarize,
             batch_size=parse_batch_size(batch_size),
             shots=shots,
             write_steps=write_steps,
@@ -945,7 +954,9 @@ def write(
     found = collect_images(images, sys.stdin)
     if any(img.path.resolve() == out.resolve() for img in found):
         raise EbmmError(out, "would overwrite an input")
-    batch = load_batch(found, shape[0], shape[1], net.config.invert_files, skip_bad)
+    batch = load_batch(
+        found, shape[0], shape[1], net.config.invert_files, skip_bad, net.config.binarize
+    )
     _warn_skipped("write", batch.skipped)
     if not batch.kept:
         raise EbmmError(found[0].group, "no readable images to write")
@@ -1043,7 +1054,7 @@ def read(
     with _progress(len(found), "reading") as advance:
         for start in range(0, len(found), batch_size):
             chunk = found[start : start + batch_size]
-            batch = load_batch(chunk, shape[0], shape[1], invert, skip_bad)
+            batch = load_batch(chunk, shape[0], shape[1], invert, skip_bad, net.config.binarize)
             _warn_skipped("read", batch.skipped)
             skipped += len(batch.skipped)
             for _ in batch.skipped:
@@ -1117,7 +1128,9 @@ def energy(
     skipped = 0
     for start in range(0, len(found), batch_size):
         chunk = found[start : start + batch_size]
-        batch = load_batch(chunk, shape[0], shape[1], net.config.invert_files, skip_bad)
+        batch = load_batch(
+            chunk, shape[0], shape[1], net.config.invert_files, skip_bad, net.config.binarize
+        )
         _warn_skipped("energy", batch.skipped)
         skipped += len(batch.skipped)
         measured.extend(chunk[i] for i in batch.kept)
@@ -1195,6 +1208,15 @@ def compare(
         ),
     ] = None,
     shots: Annotated[int, typer.Option(min=0, help="Images per class (0: ignore classes).")] = 1,
+    binarize: Annotated[
+        bool | None,
+        typer.Option(
+            "--binarize/--no-binarize",
+            show_default=False,
+            help="Threshold the images at 0.5 after resizing (the paper's binary "
+            "Omniglot). Default: as the first model was trained, else not.",
+        ),
+    ] = None,
     distortion: Annotated[
         str | None,
         typer.Option(
@@ -1274,7 +1296,10 @@ def compare(
         episodes=episodes,
         seed=seed,
         invert=bool(first and first.invert_files),
+        binarize=bool(first and first.binarize) if binarize is None else binarize,
     )
+    if config.binarize and dataset == "binary":
+        raise EbmmError("--binarize", "is for images; binary strings are binary already")
     eps = harness.make_episodes(config, shape)
     data_shape = next(iter(eps.values()))[0].shape
     for (path, net), name in zip(loaded, _model_labels([p for p, _ in loaded]), strict=True):

@@ -70,7 +70,8 @@ class ModelMethod:
 @dataclass(frozen=True)
 class CompareConfig:
     """The benchmark: data, episode sizes, distortion, number of episodes, seed; `invert`
-    reads a folder's images as ink = 1 (for a model trained with `--invert`)."""
+    reads a folder's images as ink = 1 (for a model trained with `--invert`), `binarize`
+    thresholds the images at 0.5 (`--binarize`)."""
 
     dataset: str = "omniglot"
     data_root: str | None = None
@@ -82,6 +83,7 @@ class CompareConfig:
     episodes: int = 20
     seed: int = 0
     invert: bool = False
+    binarize: bool = False
 
 
 @dataclass
@@ -98,7 +100,14 @@ def make_episodes(
 ) -> dict[int, list[Episode]]:
     """The seeded episodes and queries every method sees, per number of patterns."""
     size = config.image_size if config.image_size else (shape[-1] if shape else None)
-    data = load_dataset(config.dataset, config.split, config.data_root, size, invert=config.invert)
+    data = load_dataset(
+        config.dataset,
+        config.split,
+        config.data_root,
+        size,
+        invert=config.invert,
+        binarize=config.binarize,
+    )
     binary = isinstance(data, BinaryStrings)
     pattern = (data.bits,) if binary else tuple(data[0][0].shape)
     distortion = Distortion.parse(config.distortion, pattern)

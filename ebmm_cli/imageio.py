@@ -331,13 +331,19 @@ class Batch:
 
 
 def load_batch(
-    images: Sequence[InputImage], channels: int, size: int, invert: bool, skip_bad: bool = False
+    images: Sequence[InputImage],
+    channels: int,
+    size: int,
+    invert: bool,
+    skip_bad: bool = False,
+    binarize: bool = False,
 ) -> Batch:
     """Load images as one (N, channels, size, size) batch for a model.
 
     Images of another size are resized, grayscale ones given to a colour model are
     repeated over the channels, and `invert` maps v to 1 - v (dark strokes on light, as
-    in Omniglot's files, to the model's ink = 1). With `skip_bad`, files that would raise
+    in Omniglot's files, to the model's ink = 1); `binarize` then thresholds at 0.5, as
+    a model trained with `--binarize` saw its images. With `skip_bad`, files that would raise
     are left out and their errors listed in `Batch.skipped` instead.
 
     Raises:
@@ -366,12 +372,15 @@ def load_batch(
         if x.shape[1:] != (size, size):
             resized.add(f"{x.shape[2]}x{x.shape[1]}")
         x = resize(x, size)
-        batch.append(1.0 - x if invert else x)
+        x = 1.0 - x if invert else x
+        batch.append((x > 0.5).float() if binarize else x)
     notes = []
     if resized:
         notes.append(f"resized {', '.join(sorted(resized))} images to the model's {size}x{size}")
     if widened:
         notes.append(f"repeated {widened} grayscale image(s) over the model's {channels} channels")
+    if binarize and batch:
+        notes.append("thresholded the images at 0.5, as the model was trained (--binarize)")
     stacked = torch.stack(batch) if batch else torch.zeros(0, channels, size, size)
     return Batch(stacked, own, notes, kept, skipped)
 

@@ -759,13 +759,13 @@ def _datasets(config: TrainConfig) -> tuple[Any, Any, str]:
     """Training data, held-out data, and the held-out split's name."""
     name = config.model.dataset
     size = config.model.energy.shape[-1] if config.model.energy.kind != "rnn" else None
-    invert = config.model.invert_files
-    train = load_dataset(name, "train", config.data_root, size, invert=invert)
+    pixels = dict(invert=config.model.invert_files, binarize=config.model.binarize)
+    train = load_dataset(name, "train", config.data_root, size, **pixels)
     if isinstance(train, BinaryStrings):
         return train, train, "fresh random strings"
     split = "val" if name == "fc100" else "test"
     try:
-        return train, load_dataset(name, split, config.data_root, size, invert=invert), split
+        return train, load_dataset(name, split, config.data_root, size, **pixels), split
     except EbmmError:
         # No held-out split here (e.g. a plain folder or CIFAR-10 JPEG folders with only
         # train/): evaluate on other training episodes, and say so in the metrics.

@@ -50,6 +50,10 @@ class ModelConfig:
             trained with `--invert`) while the model sees ink = 1; the CLI inverts files
             on the way in and out. Always true for an image model of Omniglot, whose
             loader inverts: files written before this was enforced say false.
+        binarize: its images were thresholded at 0.5 after resizing (`--binarize`: the
+            paper's Omniglot is binary images, and resizing to 32x32 greys the strokes'
+            edges, which a read that sharpens them turns into Hamming errors); the CLI
+            thresholds image files the same way on the way in.
     """
 
     energy: EnergyConfig
@@ -58,6 +62,7 @@ class ModelConfig:
     loss: str = "mse"
     dataset: str = "omniglot"
     invert_files: bool = False
+    binarize: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset == "omniglot" and len(self.energy.shape) == 3:

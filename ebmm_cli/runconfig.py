@@ -224,13 +224,15 @@ def model_config(
     distortion: str | None = None,
     loss: str = "mse",
     invert: bool = False,
+    binarize: bool = False,
 ) -> ModelConfig:
     """A model for `dataset`, every unset option taken from the dataset's defaults.
 
     Binary strings are 128 bits for the `rnn` (signed input), and only it takes them;
     images are `channels` x `image_size` x `image_size`. A folder's channel count must be
     given (`train_config` reads it from the folder's first image). `invert` marks a
-    folder of dark-on-light images; Omniglot's files are always inverted.
+    folder of dark-on-light images; Omniglot's files are always inverted. `binarize`
+    thresholds images at 0.5 (`ModelConfig.binarize`).
 
     Raises:
         EbmmError: naming the option, for any value the model cannot take.
@@ -250,6 +252,8 @@ def model_config(
             "is for folders of dark-on-light images"
             + (" (Omniglot's files are always inverted)" if defaults.inverted else ""),
         )
+    if binarize and memory == "rnn":
+        raise EbmmError("--binarize", "is for images; binary strings are binary already")
     if memory == "rnn":
         shape: tuple[int, ...] = (128,)
     else:
@@ -266,6 +270,7 @@ def model_config(
         loss=loss,
         dataset=dataset,
         invert_files=invert or defaults.inverted,
+        binarize=binarize,
     )
 
 
@@ -284,6 +289,7 @@ def train_config(
     data_root: str | Path | None = None,
     image_size: int | None = None,
     invert: bool = False,
+    binarize: bool = False,
     batch_size: int | tuple[int, int] = 5,
     shots: int = 1,
     write_steps: int = 5,
@@ -381,6 +387,7 @@ def train_config(
         distortion=distortion,
         loss=loss,
         invert=invert,
+        binarize=binarize,
     )
     model_config(**options)  # every check, before the folder is read
     if dataset_defaults(dataset).channels is None and memory != "rnn":

@@ -176,6 +176,19 @@ def test_image_folder_single_class(omniglot_dir: Path) -> None:
     assert len(data) == 20 and len(data.classes) == 1 and data[3][0].shape == (1, 28, 28)
 
 
+def test_binarized_omniglot_is_the_same_characters_thresholded(data_root: Path) -> None:
+    """`--binarize`: Omniglot's 32x32 characters (grey at the strokes' edges after
+    resizing) become 0/1 at 0.5, item by item, with the same labels and classes."""
+    grey = load_dataset("omniglot", "test", data_root, 32, download=False)
+    binary = load_dataset("omniglot", "test", data_root, 32, download=False, binarize=True)
+    assert binary.labels == grey.labels and binary.classes == grey.classes
+    for index in (0, 1000, len(grey) - 1):
+        x, label = grey[index]
+        b, same = binary[index]
+        assert same == label and ((x > 0) & (x < 1)).any()
+        assert torch.equal(b, (x > 0.5).float())
+
+
 def test_image_folder_empty_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EbmmError, match="no images"):
         load_dataset(str(tmp_path), size=28)

@@ -646,3 +646,49 @@ def test_train_checks_every_option_before_loading_data(omniglot_dir: Path, tmp_p
            "--batch-size", "2", "--steps", "1", "--invert")  # fmt: skip
     model = load_model(tmp_path / "scans" / "model.safetensors")
     assert model.config.invert_files and model.config.energy.shape == (1, 28, 28)
+
+
+def test_binarize_trains_reads_files_and_compares_on_binary_characters(
+    data_root: Path, omniglot_dir: Path, tmp_path: Path
+) -> None:
+    """`--binarize` (the paper's binary Omniglot): the run trains on thresholded
+    characters and its model records it; `write`, `read` and `energy` threshold files the
+    same way (a file and its thresholded 32x32 copy get the same energy, where their grey
+    edges would differ); `compare` defaults to the model's choice, `--no-binarize` undoes
+    it; and binary strings refuse it."""
+    out = tmp_path / "run"
+    _train(data_root, out, "--steps", "1", "--image-size", "32", "--binarize")
+    model = out / "model.safetensors"
+    assert load_model(model).config.binarize
+    assert not load_model(builtin.resolve("omniglot-28")).config.binarize  # older files
+
+    original = next((omniglot_dir / "Latin" / "character01").glob("*.png"))
+    ink = 1.0 - load_image(original, size=32)  # the model's view, before thresholding
+    assert ((ink > 0.05) & (ink < 0.95)).any()  # resizing greyed the edges
+    copy = tmp_path / "files" / "copy.png"
+    copy.parent.mkdir()
+    Image.fromarray(((ink[0] <= 0.5).numpy() * 255).astype("uint8"), "L").save(copy)
+    memory = tmp_path / "m.safetensors"
+    chars = omniglot_dir / "Latin" / "character02"
+    written = run_ebmm("write", "--model", str(model), str(chars), "-o", str(memory))
+    assert written.returncode == 0, written.stderr
+    assert "thresholded the images at 0.5, as the model was trained" in written.stderr
+    result = run_ebmm("energy", "--memory", str(memory), str(original), str(copy), "--json")
+    assert result.returncode == 0, result.stderr
+    first, second = (row["energy"] for row in json.loads(result.stdout)["images"])
+    assert first == pytest.approx(second, rel=1e-5)  # equal inputs, batched float sums
+    read = run_ebmm("read", "--memory", str(memory), str(original), "-o", str(tmp_path / "r"))
+    assert read.returncode == 0 and "thresholded" in read.stderr, read.stderr
+
+    def compare(*extra: str) -> dict:
+        result = run_ebmm("compare", "--model", str(model), "--data-root", str(data_root),
+                          "--patterns", "2", "--episodes", "1", "--baselines", "identity",
+                          "--json", *extra)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert compare()["config"]["binarize"] is True
+    assert compare("--no-binarize")["config"]["binarize"] is False
+    strings = ["--dataset", "binary", "--memory", "rnn", "--binarize", "--steps", "1"]
+    refused = runner.invoke(app, ["train", *strings, "-o", str(tmp_path / "b")])
+    assert refused.exit_code == 2 and "--binarize" in refused.output

@@ -20,7 +20,7 @@ from ebmm_cli.data.cifar import cifar10, fc100
 from ebmm_cli.data.download import default_root, resolve_root
 from ebmm_cli.data.episodes import Episodes
 from ebmm_cli.data.imagenet import imagenet64
-from ebmm_cli.data.images import LabelledImages, image_folder
+from ebmm_cli.data.images import Binarized, LabelledImages, image_folder
 from ebmm_cli.data.omniglot import omniglot
 from ebmm_cli.errors import EbmmError
 
@@ -50,15 +50,24 @@ def load_dataset(
     size: int | None = None,
     download: bool = True,
     invert: bool = False,
+    binarize: bool = False,
 ) -> LabelledImages | BinaryStrings:
     """A dataset by name (see the module docstring), or a folder of images by path.
 
     `size` is the side of the square images (None: a named dataset's usual size, from
     `choices.DEFAULTS`: Omniglot 28, CIFAR 32; a folder's native size). `invert` maps a
     folder's images v to 1 - v (dark strokes on light scans); Omniglot is always inverted.
+    `binarize` thresholds the resized images' pixels at 0.5 (`Binarized`).
     """
     if name == "binary":
         return BinaryStrings()
+    images = _images(name, split, root, size, download, invert)
+    return Binarized(images) if binarize else images
+
+
+def _images(
+    name: str, split: str, root: Path | str | None, size: int | None, download: bool, invert: bool
+) -> LabelledImages:
     check_dataset(name)
     if name not in DATASETS:
         return image_folder(Path(name), split, size, invert)
