@@ -18,6 +18,10 @@ same configuration), on the run's own held-out episodes:
 - how far the read moves: the mean |x̂ − q| over the positions the distortion drew and
   over the rest (where q is already right), and its progress towards the stored
   pattern, <x̂ − q, x − q> / |x − q|² over the drawn positions (1: all the way);
+- where the read's Hamming errors are: inside the positions the distortion drew, and
+  outside them, where the query was right (and of those, how many at grey pixels,
+  |x - 0.5| < 0.2: resized characters have grey stroke edges, which a read that
+  sharpens them pushes past 0.5; `--binarize` removes them);
 - where the read ends in the energy: the fraction of queries whose stored pattern has a
   lower energy (written θ) than the read's endpoint x̂ (`memory.endpoint_margins` < 0,
   what the `--contrast` term trains): where it is not, descending further from x̂ lowers
@@ -79,7 +83,7 @@ def read_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
     blank = initial_memory(net)
     generator = torch.Generator().manual_seed(0)
     wins: dict[float, list[torch.Tensor]] = {0.05: [], 1.0: []}
-    shares, moves, below = [], [], []
+    shares, moves, below, errors = [], [], [], []
     for batch in batches:
         x = batch.patterns
         queries, masks = model.distortion.with_mask(x, generator)
@@ -95,6 +99,13 @@ def read_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
                 (step * gap).sum() / gap.pow(2).sum(),
             ]
         )
+        wrong, drawn_at = (read > 0.5) != (x > 0.5), masks.bool()
+        grey = (x - 0.5).abs() < 0.2
+        errors.append(
+            [(wrong & place).flatten(1).sum(1).float().mean() for place in
+             (drawn_at, ~drawn_at, ~drawn_at & grey)]
+            + [((queries > 0.5) != (x > 0.5)).flatten(1).sum(1).float().mean()]
+        )  # fmt: skip
         with torch.no_grad():
             below.append((endpoint_margins(net, memory, x, read) < 0).float())
             for lam, won in wins.items():
@@ -107,6 +118,7 @@ def read_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
         (moved,) = torch.autograd.grad((e - energy(net, blank, q)).sum(), q)
         shares.append(moved.flatten(1).norm(dim=1) / full.flatten(1).norm(dim=1))
     inside, outside, progress = torch.tensor(moves).mean(0).tolist()
+    wrong_drawn, wrong_kept, wrong_grey, wrong_query = torch.tensor(errors).mean(0).tolist()
     return {
         **{f"completion_{lam}": torch.cat(won).mean().item() for lam, won in wins.items()},
         "write_share": torch.cat(shares).mean().item(),
@@ -114,6 +126,10 @@ def read_stats(model: Model, batches: list[Batch]) -> dict[str, float]:
         "move_kept": outside,
         "progress": progress,
         "below_end": torch.cat(below).mean().item(),
+        "wrong_drawn": wrong_drawn,
+        "wrong_kept": wrong_kept,
+        "wrong_grey": wrong_grey,
+        "wrong_query": wrong_query,
     }
 
 
@@ -169,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{reading['move_kept']:.3f} per other; progress to the stored pattern "
         f"{reading['progress']:.3f}; stored below the read's end in energy "
         f"{reading['below_end']:.3f}\n"
+        f"  Hamming errors {reading['wrong_drawn']:.1f} at drawn positions, "
+        f"{reading['wrong_kept']:.1f} at the others ({reading['wrong_grey']:.1f} of them "
+        f"grey, |x - 0.5| < 0.2); the query's {reading['wrong_query']:.1f}\n"
         f"  written:   MSE / query's {metrics['mse'] / query:.3f}, "
         f"Hamming {metrics['hamming']:.1f}\n"
         f"  unwritten: MSE / query's {metrics['unwritten_mse'] / query:.3f}, "

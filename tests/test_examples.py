@@ -166,6 +166,10 @@ def test_the_write_probe_reads_a_run(tmp_path: Path) -> None:
     assert 0 <= float(trained.split("read moves ")[1].split()[0]) <= 1
     assert "progress to the stored pattern" in trained
     assert 0 <= float(trained.split("read's end in energy ")[1].split()[0]) <= 1
+    errors = trained.split("Hamming errors ")[1]
+    drawn, kept = float(errors.split()[0]), float(errors.split("positions, ")[1].split()[0])
+    assert 0 <= drawn <= 128 and 0 <= kept <= 128 - 64  # eraseblock:64 draws 64 bits
+    assert float(errors.split("the query's ")[1].split()[0]) > 0
     assert "(untrained)" in probe("--untrained")
     steps = [line.split(":")[0] for line in probe("--meta-steps", "3").splitlines()]
     assert steps == ["step 0", "step 1", "step 2", "step 3"]
