@@ -57,6 +57,7 @@ def describe(path: Path) -> dict[str, Any]:
         "shape": json.loads(meta.get("shape", "[]")),
         "distortion": config.get("distortion"),
         "read": rules.get("read"),
+        "binarize": bool(config.get("binarize")),
         "patterns": rules.get("patterns"),
         "memory_floats": provenance.get("memory_floats"),
         "size_bytes": path.stat().st_size,

@@ -1373,7 +1373,8 @@ def models(
         held = m.get("heldout", {})
         table.add_row(
             m["name"],
-            f"{m['dataset']}, {m['memory']}, {m['distortion']}, {m['read']} read",
+            f"{m['dataset']}{' binarized' if m['binarize'] else ''}, {m['memory']}, "
+            f"{m['distortion']}, {m['read']} read",
             shape,
             f"{m['memory_floats']:,}" if m["memory_floats"] else "-",
             _range(m["patterns"]) if m["patterns"] else "-",

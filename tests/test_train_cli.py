@@ -659,7 +659,7 @@ def test_binarize_trains_reads_files_and_compares_on_binary_characters(
     out = tmp_path / "run"
     _train(data_root, out, "--steps", "1", "--image-size", "32", "--binarize")
     model = out / "model.safetensors"
-    assert load_model(model).config.binarize
+    assert load_model(model).config.binarize and builtin.describe(model)["binarize"]
     assert not load_model(builtin.resolve("omniglot-28")).config.binarize  # older files
 
     original = next((omniglot_dir / "Latin" / "character01").glob("*.png"))
