@@ -569,12 +569,12 @@ class Trainer:
         lead = self.rank == 0
         if lead:
             self.out.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic() - self.elapsed
-        last_checkpoint = time.monotonic()
-        rate_clock, rate_steps = time.monotonic(), self.step
         try:
             if self.checkpointed is None:  # resumable from the start, whenever stopped
-                self.save_checkpoint()
+                self.save_checkpoint()  # (before the clock starts: not a training second)
+            start = time.monotonic() - self.elapsed
+            last_checkpoint = time.monotonic()
+            rate_clock, rate_steps = time.monotonic(), self.step
             self._catch_up()
             heldout = self.metrics[-1]["heldout_loss"] if self.metrics else None
             while True:
