@@ -59,55 +59,29 @@ def test_binary_reproduction_trains_compares_and_resumes(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_random_moments_ends_as_if_never_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sent", "kills", "steps", "seed"),
+    [("KILL", 2, 10, 0), ("TERM", 5, 16, 3), ("INT", 3, 10, 3)],
+)
+def test_a_run_stopped_at_random_moments_ends_as_if_never_stopped(
+    sent: str, kills: int, steps: int, seed: int, tmp_path: Path
+) -> None:
+    """`examples/kill_resume.py` stops a run at random moments and resumes it: SIGKILL
+    (no chance to clean up: the last checkpoint), SIGTERM (what `timeout` and schedulers
+    send: a checkpoint after the step in flight, exit 143) and Ctrl-C's SIGINT (the same,
+    exit 130; a checkpoint taken inside the step used not to resume exactly). Each time
+    the resumed run ends bit-identical to an uninterrupted one."""
     script = ROOT / "examples" / "kill_resume.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--kills", "2", "--steps", "10", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    report = json.loads(result.stdout)
-    assert len(report["killed_after_checkpoint_steps"]) == 2  # real SIGKILLs landed
-    assert report["identical_metrics"] and report["identical_model"]
-    assert report["temporary_files_left"] == [] and result.returncode == 0
-
-
-@pytest.mark.slow
-def test_a_run_terminated_at_random_moments_ends_as_if_never_stopped(tmp_path: Path) -> None:
-    """SIGTERM (what `timeout` and schedulers send), 5 times at random moments: each time
-    ebmm saves a checkpoint and exits 143, and the resumed run ends bit-identical."""
-    script = ROOT / "examples" / "kill_resume.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--kills", "5", "--steps", "16", "--signal", "TERM",
-         "--seed", "3", "--out", str(tmp_path)],
+        [sys.executable, str(script), "--kills", str(kills), "--steps", str(steps),
+         "--signal", sent, "--seed", str(seed), "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert len(report["killed_after_checkpoint_steps"]) == 5
-    assert report["identical_metrics"] and report["identical_model"]
-    assert report["temporary_files_left"] == []
-
-
-@pytest.mark.slow
-def test_a_run_interrupted_at_random_moments_ends_as_if_never_stopped(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT), 3 times at random moments, most of them inside a step: each
-    time ebmm finishes the step, saves a checkpoint and exits 130, and the resumed run
-    ends bit-identical (a checkpoint taken inside the step used not to)."""
-    script = ROOT / "examples" / "kill_resume.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--kills", "3", "--steps", "10", "--signal", "INT",
-         "--seed", "3", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout)
-    assert len(report["killed_after_checkpoint_steps"]) == 3
+    assert len(report["killed_after_checkpoint_steps"]) == kills  # real signals landed
     assert report["identical_metrics"] and report["identical_model"]
     assert report["temporary_files_left"] == []
 
