@@ -726,16 +726,21 @@ class Trainer:
 def start_from(model: Model, path: Path) -> None:
     """Copy a trained model's weights into `model` (`ebmm train --init`): slow weights,
     θ̄ and the learned rules. Only the parameters must match, so a model trained at
-    another N, distortion or loss can start a run (a curriculum's next stage).
+    another N, distortion or loss can start a run (a curriculum's next stage), one
+    trained at a single N included for a run over a range of N.
 
     Raises:
         EbmmError: naming `path`, when its parameters are not this run's.
     """
     theirs = load_model(path).state_dict()
+    ours = model.state_dict()
+    # A model trained at one N has no κ (`RuleConfig.sees_n`): a run over a range of N
+    # starts it where a fresh run does, at 0 (the same rates at every N).
+    theirs |= {k: v for k, v in ours.items() if k.endswith("rate_exponent") and k not in theirs}
     match_tensors(
         path,
         theirs,
-        model.state_dict(),
+        ours,
         "its parameters",
         against="this run",
         hint="; --init needs the same --memory, --dynamic, --image-size, --write-steps, "

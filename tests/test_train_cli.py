@@ -222,15 +222,21 @@ def test_init_starts_from_a_trained_model_and_refuses_one_that_does_not_fit(
     whose network is not the run's, before a run folder exists. With both learning
     rates 0 the run's model stays the one it started from, to the bit."""
     frozen = ["--steps", "1", "--lr", "0", "--rule-lr", "0"]
-    for source, extra in [
-        (run_dir / "model.safetensors", ["--batch-size", "1", "--distortion", "occlude:8"]),
-        ("omniglot-28", ["--image-size", "28", "--write-steps", "5", "--read-steps", "5"]),
-    ]:
-        out = tmp_path / f"from-{Path(source).stem}"
+    model = run_dir / "model.safetensors"
+    for name, source, extra in [
+        ("model", model, ["--batch-size", "1", "--distortion", "occlude:8"]),
+        ("range", model, ["--batch-size", "1-4"]),
+        ("omniglot-28", "omniglot-28",
+         ["--image-size", "28", "--write-steps", "5", "--read-steps", "5"]),
+    ]:  # fmt: skip
+        out = tmp_path / f"from-{name}"
         _train(data_root, out, "--init", str(source), *extra, *frozen)
         started = load_model(builtin.resolve(source)).state_dict()
         trained = load_model(out / "model.safetensors").state_dict()
-        assert started.keys() == trained.keys()
+        # a run over a range of N adds κ, the rates' power of N, at 0: a fresh run's start
+        added = {k: v for k, v in trained.items() if k not in started}
+        assert list(added) == (["rules.rate_exponent"] if name == "range" else [])
+        assert all(not v.any() for v in added.values())
         assert all(torch.equal(started[k], trained[k]) for k in started)
         config = json.loads(load_checkpoint(out / "checkpoint.safetensors")[2]["train_config"])
         assert config["init"] == str(builtin.resolve(source).resolve())
