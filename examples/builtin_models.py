@@ -2,7 +2,7 @@
 
     # 1. train by the recipe (an `ebmm train` run folder; resumable with --resume)
     python examples/builtin_models.py train omniglot-28 --minutes 45 --out runs/omniglot-28
-    python examples/builtin_models.py train binary-128 --steps 4000 --out runs/binary-128
+    python examples/builtin_models.py train binary-128 --steps 10000 --out runs/binary-128
     # 2. evaluate in float32 and float16 on fixed held-out episodes, and write
     #    ebmm_cli/models/omniglot-28.safetensors in float16 with its provenance
     python examples/builtin_models.py export omniglot-28 --run runs/omniglot-28 \
