@@ -111,14 +111,15 @@ def main() -> None:
             raise SystemExit(f"resumed run failed with exit code {proc.returncode}")
         break
 
-    same_metrics = metrics(whole) == metrics(split)
+    ours, theirs = metrics(whole), metrics(split)
+    same_metrics = ours == theirs
     same_model = (whole / "model.safetensors").read_bytes() == (
         split / "model.safetensors"
     ).read_bytes()
     # where the two runs part, so that a failure (seen once, on CI) says what to look at
     parted = [
         {"step": a["step"], "fields": sorted(k for k in a if a[k] != b.get(k))}
-        for a, b in zip(metrics(whole), metrics(split), strict=False)
+        for a, b in zip(ours, theirs, strict=False)
         if a != b
     ][:1]
     leftovers = sorted(p.name for p in split.iterdir() if p.name.endswith(".tmp"))
@@ -129,7 +130,7 @@ def main() -> None:
         "identical_metrics": same_metrics,
         "identical_model": same_model,
         "first_differing_metrics": parted[0] if parted else None,
-        "metrics_rows": [len(metrics(whole)), len(metrics(split))],
+        "metrics_rows": [len(ours), len(theirs)],
         "temporary_files_left": leftovers,
     }
     print(json.dumps(report))

@@ -218,7 +218,8 @@ def test_init_starts_from_a_trained_model_and_refuses_one_that_does_not_fit(
     data_root: Path, run_dir: Path, tmp_path: Path
 ) -> None:
     """`--init` starts a run from a model file or a built-in (at another N and distortion:
-    a curriculum's next stage), records where it began, and refuses in one line a model
+    a curriculum's next stage; a model trained at one N starts a run over a range, its κ
+    at 0), records where it began, and refuses in one line a model
     whose network is not the run's, before a run folder exists. With both learning
     rates 0 the run's model stays the one it started from, to the bit."""
     frozen = ["--steps", "1", "--lr", "0", "--rule-lr", "0"]
