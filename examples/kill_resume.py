@@ -117,11 +117,14 @@ def main() -> None:
         split / "model.safetensors"
     ).read_bytes()
     # where the two runs part, so that a failure (seen once, on CI) says what to look at
-    parted = [
-        {"step": a["step"], "fields": sorted(k for k in a if a[k] != b.get(k))}
-        for a, b in zip(ours, theirs, strict=False)
-        if a != b
-    ][:1]
+    parted = next(
+        (
+            {"step": a["step"], "fields": sorted(k for k in a if a[k] != b.get(k))}
+            for a, b in zip(ours, theirs, strict=False)
+            if a != b
+        ),
+        None,
+    )
     leftovers = sorted(p.name for p in split.iterdir() if p.name.endswith(".tmp"))
     report = {
         "steps": args.steps,
@@ -129,7 +132,7 @@ def main() -> None:
         "exit_codes": codes,
         "identical_metrics": same_metrics,
         "identical_model": same_model,
-        "first_differing_metrics": parted[0] if parted else None,
+        "first_differing_metrics": parted,
         "metrics_rows": [len(ours), len(theirs)],
         "temporary_files_left": leftovers,
     }
