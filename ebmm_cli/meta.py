@@ -511,9 +511,7 @@ class Trainer:
             )
         random.setstate(_as_tuple(state["python_random"]))
         torch.set_rng_state(state["torch_rng"])
-        trainer.metrics = [
-            m for m in _read_metrics(out / "metrics.jsonl") if m["step"] <= trainer.step
-        ]
+        trainer.metrics = [m for m in read_metrics(out) if m["step"] <= trainer.step]
         return trainer
 
     def batch(self, n: int | None = None) -> Batch:
@@ -754,7 +752,11 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """A run folder's `metrics.jsonl`, one dict per recorded step (none before the first).
+
+    The one reader of the file, for resuming and for anything that inspects a run."""
+    path = Path(run) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

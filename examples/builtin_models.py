@@ -29,7 +29,7 @@ import torch
 
 from ebmm_cli import builtin
 from ebmm_cli.evaluation import evaluate_sets, heldout_sets
-from ebmm_cli.meta import _datasets
+from ebmm_cli.meta import _datasets, read_metrics
 from ebmm_cli.model import Model
 from ebmm_cli.runconfig import TrainConfig, train_config
 from ebmm_cli.store import load_checkpoint, load_model, read_header, save_model
@@ -128,7 +128,7 @@ def export(
     if state["step"] == step:
         seconds = state["elapsed"]
     else:
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(run)
         seconds = next(m["seconds"] for m in metrics if m["step"] == step)
     trained = load_model(run / "model.safetensors")
     full = Model(config.model)  # the run's configuration, with its N range recorded

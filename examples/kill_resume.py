@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from ebmm_cli.meta import read_metrics
 from ebmm_cli.store import read_header
 
 
@@ -54,7 +55,7 @@ def checkpoint_step(out: Path) -> int:
 
 
 def metrics(out: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     for row in rows:
         row.pop("seconds")
     return rows

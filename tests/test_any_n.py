@@ -13,6 +13,7 @@ import torch
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.memory import RuleConfig, Rules
+from ebmm_cli.meta import read_metrics
 from ebmm_cli.model import ModelConfig
 from ebmm_cli.runconfig import capacity_sizes, parse_batch_size, train_config
 from ebmm_cli.store import load_model
@@ -113,7 +114,7 @@ def test_train_over_a_range_records_it_and_its_capacity_curve(
                       "--read-steps", "2", "--dynamic", "8", "-o", str(out),
                       "--device", "cpu")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (record,) = read_metrics(out)
     curve = record["heldout_by_n"]
     assert list(curve) == ["4", "6", "10", "16"]
     for metrics in curve.values():

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from ebmm_cli.distort import Distortion
 from ebmm_cli.evaluation import Batch
 from ebmm_cli.memory import RuleConfig
-from ebmm_cli.meta import Trainer
+from ebmm_cli.meta import Trainer, read_metrics
 from ebmm_cli.runconfig import TrainConfig, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_torchrun_trains_writes_once_and_resumes_at_another_world_size(tmp_path:
     )  # fmt: skip
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("model.safetensors") == 1  # rank 0 alone reports
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     with safe_open(out / "checkpoint.safetensors", "pt") as f:
         state = json.loads(f.metadata()["state"])
@@ -136,7 +136,7 @@ def test_torchrun_trains_writes_once_and_resumes_at_another_world_size(tmp_path:
     # Three processes continue the two-process run: the third draws a fresh stream.
     again = _torchrun(3, out, "--resume", "--steps", "3")
     assert again.returncode == 0, again.stderr
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     with safe_open(out / "checkpoint.safetensors", "pt") as f:
         assert json.loads(f.metadata()["state"])["world_size"] == 3

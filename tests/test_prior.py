@@ -12,7 +12,7 @@ import torch
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_episodes
 from ebmm_cli.memory import initial_memory, read
-from ebmm_cli.meta import MetaStep
+from ebmm_cli.meta import MetaStep, read_metrics
 from ebmm_cli.metrics import hamming, reconstruction_loss
 from ebmm_cli.model import Model
 from ebmm_cli.runconfig import train_config
@@ -101,7 +101,7 @@ def test_train_starts_with_the_prior_then_writes(tmp_path: Path) -> None:
     result = run_ebmm("train", *common, "--steps", "3", "--minutes", "60", "--prior-minutes",
                       "30", "-o", str(only))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in (only / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(only)
     assert [r["prior"] for r in records] == [True, True, True]
     trained = load_model(only / "model.safetensors")
     fresh = Model(trained.config)
@@ -112,11 +112,11 @@ def test_train_starts_with_the_prior_then_writes(tmp_path: Path) -> None:
     result = run_ebmm("train", *common, "--steps", "2", "--minutes", "60", "--prior-minutes",
                       "1e-5", "-o", str(both))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in (both / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(both)
     assert [r["prior"] for r in records] == [True, False]
     resumed = run_ebmm("train", "-o", str(both), "--resume", "--steps", "3")
     assert resumed.returncode == 0, resumed.stderr
-    records = [json.loads(line) for line in (both / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(both)
     assert [r["prior"] for r in records] == [True, False, False]
     written = load_model(both / "model.safetensors")
     assert not torch.equal(written.rules.write_rate, fresh.rules.write_rate)

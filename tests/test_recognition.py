@@ -28,7 +28,7 @@ from ebmm_cli.memory import (
     recognition_margins,
     write,
 )
-from ebmm_cli.meta import MetaStep
+from ebmm_cli.meta import MetaStep, read_metrics
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig, train_config
 from ebmm_cli.store import load_checkpoint
@@ -343,7 +343,7 @@ def test_train_with_a_term_through_the_cli(
     assert result.returncode == 0, result.stderr
     resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
     assert resumed.returncode == 0, resumed.stderr
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
     if option == "--recognition":
         assert all(0.5 < r["heldout_recognition"] <= 1 for r in records)
@@ -381,7 +381,7 @@ def test_train_with_an_option_that_needs_another_through_the_cli(
     assert result.returncode == 0, result.stderr
     resumed = run_ebmm("train", "-o", str(out), "--resume", "--steps", "3")
     assert resumed.returncode == 0, resumed.stderr
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
     config = json.loads(state["train_config"])

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ebmm_cli.meta import read_metrics
 from ebmm_cli.store import load_checkpoint, load_memory, read_header
 from tests.conftest import run_ebmm
 
@@ -126,7 +127,7 @@ def test_sigterm_during_training_saves_the_model_and_a_checkpoint_and_says_how_t
 
 
 def _metrics(out: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 

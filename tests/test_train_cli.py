@@ -18,7 +18,7 @@ from ebmm_cli.cli import app
 from ebmm_cli.data.images import ImageFiles
 from ebmm_cli.imageio import load_image
 from ebmm_cli.memory import RuleConfig
-from ebmm_cli.meta import Trainer
+from ebmm_cli.meta import Trainer, read_metrics
 from ebmm_cli.model import retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig, model_config
 from ebmm_cli.store import load_checkpoint, load_memory, load_model, save_model
@@ -64,7 +64,7 @@ def test_train_writes_its_run_folder(run_dir: Path) -> None:
         "metrics.jsonl",
         "loss.png",
     }
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(run_dir)
     assert [m["step"] for m in lines] == [2]
     for key in (
         "train_loss",
