@@ -571,6 +571,15 @@ def train(
             "and away from what was stored). 0: the read's end.",
         ),
     ] = 0,
+    identification: Annotated[
+        float,
+        typer.Option(
+            help="Weight of an identification term in the meta-loss: the write's "
+            "per-pattern gradients must tell each query's own stored pattern from the "
+            "others (held-out metrics report the fraction that do as `identification`). "
+            "0: the paper's loss.",
+        ),
+    ] = 0.0,
     prior_penalty: Annotated[
         float,
         typer.Option(
@@ -709,6 +718,7 @@ def train(
             completion=completion,
             contrast=contrast,
             contrast_steps=contrast_steps,
+            identification=identification,
             init=str(builtin.resolve(init).resolve()) if init is not None else None,
             prior_penalty=prior_penalty,
             penalty_memory=penalty_memory.value,

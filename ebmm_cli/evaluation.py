@@ -18,7 +18,7 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import Episodes
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
-from ebmm_cli.memory import energy, recognition_margins
+from ebmm_cli.memory import energy, recognition_margins, write_features
 from ebmm_cli.metrics import hamming, reconstruction_loss, ssim
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig
@@ -74,7 +74,12 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     lowered the stored pattern's energy more (`recognition_margins`; ties count half).
     0.5: the write treats what it stored like anything else; 1: every stored pattern
     stands out. It needs no read, so it shows whether a write stores anything before
-    any retrieval can."""
+    any retrieval can.
+
+    And `identification` (N > 1): the fraction of queries whose own stored pattern has
+    the largest inner product with the query among the episode's, in the write's
+    per-pattern gradients (`memory.write_features`): what a first-order write could
+    tell apart at all. 1/N: nothing."""
     model.eval()
     kind = model.config.loss
     sums: dict[str, float] = {}
@@ -105,6 +110,8 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
                 "unwritten_mse": (unwritten - batch.patterns).pow(2).mean(),
                 "unwritten_hamming": hamming(unwritten, batch.patterns).mean(),
             }
+            if batch.patterns.shape[0] > 1:
+                values["identification"] = identified(model, batch)
             if len(batches) > 1:
                 margins = recognition_margins(model.energy, memory.params, batch.patterns, novel)
                 values["recognition"] = (margins < 0).float().mean() + 0.5 * (
@@ -119,6 +126,17 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     totals = {k: sums[k] / finite if finite else math.nan for k in keys}
     totals["nonfinite"] = len(batches) - finite
     return totals
+
+
+def identified(model: Model, batch: Batch) -> torch.Tensor:
+    """The fraction of `batch`'s queries whose own pattern has the largest
+    <g(q), g(xi)> among its stored patterns, g the `write_features` (raw inner
+    products, as a write sums them)."""
+    features = write_features(model.energy, torch.cat([batch.queries, batch.patterns]))
+    features = features.detach()
+    n = batch.queries.shape[0]
+    scores = features[:n] @ features[n:].T
+    return (scores.argmax(1) == torch.arange(n, device=scores.device)).float().mean()
 
 
 def heldout_sets(

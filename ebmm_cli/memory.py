@@ -219,6 +219,38 @@ def recognition_margins(
     return energy_moved(net, memory, stored)[:, None] - energy_moved(net, memory, novel)[None, :]
 
 
+def write_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Each pattern's gradient ∇θ E(xi; θ̄) over the written parameters θ, flattened:
+    (B, ...) -> (B, P), P the memory's floats. Functional, so it runs under `vmap` and
+    its values keep their graph to the slow weights.
+
+    Why: a write's first step moves θ̄ by −η/N Σi g(xi), so it changes the energy at q by
+    about −η/N Σi <g(q), g(xi)>. To first order the write is a kernel memory with these
+    features; a read can only be pulled towards what was stored if g(q) tells a query's
+    own stored pattern from the others (issue 17)."""
+    theta = initial_memory(net)
+
+    def one(params: Params, xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(net, params, (xi[None],)).squeeze(0)
+
+    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0))(theta, x)
+    return torch.cat([grads[name].flatten(1) for name in theta], 1)
+
+
+def identification_logits(
+    net: nn.Module, stored: torch.Tensor, queries: torch.Tensor, temperature: float = 0.05
+) -> torch.Tensor:
+    """cos(g(qj), g(xi)) / `temperature` for every query qj and stored pattern xi, (N, N),
+    g the `write_features`: row j should peak at column j, the query's own pattern.
+
+    Cosines, not the inner products the write sums, so that a term on them cannot win by
+    growing the features; meta-training otherwise aligns them all (`docs/TRAINING.md`,
+    "Why the conv write stores nothing")."""
+    features = F.normalize(write_features(net, torch.cat([queries, stored])), dim=1)
+    own, others = features[: queries.shape[0]], features[queries.shape[0] :]
+    return own @ others.T / temperature
+
+
 def endpoint_margins(
     net: nn.Module, memory: Params, stored: torch.Tensor, ends: torch.Tensor
 ) -> torch.Tensor:

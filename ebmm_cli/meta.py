@@ -45,6 +45,7 @@ from ebmm_cli.memory import (
     Params,
     completion_margins,
     endpoint_margins,
+    identification_logits,
     initial_memory,
     long_descent,
     read,
@@ -108,6 +109,7 @@ class MetaStep:
         self.recognition = config.recognition
         self.completion = config.completion
         self.contrast = config.contrast
+        self.identification = config.identification
         self.contrast_steps = config.contrast_steps
         self.prior_penalty = config.prior_penalty
         self.against_foil = config.prior_penalty > 0 and config.penalty_memory == "foil"
@@ -283,7 +285,9 @@ class MetaStep:
         times how far the same queries read from θ̄ (or from a memory written with
         `foils`) improve on the queries themselves (the loss summed over iterates; 0
         where that read is no better). Zeros where a term is off; recognition and
-        completion have no pairs at N = 1. One episode goes through `write_memory` (any
+        completion have no pairs at N = 1. Plus `identification` times the cross-entropy
+        of each query's own stored pattern under `identification_logits` (none at N = 1
+        either). One episode goes through `write_memory` (any
         read); several through `write_episodes` and `read_episodes` (the gradient read)."""
         second = self.second_order
         energy_net = self.model.energy
@@ -315,6 +319,12 @@ class MetaStep:
                 memories, patterns, queries, masks, lam
             )
             extra = extra + self.completion * F.softplus(margins).flatten(1).mean(1)
+        if self.identification and patterns.shape[1] > 1:
+            logits = torch.func.vmap(partial(identification_logits, energy_net))(patterns, queries)
+            own = torch.arange(patterns.shape[1], device=patterns.device)
+            own = own.repeat(patterns.shape[0])
+            nll = F.cross_entropy(logits.flatten(0, 1), own, reduction="none")
+            extra = extra + self.identification * nll.view(patterns.shape[0], -1).mean(1)
         if self.contrast:
             ends = iterates[-1].detach()
             if self.contrast_steps:
@@ -384,10 +394,12 @@ class Trainer:
         # left outside graphs, and the decoder read (which draws adaptation queries on
         # the host) and a step with the recognition or completion term or the penalty
         # against a foil (their foils, masks and λ are more inputs than the captured
-        # step takes) run eagerly.
+        # step takes) run eagerly; so does the identification term (per-pattern
+        # gradients inside a captured step: never tried on a GPU).
         self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
         graphs = self.model.use_cuda_graphs(config.cuda_graph)
-        if graphs and self.world == 1 and not (config.completion or self.meta_step.draws_foils):
+        eager = config.completion or config.identification or self.meta_step.draws_foils
+        if graphs and self.world == 1 and not eager:
             self.step_fn = replayed_step(self.meta_step)
         train_data, held_data, self.heldout_split = _datasets(config)
         split = "train"

@@ -80,6 +80,13 @@ class TrainConfig:
     below and away from the stored character where the K-step read does not yet show
     it. 0: the read's own end.
 
+    `identification` weighs another: the write's per-pattern gradients over the written
+    weights (`memory.write_features`) must tell each query's own stored pattern from the
+    episode's others, a cross-entropy over their cosines (`memory.identification_logits`).
+    To first order a write is a kernel memory with those features, and meta-training
+    otherwise makes them parallel: every query then pulls towards what all stored
+    patterns share (issue 17). 0: off.
+
     `prior_penalty` weighs a fourth: the same queries are also read from θ̄, the memory
     before any write, and the penalty is how much that read improves on the queries
     themselves (the loss summed over the read's iterates; nothing where it does not).
@@ -136,6 +143,7 @@ class TrainConfig:
     completion: float = 0.0
     contrast: float = 0.0
     contrast_steps: int = 0
+    identification: float = 0.0
     prior_penalty: float = 0.0
     penalty_memory: str = "unwritten"
     init: str | None = None
@@ -319,6 +327,7 @@ def train_config(
     completion: float = 0.0,
     contrast: float = 0.0,
     contrast_steps: int = 0,
+    identification: float = 0.0,
     prior_penalty: float = 0.0,
     penalty_memory: str = "unwritten",
     init: str | None = None,
@@ -349,6 +358,7 @@ def train_config(
         ("--recognition", recognition),
         ("--completion", completion),
         ("--contrast", contrast),
+        ("--identification", identification),
         ("--prior-penalty", prior_penalty),
     ):
         if not weight >= 0:  # NaN too
@@ -415,6 +425,7 @@ def train_config(
         completion=completion,
         contrast=contrast,
         contrast_steps=contrast_steps,
+        identification=identification,
         prior_penalty=prior_penalty,
         penalty_memory=penalty_memory,
         init=init,

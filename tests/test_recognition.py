@@ -22,11 +22,13 @@ from ebmm_cli.memory import (
     completion_margins,
     endpoint_margins,
     energy,
+    identification_logits,
     initial_memory,
     long_descent,
     read,
     recognition_margins,
     write,
+    write_features,
 )
 from ebmm_cli.meta import MetaStep, read_metrics
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
@@ -82,7 +84,13 @@ def test_a_negative_weight_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "term,weight",
-    [("recognition", 0.5), ("completion", 2.5), ("contrast", 2.5), ("prior_penalty", 3.0)],
+    [
+        ("recognition", 0.5),
+        ("completion", 2.5),
+        ("contrast", 2.5),
+        ("identification", 1.5),
+        ("prior_penalty", 3.0),
+    ],
 )
 def test_the_weight_is_part_of_the_run_config(term: str, weight: float) -> None:
     config = train_config(dataset="binary", steps=5, **{term: weight})
@@ -161,6 +169,48 @@ def test_each_term_trains_the_write_but_not_the_reported_loss(term: str, episode
         torch.manual_seed(5)  # λ
         loss = step(batches, torch.Generator(), foils=foils)
         results[weight] = (loss, model.rules.write_rate.detach().clone())
+    torch.testing.assert_close(results[5.0][0], results[0.0][0])
+    assert not torch.equal(results[5.0][1], results[0.0][1])
+
+
+def test_write_features_are_each_patterns_gradient_over_the_written_weights() -> None:
+    """g(xi) is ∇θ E(xi; θ̄) over the written weights alone, one row per pattern, and
+    the identification logits are their cosines (queries against stored patterns)."""
+    model, _, patterns, queries = _binary()
+    net, theta = model.energy, initial_memory(model.energy)
+    features = write_features(net, patterns[0])
+    assert features.shape == (6, sum(v.numel() for v in theta.values()))
+    grads = torch.autograd.grad(energy(net, theta, patterns[0][2:3]).sum(), list(theta.values()))
+    torch.testing.assert_close(features[2], torch.cat([g.flatten() for g in grads]))
+    logits = identification_logits(net, patterns[0], queries[0], temperature=0.5)
+    q = torch.nn.functional.normalize(write_features(net, queries[0]), dim=1)
+    x = torch.nn.functional.normalize(features, dim=1)
+    torch.testing.assert_close(logits, q @ x.T / 0.5)
+
+
+def test_held_out_identification_is_reported_where_there_is_more_than_one_pattern() -> None:
+    """Random strings give near-orthogonal features: most queries single out their own
+    string, far above chance (1/6); one pattern has nothing to tell apart."""
+    model, _, patterns, queries = _binary()
+    held = [Batch(p, q) for p, q in zip(patterns, queries, strict=True)]
+    assert evaluate_episodes(model, held)["identification"] > 0.5
+    one = [Batch(p[:1], q[:1]) for p, q in zip(patterns, queries, strict=True)]
+    assert "identification" not in evaluate_episodes(model, one)
+
+
+@pytest.mark.parametrize("episodes", [1, 3])
+def test_the_identification_term_trains_the_slow_weights_but_not_the_reported_loss(
+    episodes: int,
+) -> None:
+    """The term reaches the energy's slow weights (its features are taken at θ̄), not
+    the loss the step reports."""
+    results = {}
+    for weight in (0.0, 5.0):
+        model, config, patterns, queries = _binary(identification=weight)
+        step = MetaStep(model, config, torch.device("cpu"), world=1)
+        batches = [Batch(p, q) for p, q in zip(patterns[:episodes], queries, strict=False)]
+        loss = step(batches, torch.Generator())
+        results[weight] = (loss, model.energy.memory.weight.detach().clone())
     torch.testing.assert_close(results[5.0][0], results[0.0][0])
     assert not torch.equal(results[5.0][1], results[0.0][1])
 
@@ -322,6 +372,7 @@ def test_the_prior_penalty_needs_the_gradient_read() -> None:
         ("--recognition", "-2", 1.0),
         ("--completion", "nan", 2.0),
         ("--contrast", "-0.5", 1.5),
+        ("--identification", "-1", 0.5),
         ("--prior-penalty", "-1", 2.0),
     ],
 )
@@ -347,6 +398,7 @@ def test_train_with_a_term_through_the_cli(
     assert [r["step"] for r in records] == [1, 2, 3]
     if option == "--recognition":
         assert all(0.5 < r["heldout_recognition"] <= 1 for r in records)
+    assert all(0 <= r["heldout_identification"] <= 1 for r in records)
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
     assert json.loads(state["train_config"])[option.lstrip("-").replace("-", "_")] == weight
 
