@@ -18,7 +18,7 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import Episodes
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
-from ebmm_cli.memory import energy, recognition_margins, write_features
+from ebmm_cli.memory import energy, recognition_margins, write_kernel
 from ebmm_cli.metrics import hamming, reconstruction_loss, ssim
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig
@@ -78,7 +78,7 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
 
     And `identification` (N > 1): the fraction of queries whose own stored pattern has
     the largest inner product with the query among the episode's, in the write's
-    per-pattern gradients (`memory.write_features`): what a first-order write could
+    per-pattern gradients (`memory.write_kernel`): what a first-order write could
     tell apart at all. 1/N: nothing."""
     model.eval()
     kind = model.config.loss
@@ -130,13 +130,11 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
 
 def identified(model: Model, batch: Batch) -> torch.Tensor:
     """The fraction of `batch`'s queries whose own pattern has the largest
-    <g(q), g(xi)> among its stored patterns, g the `write_features` (raw inner
-    products, as a write sums them)."""
-    features = write_features(model.energy, torch.cat([batch.queries, batch.patterns]))
-    features = features.detach()
-    n = batch.queries.shape[0]
-    scores = features[:n] @ features[n:].T
-    return (scores.argmax(1) == torch.arange(n, device=scores.device)).float().mean()
+    <g(q), g(xi)> among its stored patterns (`write_kernel`: raw inner products, as a
+    write sums them)."""
+    scores = write_kernel(model.energy, batch.patterns, batch.queries).detach()
+    own = torch.arange(scores.shape[0], device=scores.device)
+    return (scores.argmax(1) == own).float().mean()
 
 
 def heldout_sets(

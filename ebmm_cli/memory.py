@@ -237,18 +237,28 @@ def write_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([grads[name].flatten(1) for name in theta], 1)
 
 
+def write_kernel(
+    net: nn.Module, stored: torch.Tensor, queries: torch.Tensor, cosine: bool = False
+) -> torch.Tensor:
+    """<g(qj), g(xi)> for every query qj and stored pattern xi, (M, N), g the
+    `write_features` (one pass over queries and stored patterns together); with `cosine`
+    their cosines. Row j should peak at column j where qj is xj's query."""
+    features = write_features(net, torch.cat([queries, stored]))
+    if cosine:
+        features = F.normalize(features, dim=1)
+    return features[: queries.shape[0]] @ features[queries.shape[0] :].T
+
+
 def identification_logits(
     net: nn.Module, stored: torch.Tensor, queries: torch.Tensor, temperature: float = 0.05
 ) -> torch.Tensor:
-    """cos(g(qj), g(xi)) / `temperature` for every query qj and stored pattern xi, (N, N),
-    g the `write_features`: row j should peak at column j, the query's own pattern.
+    """cos(g(qj), g(xi)) / `temperature` (`write_kernel`), (N, N): the identification
+    term's logits, row j's target column j.
 
     Cosines, not the inner products the write sums, so that a term on them cannot win by
     growing the features; meta-training otherwise aligns them all (`docs/TRAINING.md`,
     "Why the conv write stores nothing")."""
-    features = F.normalize(write_features(net, torch.cat([queries, stored])), dim=1)
-    own, others = features[: queries.shape[0]], features[queries.shape[0] :]
-    return own @ others.T / temperature
+    return write_kernel(net, stored, queries, cosine=True) / temperature
 
 
 def endpoint_margins(
