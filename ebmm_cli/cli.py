@@ -922,9 +922,21 @@ def write(
             "writes recall appended memories poorly (see the README).",
         ),
     ] = False,
+    refine: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="After the write, this many Adam steps on the written weights so that the "
+            "model's read restores freshly distorted copies of the images (its training "
+            "distortion): far better recall where the learned write falls short, at the "
+            "cost of seconds per write (see the README). With --append it sees the new "
+            "images only. 0: the model's own write.",
+        ),
+    ] = 0,
     skip_bad: SkipBad = False,
 ) -> None:
-    """Write images into a new memory file (T gradient steps from the meta-learned start).
+    """Write images into a new memory file (T gradient steps from the meta-learned start;
+    with --refine, then Adam steps on the model's own read of distorted copies).
 
     The memory file is self-contained: [bold]ebmm read[/] and [bold]ebmm energy[/] need nothing
     else.
@@ -934,7 +946,7 @@ def write(
     from ebmm_cli import builtin
     from ebmm_cli.device import resolve_device
     from ebmm_cli.imageio import check_outputs, collect_images, load_batch
-    from ebmm_cli.model import same_model, write_memory
+    from ebmm_cli.model import refine_memory, same_model, write_memory
     from ebmm_cli.store import load_memory, load_model, save_memory
 
     if model is None:
@@ -947,6 +959,8 @@ def write(
     check_outputs({"--out": [] if append else out}, {"--model": [model]}, force=True)
     _hold(ctx, out)
     net = load_model(model)
+    if refine and net.decoder is not None:
+        raise EbmmError(model, "reads with a decoder; --refine needs the gradient read")
     stored = None
     if append:
         if force:
@@ -987,6 +1001,9 @@ def write(
             generator=torch.Generator().manual_seed(seed),
             append_to=None if stored is None else stored.to(dev),
         )
+        if refine:
+            generator = torch.Generator().manual_seed(seed)
+            memory = refine_memory(net, memory, batch.images.to(dev), refine, generator=generator)
     except FloatingPointError as e:
         raise EbmmError(model, str(e), exit_code=1) from None
     save_memory(net, memory.detach(), out)
@@ -1194,6 +1211,15 @@ def compare(
             "slow weights alone may already beat the query).",
         ),
     ] = False,
+    refine: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Add a row per model whose write is refined by this many Adam steps on its "
+            "own read of freshly distorted copies of the stored patterns (see ebmm write "
+            "--refine). 0: none.",
+        ),
+    ] = 0,
     dataset: DatasetName = "omniglot",
     data_root: DataRoot = None,
     split: Annotated[str, typer.Option(help="Split the episodes come from.")] = "test",
@@ -1317,6 +1343,11 @@ def compare(
         methods.append(harness.ModelMethod(net, f"ebmm:{name}", dev))
         if unwritten:
             methods.append(harness.ModelMethod(net, f"ebmm:{name} unwritten", dev, unwritten=True))
+        if refine:
+            if net.decoder is not None:
+                raise EbmmError(path, "reads with a decoder; --refine needs the gradient read")
+            label = f"ebmm:{name} refined {refine}"
+            methods.append(harness.ModelMethod(net, label, dev, refine=refine))
     if not methods:
         raise EbmmError("--baselines", "nothing to compare: give --model or baselines")
     rows = harness.run(methods, eps)
