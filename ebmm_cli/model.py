@@ -209,10 +209,11 @@ def refine_memory(
     read's iterates from distorted copies of `patterns` (the model's training distortion,
     a fresh draw each step from `generator`) against the patterns.
 
-    Why: the meta-learned write (T gradient steps on the energy) is what falls short,
-    not the energy or the read. On the built-in binary-128, the same 8,256 floats
-    optimised this way read back 32 stored strings without an error where its own write
-    leaves 6.6 bits (`examples/refine_sweep.py`, README). The write then costs `steps`
+    Why: the meta-learned write (T gradient steps on the energy) can fall far short of
+    what the energy and the read can hold. On the built-in binary-128, the same 8,256
+    floats optimised this way read back 32 stored strings without an error where its own
+    write leaves 6.6 bits (`examples/refine_sweep.py`, README); where the energy cannot
+    hold the batch (omniglot-32, issue 17) it gains little. The write then costs `steps`
     reads with their backward pass instead of T energy gradients: seconds, not
     milliseconds. It sees only the stored patterns and the distortion the model was
     trained for, as the decoder read's adaptation does (`adapt_decoder`); refining an
@@ -230,8 +231,10 @@ def refine_memory(
             loss = sum(reconstruction_loss(kind, x, patterns).mean() for x in iterates)
             if not torch.isfinite(loss):
                 raise FloatingPointError("refining the memory left the reals")
-            optimiser.zero_grad()
-            (loss / len(iterates)).backward()
+            # gradients for the memory alone: the model's own weights stay untouched
+            grads = torch.autograd.grad(loss / len(iterates), list(params.values()))
+            for param, grad in zip(params.values(), grads, strict=True):
+                param.grad = grad
             optimiser.step()
     return Memory({k: v.detach() for k, v in params.items()}, None, memory.patterns)
 

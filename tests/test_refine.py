@@ -28,14 +28,15 @@ def _read_loss(model: Model, params: dict, patterns: torch.Tensor, seed: int) ->
 def test_refining_lowers_the_read_loss_and_leaves_the_written_memory_alone() -> None:
     """The shipped binary-128 at 16 strings: on queries the refinement never drew
     (another seed), the refined memory reads back with far less loss; the memory it
-    started from is untouched, the count of stored patterns kept, and the same generator
-    gives the same floats."""
+    started from and the model's own weights are untouched, the count of stored patterns
+    kept, and the same generator gives the same floats."""
     model = load_model(builtin.resolve("binary-128"))
     stored = (torch.rand(16, 128, generator=torch.Generator().manual_seed(5)) > 0.5).float()
     memory = write_memory(model, stored).detach()
     before = {k: v.clone() for k, v in memory.params.items()}
     refined = refine_memory(model, memory, stored, 10, generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(before[k], memory.params[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())  # only the memory was fitted
     assert refined.patterns == memory.patterns == 16
     ours, theirs = (_read_loss(model, m.params, stored, 99) for m in (refined, memory))
     assert ours < 0.5 * theirs, (ours, theirs)
