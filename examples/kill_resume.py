@@ -6,7 +6,7 @@ no chance to clean up; or SIGTERM with `--signal TERM`, or Ctrl-C's SIGINT with
 random moments `--kills` times, each time continuing with
 `ebmm train --resume`. Prints JSON: the step each kill landed after, whether the
 resumed run's final model file is identical to the uninterrupted run's (and if not, how
-far its weights are: `model_difference`), and whether their metrics agree (all but
+far its weights are: `store.model_difference`), and whether their metrics agree (all but
 wall-clock seconds; numbers to the last bits that MKL's reductions leave to chance,
 `meta.metrics_parting`). Exits 1 if the weights part by more than 1e-5 of their scale
 or the metrics part.
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ebmm_cli.meta import metrics_parting, read_metrics
-from ebmm_cli.store import load_model, read_header
+from ebmm_cli.store import model_difference, read_header
 
 
 def train_command(out: Path, steps: int, seed: int, resume: bool) -> list[str]:
@@ -55,23 +55,6 @@ def checkpoint_step(out: Path) -> int:
     if not path.exists():
         return 0
     return int(json.loads(read_header(path)["state"])["step"])
-
-
-def model_difference(ours: Path, theirs: Path) -> tuple[bool, float | None]:
-    """Whether two model files are identical to the byte, and if not, the largest
-    difference between their weights relative to the weight's scale (None if their
-    configuration or step differ). The same run in two processes is bit-identical in
-    nearly every try, but MKL's CPU reductions can differ in the last bits (about 1 in
-    50 processes): such a run parts by ~1e-7, a resume that lost a step or an episode by
-    far more than 1e-5."""
-    if ours.read_bytes() == theirs.read_bytes():
-        return True, 0.0
-    heads = [{k: v for k, v in read_header(p).items() if k != "checksum"} for p in (ours, theirs)]
-    if heads[0] != heads[1]:
-        return False, None
-    a, b = (load_model(p).state_dict() for p in (ours, theirs))
-    worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a)
-    return False, worst
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ def test_a_run_stopped_at_random_moments_ends_as_if_never_stopped(
     send: a checkpoint after the step in flight, exit 143) and Ctrl-C's SIGINT (the same,
     exit 130; a checkpoint taken inside the step used not to resume exactly). Each time
     the resumed run ends as an uninterrupted one: bit-identical in nearly every try, and
-    never further than MKL's last bits (`kill_resume.model_difference`)."""
+    never further than MKL's last bits (`store.model_difference`)."""
     script = ROOT / "examples" / "kill_resume.py"
     result = subprocess.run(
         [sys.executable, str(script), "--kills", str(kills), "--steps", str(steps),
