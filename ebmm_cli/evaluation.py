@@ -19,7 +19,7 @@ from ebmm_cli.data import Episodes
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
 from ebmm_cli.memory import energy, recognition_margins, write_kernel
-from ebmm_cli.metrics import hamming, reconstruction_loss, ssim
+from ebmm_cli.metrics import hamming, iterates_loss, ssim
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig
 
@@ -98,8 +98,7 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
         out = iterates[-1]
         with torch.no_grad():
             values = {
-                "loss": sum(reconstruction_loss(kind, x, batch.patterns).mean() for x in iterates)
-                / len(iterates),
+                "loss": iterates_loss(kind, iterates, batch.patterns),
                 "mse": (out - batch.patterns).pow(2).mean(),
                 "query_mse": (batch.queries - batch.patterns).pow(2).mean(),
                 "hamming": hamming(out, batch.patterns).mean(),

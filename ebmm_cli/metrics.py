@@ -45,6 +45,12 @@ def reconstruction_loss(kind: str, x: torch.Tensor, target: torch.Tensor) -> tor
     return 0.5 * mse + 0.5 * (1.0 - ssim(x, target))
 
 
+def iterates_loss(kind: str, iterates: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """The training loss of a read: `reconstruction_loss` averaged over the patterns and
+    over the read's iterates (each one's error counts, as in the paper's eq. 2)."""
+    return sum(reconstruction_loss(kind, x, target).mean() for x in iterates) / len(iterates)
+
+
 def hamming(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Pixels (bits) on the wrong side of 0.5, per pattern (B,): the paper's error for
     binary strings and for Omniglot, whose characters are nearly binary."""

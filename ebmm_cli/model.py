@@ -33,7 +33,7 @@ from ebmm_cli.memory import (
     read,
     write,
 )
-from ebmm_cli.metrics import reconstruction_loss
+from ebmm_cli.metrics import iterates_loss
 
 
 @dataclass(frozen=True)
@@ -228,11 +228,11 @@ def refine_memory(
         for _ in range(steps):
             queries = model.distortion(patterns, generator)
             iterates = read(model.energy, model.rules, params, queries, create_graph=True)
-            loss = sum(reconstruction_loss(kind, x, patterns).mean() for x in iterates)
+            loss = iterates_loss(kind, iterates, patterns)
             if not torch.isfinite(loss):
                 raise FloatingPointError("refining the memory left the reals")
             # gradients for the memory alone: the model's own weights stay untouched
-            grads = torch.autograd.grad(loss / len(iterates), list(params.values()))
+            grads = torch.autograd.grad(loss, list(params.values()))
             for param, grad in zip(params.values(), grads, strict=True):
                 param.grad = grad
             optimiser.step()
