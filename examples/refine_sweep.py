@@ -6,8 +6,8 @@ energy) or from what its energy and read can express at all. This separates the 
 refines the written floats (`model.refine_memory`: Adam steps so that the model's read
 restores freshly drawn distortions of the stored patterns, never the benchmark's
 queries) for each `--steps` and `--lr`, and reads the benchmark's queries. Prints one
-JSON line per N: the mean error (Hamming; for images also squared error per pattern) of
-the query, of the model's own write, and of each refinement, with seconds per write.
+JSON line per N: the mean of `ebmm compare`'s metrics (`compare.episode_metrics`) for
+the query, the model's own write and each refinement, with seconds per write.
 
 If a refined write is far better than the model's own, the slow weights and the read
 can hold these patterns and the write rule is what falls short; if no refinement is, no
@@ -28,18 +28,14 @@ import time
 import torch
 
 from ebmm_cli import builtin
-from ebmm_cli.compare import CompareConfig, make_episodes
-from ebmm_cli.metrics import hamming
+from ebmm_cli.compare import CompareConfig, Episode, episode_metrics, make_episodes
 from ebmm_cli.model import refine_memory, retrieve, write_memory
 from ebmm_cli.store import load_model
 
 
-def errors(out: torch.Tensor, patterns: torch.Tensor) -> dict[str, float]:
-    """Hamming error per pattern, and for images the squared error summed over pixels."""
-    values = {"hamming": hamming(out, patterns).mean().item()}
-    if patterns.dim() == 4:
-        values["squared_error"] = (out - patterns).pow(2).flatten(1).sum(1).mean().item()
-    return values
+def errors(out: torch.Tensor, episode: Episode) -> dict[str, float]:
+    """`ebmm compare`'s metrics of one episode's retrievals, in the pattern's shape."""
+    return episode_metrics(out.flatten(1), episode.patterns, episode.shape)
 
 
 def main() -> None:
@@ -72,13 +68,13 @@ def main() -> None:
             patterns = episode.patterns.view(-1, *episode.shape)
             queries = episode.queries.view(-1, *episode.shape)
             memory = write_memory(model, patterns).detach()
-            rows["query"].append(errors(queries, patterns))
-            rows["write"].append(errors(retrieve(model, memory, queries)[-1], patterns))
+            rows["query"].append(errors(queries, episode))
+            rows["write"].append(errors(retrieve(model, memory, queries)[-1], episode))
             for steps, lr in settings:
                 start = time.monotonic()
                 generator = torch.Generator().manual_seed(index)
                 refined = refine_memory(model, memory, patterns, steps, lr, generator)
-                row = errors(retrieve(model, refined, queries)[-1], patterns)
+                row = errors(retrieve(model, refined, queries)[-1], episode)
                 row["seconds"] = time.monotonic() - start
                 rows.setdefault(f"refined {steps} at {lr:g}", []).append(row)
         means = {
