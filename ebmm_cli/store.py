@@ -276,18 +276,19 @@ def load_checkpoint(path: Path) -> tuple[Model, dict[str, Any], dict[str, Any]]:
     return model, optimizer, state
 
 
-def model_difference(ours: Path, theirs: Path) -> tuple[bool, float | None]:
-    """Whether two model files are identical to the byte, and if not, the largest
-    difference between their weights relative to the weight's scale (None if their
-    configuration or step differ). The same run in two processes is bit-identical in
+def model_parting(ours: Path, theirs: Path, rel_tol: float = 1e-5) -> dict[str, Any] | None:
+    """Where two model files part, or None if they agree: the same bytes, or the same
+    configuration and step with every weight within `rel_tol` of its tensor's scale.
+    Otherwise `{"header": [keys]}` (configuration or step differ) or `{"weights": the
+    largest relative difference}`. The same run in two processes is bit-identical in
     nearly every try, but MKL's CPU reductions can differ in the last bits (about 1 in
     50 processes): such a run parts by ~1e-7, a resume that lost a step or an episode by
-    far more than 1e-5."""
+    far more than 1e-5 (`meta.metrics_parting` is the same check for metrics)."""
     if ours.read_bytes() == theirs.read_bytes():
-        return True, 0.0
-    heads = [{k: v for k, v in read_header(p).items() if k != "checksum"} for p in (ours, theirs)]
-    if heads[0] != heads[1]:
-        return False, None
-    a, b = (load_model(p).state_dict() for p in (ours, theirs))
-    worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a)
-    return False, worst
+        return None
+    a, b = ({k: v for k, v in read_header(p).items() if k != "checksum"} for p in (ours, theirs))
+    if a != b:
+        return {"header": sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}
+    x, y = (load_model(p).state_dict() for p in (ours, theirs))
+    worst = max(((x[k] - y[k]).abs().max() / x[k].abs().max().clamp(min=1e-12)).item() for k in x)
+    return None if worst <= rel_tol else {"weights": worst}

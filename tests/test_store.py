@@ -19,7 +19,7 @@ from ebmm_cli.model import Model, ModelConfig, write_memory
 from ebmm_cli.store import (
     load_memory,
     load_model,
-    model_difference,
+    model_parting,
     read_header,
     save_memory,
     save_model,
@@ -189,25 +189,25 @@ def test_a_file_replaced_while_it_is_read_is_read_whole(tmp_path: Path) -> None:
     assert all(count > 3 for count in steps.values()), steps  # both files were seen
 
 
-def test_model_difference_forgives_the_last_bits_and_nothing_more(tmp_path: Path) -> None:
-    """Resume checks compare model files with it: identical bytes, weights a rounding
-    apart (within 1e-5 of their scale), a step's worth apart (far more), and another
-    step or configuration (None)."""
+def test_model_parting_forgives_the_last_bits_and_nothing_more(tmp_path: Path) -> None:
+    """Resume checks compare model files with it: identical bytes agree, weights a
+    rounding apart (within 1e-5 of their scale) agree, a step's worth apart part, and
+    another step parts by its header."""
     from ebmm_cli.runconfig import train_config
 
     model = Model(train_config(dataset="binary", batch_size=4, steps=1, device="cpu").model)
-    save_model(model, tmp_path / "a.safetensors", step=3)
-    save_model(model, tmp_path / "b.safetensors", step=3)
-    assert model_difference(tmp_path / "a.safetensors", tmp_path / "b.safetensors") == (True, 0.0)
+    a, b, c, d, e = (tmp_path / f"{name}.safetensors" for name in "abcde")
+    save_model(model, a, step=3)
+    save_model(model, b, step=3)
+    assert a.read_bytes() == b.read_bytes() and model_parting(a, b) is None
     weight = next(model.parameters())
     with torch.no_grad():
         weight.mul_(1 + 1e-7)
-    save_model(model, tmp_path / "c.safetensors", step=3)
-    same, small = model_difference(tmp_path / "a.safetensors", tmp_path / "c.safetensors")
-    assert not same and small is not None and 0 < small <= 1e-5
+    save_model(model, c, step=3)
+    assert a.read_bytes() != c.read_bytes() and model_parting(a, c) is None
     with torch.no_grad():
         weight.add_(1e-3 * weight.abs().max())  # what one lost Adam step does
-    save_model(model, tmp_path / "d.safetensors", step=3)
-    assert model_difference(tmp_path / "a.safetensors", tmp_path / "d.safetensors")[1] > 1e-4
-    save_model(model, tmp_path / "e.safetensors", step=4)
-    assert model_difference(tmp_path / "a.safetensors", tmp_path / "e.safetensors") == (False, None)
+    save_model(model, d, step=3)
+    assert model_parting(a, d)["weights"] > 1e-4
+    save_model(model, e, step=4)
+    assert model_parting(a, e) == {"header": ["step"]}
