@@ -597,6 +597,15 @@ def train(
             "helps any batch alike gains nothing either. One more write and read per step.",
         ),
     ] = PenaltyMemory.unwritten,
+    refine: Annotated[
+        int,
+        typer.Option(
+            help="Train through refined memories: each episode's written memory is refined "
+            "this many steps (as `ebmm write --refine` does) before the read whose loss "
+            "trains the model, whose gradient there also reaches the write (held-out "
+            "metrics add `refined_*`). Gradient read only. 0: off.",
+        ),
+    ] = 0,
     init: Annotated[
         str | None,
         typer.Option(
@@ -722,6 +731,7 @@ def train(
             init=str(builtin.resolve(init).resolve()) if init is not None else None,
             prior_penalty=prior_penalty,
             penalty_memory=penalty_memory.value,
+            refine=refine,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

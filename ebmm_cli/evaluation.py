@@ -20,7 +20,14 @@ from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
 from ebmm_cli.memory import energy, recognition_margins, write_kernel
 from ebmm_cli.metrics import hamming, iterates_loss, ssim
-from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
+from ebmm_cli.model import (
+    Memory,
+    Model,
+    refine_memory,
+    retrieve,
+    unwritten_memory,
+    write_memory,
+)
 from ebmm_cli.runconfig import TrainConfig
 
 
@@ -57,7 +64,7 @@ def heldout_batches(
     return batches
 
 
-def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
+def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> dict[str, float]:
     """Mean over episodes of: the training loss of the retrieval, MSE, Hamming error and
     SSIM of the retrieval and of the query, and the mean energy (under the written memory) of the
     originals, the queries and the retrievals (the report's table). Episodes whose write
@@ -79,7 +86,12 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
     And `identification` (N > 1): the fraction of queries whose own stored pattern has
     the largest inner product with the query among the episode's, in the write's
     per-pattern gradients (`memory.write_kernel`): what a first-order write could
-    tell apart at all. 1/N: nothing."""
+    tell apart at all. 1/N: nothing.
+
+    With `refine` R > 0 (a run trained through refined memories, `TrainConfig.refine`)
+    also `refined_mse`, `refined_hamming` (and `refined_ssim` for images): the same
+    queries read from the memory refined R steps (`refine_memory`, seeded per episode),
+    the read such a model is trained for."""
     model.eval()
     kind = model.config.loss
     sums: dict[str, float] = {}
@@ -119,12 +131,31 @@ def evaluate_episodes(model: Model, batches: list[Batch]) -> dict[str, float]:
             if batch.patterns.dim() == 4:
                 values["ssim"] = ssim(out, batch.patterns).mean()
                 values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()
+        if refine:
+            values.update(_refined_values(model, memory, batch, refine, index))
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     keys = sums or dict.fromkeys(("loss", "mse", "query_mse"), math.nan)
     totals = {k: sums[k] / finite if finite else math.nan for k in keys}
     totals["nonfinite"] = len(batches) - finite
     return totals
+
+
+def _refined_values(
+    model: Model, memory: Memory, batch: Batch, steps: int, seed: int
+) -> dict[str, float]:
+    """`evaluate_episodes`' `refined_*` metrics of one episode: its memory refined
+    `steps` steps, then read."""
+    generator = torch.Generator().manual_seed(seed)
+    refined = refine_memory(model, memory, batch.patterns, steps, generator=generator)
+    out = retrieve(model, refined, batch.queries)[-1]
+    values = {
+        "refined_mse": float((out - batch.patterns).pow(2).mean()),
+        "refined_hamming": float(hamming(out, batch.patterns).mean()),
+    }
+    if batch.patterns.dim() == 4:
+        values["refined_ssim"] = float(ssim(out, batch.patterns).mean())
+    return values
 
 
 def identified(model: Model, batch: Batch) -> torch.Tensor:
@@ -144,11 +175,11 @@ def heldout_sets(
     return {n: heldout_batches(data, config, distortion, count, n) for n in config.sizes()}
 
 
-def evaluate_sets(model: Model, sets: dict[int, list[Batch]]) -> dict[str, Any]:
+def evaluate_sets(model: Model, sets: dict[int, list[Batch]], refine: int = 0) -> dict[str, Any]:
     """`evaluate_episodes` at each N of `heldout_sets`: each metric's mean over the sizes
     (each N weighs the same; `nonfinite` is summed), and every size's own metrics under
     `by_n` (the capacity curve). One size: its metrics as they are."""
-    results = {n: evaluate_episodes(model, batches) for n, batches in sets.items()}
+    results = {n: evaluate_episodes(model, batches, refine) for n, batches in sets.items()}
     if len(results) == 1:
         return next(iter(results.values()))
     first = next(iter(results.values()))

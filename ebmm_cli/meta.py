@@ -55,7 +55,7 @@ from ebmm_cli.memory import (
     write_episodes,
 )
 from ebmm_cli.metrics import reconstruction_loss
-from ebmm_cli.model import Model, retrieve, write_memory
+from ebmm_cli.model import Memory, Model, refine_memory, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig
 from ebmm_cli.store import (
     load_checkpoint,
@@ -111,6 +111,7 @@ class MetaStep:
         self.contrast = config.contrast
         self.identification = config.identification
         self.contrast_steps = config.contrast_steps
+        self.refine = config.refine
         self.prior_penalty = config.prior_penalty
         self.against_foil = config.prior_penalty > 0 and config.penalty_memory == "foil"
         # steps that take one more episode's patterns (and so run eagerly)
@@ -300,11 +301,16 @@ class MetaStep:
                 check=False,
                 replay=False,
             )
-            iterates = [x[None] for x in retrieve(self.model, memory, queries[0], True)]
             memories = {k: v[None] for k, v in memory.params.items()}
+            if self.refine:
+                memories = self._through_refined(memories, patterns, generator)
+                memory = Memory({k: v[0] for k, v in memories.items()}, None, memory.patterns)
+            iterates = [x[None] for x in retrieve(self.model, memory, queries[0], True)]
         else:
             rules = self.model.rules
             memories = write_episodes(energy_net, rules, patterns, create_graph=second)
+            if self.refine:
+                memories = self._through_refined(memories, patterns, generator)
             iterates = read_episodes(energy_net, rules, memories, queries, create_graph=True)
         losses = self._summed(iterates, patterns)
         extra = torch.zeros_like(losses)
@@ -348,6 +354,29 @@ class MetaStep:
             baseline = count * self._summed([queries], patterns)
             extra = extra + self.prior_penalty * F.relu(baseline - control)
         return losses, len(iterates), extra
+
+    def _through_refined(
+        self, memories: Params, patterns: torch.Tensor, generator: torch.Generator | None
+    ) -> Params:
+        """Each episode's written memory (E, ...) refined `refine` steps
+        (`model.refine_memory`, its distortions drawn from `generator`), as a
+        straight-through: the value is the refined memory, cut from the graph, and the
+        gradient at it reaches the write as if the write had produced it."""
+        if generator is None:
+            raise ValueError("training through refined memories needs the step's generator")
+        refined = [
+            refine_memory(
+                self.model,
+                Memory({k: v[e].detach() for k, v in memories.items()}, None, patterns.shape[1]),
+                patterns[e],
+                self.refine,
+                generator=generator,
+            ).params
+            for e in range(patterns.shape[0])
+        ]
+        return {
+            k: v + (torch.stack([r[k] for r in refined]) - v).detach() for k, v in memories.items()
+        }
 
     def _all_reduce(
         self, params: list[torch.nn.Parameter], total: torch.Tensor, finite: torch.Tensor
@@ -398,7 +427,12 @@ class Trainer:
         # gradients inside a captured step: never tried on a GPU).
         self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
         graphs = self.model.use_cuda_graphs(config.cuda_graph)
-        eager = config.completion or config.identification or self.meta_step.draws_foils
+        eager = (
+            config.completion
+            or config.identification
+            or config.refine
+            or self.meta_step.draws_foils
+        )
         if graphs and self.world == 1 and not eager:
             self.step_fn = replayed_step(self.meta_step)
         train_data, held_data, self.heldout_split = _datasets(config)
@@ -550,7 +584,7 @@ class Trainer:
         (see `evaluate_sets`)."""
         self.evaluating = True
         try:
-            return evaluate_sets(self.model, self.heldout)
+            return evaluate_sets(self.model, self.heldout, self.config.refine)
         finally:
             self.evaluating = False
 
