@@ -35,6 +35,7 @@ from ebmm_cli.errors import EbmmError
 
 if TYPE_CHECKING:  # torch loads only inside the commands that need it
     from ebmm_cli.meta import Trainer
+    from ebmm_cli.model import Model
 
 
 class _Failure(typer.TyperException):
@@ -121,6 +122,13 @@ class _Group(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _check_refinable(net: Model, path: Path) -> None:
+    """`--refine` of `write` and `compare`: a one-line error for a decoder-read model,
+    whose memory `refine_memory` cannot fit."""
+    if net.decoder is not None:
+        raise EbmmError(path, "reads with a decoder; --refine needs the gradient read")
 
 
 def _hold(ctx: typer.Context, path: Path) -> None:
@@ -969,8 +977,8 @@ def write(
     check_outputs({"--out": [] if append else out}, {"--model": [model]}, force=True)
     _hold(ctx, out)
     net = load_model(model)
-    if refine and net.decoder is not None:
-        raise EbmmError(model, "reads with a decoder; --refine needs the gradient read")
+    if refine:
+        _check_refinable(net, model)
     stored = None
     if append:
         if force:
@@ -1354,8 +1362,7 @@ def compare(
         if unwritten:
             methods.append(harness.ModelMethod(net, f"ebmm:{name} unwritten", dev, unwritten=True))
         if refine:
-            if net.decoder is not None:
-                raise EbmmError(path, "reads with a decoder; --refine needs the gradient read")
+            _check_refinable(net, path)
             label = f"ebmm:{name} refined {refine}"
             methods.append(harness.ModelMethod(net, label, dev, refine=refine))
     if not methods:
