@@ -104,6 +104,7 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
             memory = memory.detach()
             iterates = retrieve(model, memory, batch.queries)
             unwritten = retrieve(model, blank, batch.queries)[-1]
+            refined = _refined_values(model, memory, batch, refine, index) if refine else {}
         except FloatingPointError:
             continue
         finite += 1
@@ -131,8 +132,7 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
             if batch.patterns.dim() == 4:
                 values["ssim"] = ssim(out, batch.patterns).mean()
                 values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()
-        if refine:
-            values.update(_refined_values(model, memory, batch, refine, index))
+        values.update(refined)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     keys = sums or dict.fromkeys(("loss", "mse", "query_mse"), math.nan)

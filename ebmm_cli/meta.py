@@ -424,7 +424,8 @@ class Trainer:
         # the host) and a step with the recognition or completion term or the penalty
         # against a foil (their foils, masks and λ are more inputs than the captured
         # step takes) run eagerly; so does the identification term (per-pattern
-        # gradients inside a captured step: never tried on a GPU).
+        # gradients inside a captured step: never tried on a GPU), and `refine` (an
+        # optimiser inside the step, drawing distortions on the host).
         self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
         graphs = self.model.use_cuda_graphs(config.cuda_graph)
         eager = (
