@@ -112,10 +112,8 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
         with torch.no_grad():
             values = {
                 "loss": iterates_loss(kind, iterates, batch.patterns),
-                "mse": (out - batch.patterns).pow(2).mean(),
-                "query_mse": (batch.queries - batch.patterns).pow(2).mean(),
-                "hamming": hamming(out, batch.patterns).mean(),
-                "query_hamming": hamming(batch.queries, batch.patterns).mean(),
+                **_errors(out, batch.patterns),
+                **_errors(batch.queries, batch.patterns, "query_"),
                 "energy_original": energy(model.energy, memory.params, batch.patterns).mean(),
                 "energy_query": energy(model.energy, memory.params, batch.queries).mean(),
                 "energy_retrieved": energy(model.energy, memory.params, out).mean(),
@@ -129,9 +127,6 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
                 values["recognition"] = (margins < 0).float().mean() + 0.5 * (
                     margins == 0
                 ).float().mean()
-            if batch.patterns.dim() == 4:
-                values["ssim"] = ssim(out, batch.patterns).mean()
-                values["query_ssim"] = ssim(batch.queries, batch.patterns).mean()
         values.update(refined)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -143,19 +138,23 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
 
 def _refined_values(
     model: Model, memory: Memory, batch: Batch, steps: int, seed: int
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """`evaluate_episodes`' `refined_*` metrics of one episode: its memory refined
     `steps` steps, then read."""
     generator = torch.Generator().manual_seed(seed)
     refined = refine_memory(model, memory, batch.patterns, steps, generator=generator)
-    out = retrieve(model, refined, batch.queries)[-1]
-    values = {
-        "refined_mse": float((out - batch.patterns).pow(2).mean()),
-        "refined_hamming": float(hamming(out, batch.patterns).mean()),
-    }
-    if batch.patterns.dim() == 4:
-        values["refined_ssim"] = float(ssim(out, batch.patterns).mean())
-    return values
+    with torch.no_grad():
+        return _errors(retrieve(model, refined, batch.queries)[-1], batch.patterns, "refined_")
+
+
+def _errors(out: torch.Tensor, patterns: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The episode's mean MSE, Hamming error and (images) SSIM of `out` against
+    `patterns`, each key prefixed: the same three for the retrievals, the queries and
+    the refined memory's retrievals."""
+    values = {"mse": (out - patterns).pow(2).mean(), "hamming": hamming(out, patterns).mean()}
+    if patterns.dim() == 4:
+        values["ssim"] = ssim(out, patterns).mean()
+    return {prefix + k: v for k, v in values.items()}
 
 
 def identified(model: Model, batch: Batch) -> torch.Tensor:

@@ -359,15 +359,16 @@ class MetaStep:
         self, memories: Params, patterns: torch.Tensor, generator: torch.Generator | None
     ) -> Params:
         """Each episode's written memory (E, ...) refined `refine` steps
-        (`model.refine_memory`, its distortions drawn from `generator`), as a
-        straight-through: the value is the refined memory, cut from the graph, and the
-        gradient at it reaches the write as if the write had produced it."""
+        (`model.refine_memory`, which starts from a detached copy; its distortions drawn
+        from `generator`), as a straight-through: the value is the refined memory, cut
+        from the graph, and the gradient at it reaches the write as if the write had
+        produced it."""
         if generator is None:
             raise ValueError("training through refined memories needs the step's generator")
         refined = [
             refine_memory(
                 self.model,
-                Memory({k: v[e].detach() for k, v in memories.items()}, None, patterns.shape[1]),
+                Memory({k: v[e] for k, v in memories.items()}, None, patterns.shape[1]),
                 patterns[e],
                 self.refine,
                 generator=generator,
