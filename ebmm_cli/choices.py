@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MEMORIES = ("conv", "conv-large", "fc", "rnn")
+MEMORIES = ("conv", "conv-ae", "conv-large", "fc", "rnn")
 READS = ("gd", "decoder")
 SCHEDULES = ("learned", "fixed")
 LOSSES = ("mse", "ssim+mse", "l1")

@@ -402,9 +402,11 @@ def train(
         typer.Option(
             show_default=False,
             help="Energy network: [bold]conv[/] (ResNet, "
-            "convolutional memory; the default for images), [bold]conv-large[/] (the paper's "
-            "64x64 ImageNet network; the default for imagenet64), [bold]fc[/] (fully-connected "
-            "memory), [bold]rnn[/] (gated RNN for 128-bit strings; the default for binary).",
+            "convolutional memory; the default for images), [bold]conv-ae[/] (conv plus a "
+            "term for how well the written layers redraw the image), [bold]conv-large[/] (the "
+            "paper's 64x64 ImageNet network; the default for imagenet64), [bold]fc[/] "
+            "(fully-connected memory), [bold]rnn[/] (gated RNN for 128-bit strings; the "
+            "default for binary).",
         ),
     ] = None,
     dataset: DatasetName = "omniglot",

@@ -15,6 +15,7 @@ from ebmm_cli.energy.blocks import (
     ResBlock,
     he_init,
 )
+from ebmm_cli.energy.nets import ConvEnergy
 from ebmm_cli.model import ModelConfig
 
 
@@ -38,7 +39,7 @@ def test_rnn_memory_is_the_hopfield_budget() -> None:
     assert net(torch.rand(4, 128)).shape == (4,)
 
 
-@pytest.mark.parametrize("kind", ["conv", "fc"])
+@pytest.mark.parametrize("kind", ["conv", "conv-ae", "fc"])
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 32, 32), (3, 28, 28), (3, 32, 32)])
 def test_image_networks_take_both_sizes_and_channel_counts(kind: str, shape) -> None:
     net = build_energy(EnergyConfig(kind, shape))
@@ -47,6 +48,34 @@ def test_image_networks_take_both_sizes_and_channel_counts(kind: str, shape) -> 
     assert e.shape == (3,) and torch.isfinite(e).all()
     (g,) = torch.autograd.grad(e.sum(), x)
     assert g.shape == x.shape and g.abs().sum() > 0
+
+
+def test_conv_ae_is_conv_plus_how_badly_the_written_bottleneck_redraws_x() -> None:
+    torch.manual_seed(0)
+    ae = build_energy(EnergyConfig("conv-ae", (1, 32, 32)))
+    plain = build_energy(EnergyConfig("conv", (1, 32, 32)))
+    missing, unexpected = plain.load_state_dict(ae.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("decode.") for k in unexpected)
+    assert memory_floats(ae) == memory_floats(plain) == 4_616
+    assert memory_names(ae) == memory_names(plain)
+    x = torch.rand(3, 1, 32, 32)
+    h = ae.block2(ae.block1(ae.encoder(x)))
+    redrawn = ae.decode(h)
+    assert redrawn.shape == x.shape and ((redrawn > 0) & (redrawn < 1)).all()
+    term = 0.5 * ((x - redrawn) ** 2).sum((1, 2, 3))
+    assert torch.allclose(ae(x), plain(x) + term, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", [20, 28, 32, 33])
+def test_the_reconstruction_comes_back_at_the_images_side(side: int) -> None:
+    net = build_energy(EnergyConfig("conv-ae", (3, side, side)))
+    x = torch.rand(2, 3, side, side)
+    assert net.decode(net.block2(net.block1(net.encoder(x)))).shape == x.shape
+
+
+def test_conv_large_refuses_the_reconstruction() -> None:
+    with pytest.raises(ValueError, match="conv-large"):
+        ConvEnergy(3, 64, 8, large=True, reconstruct=True)
 
 
 def test_energies_of_a_batch_are_independent() -> None:

@@ -290,7 +290,13 @@ def test_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    "mode", [["--schedule", "fixed"], ["--read", "decoder"], ["--memory", "fc", "--first-order"]]
+    "mode",
+    [
+        ["--schedule", "fixed"],
+        ["--read", "decoder"],
+        ["--memory", "fc", "--first-order"],
+        ["--memory", "conv-ae"],
+    ],
 )
 def test_other_modes_run_end_to_end(
     mode: list[str], data_root: Path, omniglot_dir: Path, tmp_path: Path

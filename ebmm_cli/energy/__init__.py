@@ -13,8 +13,8 @@ from torch import nn
 from ebmm_cli.energy.blocks import he_init
 from ebmm_cli.energy.nets import ConvEnergy, FCEnergy, RNNEnergy
 
-KINDS = ("conv", "conv-large", "fc", "rnn")
-DEFAULT_DYNAMIC = {"conv": 4, "conv-large": 8, "fc": 16, "rnn": 64}
+KINDS = ("conv", "conv-ae", "conv-large", "fc", "rnn")
+DEFAULT_DYNAMIC = {"conv": 4, "conv-ae": 4, "conv-large": 8, "fc": 16, "rnn": 64}
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,12 @@ class EnergyConfig:
     """Which energy network, for which patterns.
 
     Args:
-        kind: `conv`, `conv-large` (the paper's 64x64 network), `fc` (images) or `rnn`
-            (binary strings).
+        kind: `conv`, `conv-ae` (conv plus a reconstruction term, see `ConvEnergy`),
+            `conv-large` (the paper's 64x64 network), `fc` (images) or `rnn` (binary strings).
         shape: one pattern's shape: (C, H, W) with H = W for images, (bits,) for `rnn`.
         dynamic: written channels (conv) or units (fc, rnn); None takes the default
-            (conv 4 = 4,616 floats, conv-large 8 = 18,448, fc 16 = 4,112, rnn 64 = 8,256).
+            (conv and conv-ae 4 = 4,616 floats, conv-large 8 = 18,448, fc 16 = 4,112,
+            rnn 64 = 8,256).
         signed: rnn only: the written layer reads 2x − 1 (a Hopfield net's ±1 coding)
             instead of x. The same functions (W(2x − 1) + b = 2Wx + b − W1), but each
             write step's update δ(2x − 1)ᵀ pushes towards a pattern's 0-bits as well as
@@ -60,7 +61,13 @@ def build_energy(config: EnergyConfig) -> nn.Module:
         if config.kind == "fc":
             net = FCEnergy(channels, size, d)
         else:
-            net = ConvEnergy(channels, size, d, large=config.kind == "conv-large")
+            net = ConvEnergy(
+                channels,
+                size,
+                d,
+                large=config.kind == "conv-large",
+                reconstruct=config.kind == "conv-ae",
+            )
     he_init(net)
     return net
 

@@ -1,4 +1,5 @@
-"""The energy networks of the paper: `conv` (and `conv-large` for 64x64), `fc`, `rnn`.
+"""The energy networks of the paper: `conv` (and `conv-large` for 64x64), `fc`, `rnn`;
+and `conv-ae`, `conv` plus a reconstruction term (ebmm's, not the paper's).
 
 Each maps a batch of patterns to one scalar energy per pattern, shape (B,). The written
 ("fast") weights live in modules named `memory`; everything else is slow and
@@ -7,6 +8,8 @@ written, and so the memory size in floats.
 """
 
 from __future__ import annotations
+
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -17,6 +20,7 @@ from ebmm_cli.energy.blocks import (
     GatedRecurrence,
     MemoryBottleneck,
     ResBlock,
+    layer_norm,
 )
 
 
@@ -41,9 +45,17 @@ class ConvEnergy(nn.Module):
     2, a 256-channel recurrence on the 4x4 map of a 64x64 image. Memory = 2 x dynamic x
     (3*3*128 + 1) floats: dynamic = 8 gives 18,448, the paper's size by inference
     (`../shared/PAPER.md` §1d).
+
+    `reconstruct` (`conv-ae`) adds ½‖x − D(h)‖² to the energy, D a `Reconstruction` of
+    the second memory block's map h: a pattern has low energy only where the written
+    bottleneck can redraw it, so the read is pulled towards what the write stored, stroke
+    by stroke. The plain head alone learned a prior of the training characters whose read
+    did not depend on the write (docs/TRAINING.md, the pool probes). Same written floats.
     """
 
-    def __init__(self, channels: int, size: int, dynamic: int, large: bool = False) -> None:
+    def __init__(
+        self, channels: int, size: int, dynamic: int, large: bool = False, reconstruct: bool = False
+    ) -> None:
         super().__init__()
         (first, second), width, bottleneck = ((64, 128), 256, 128) if large else ((32, 64), 128, 64)
         self.encoder = nn.Sequential(ResBlock(channels, first), ResBlock(first, second))
@@ -51,10 +63,46 @@ class ConvEnergy(nn.Module):
         self.block2 = MemoryBottleneck(width, width, bottleneck, dynamic, downscale=True)
         self.recurrence = ConvGatedRecurrence(width, width, hops=3)
         self.head = EnergyHead(width * _halved(size, 4 if large else 3) ** 2)
+        if reconstruct:
+            if large:
+                raise ValueError("reconstruct is a conv option, not conv-large's")
+            self.decode = Reconstruction(width, channels, [_halved(size, i) for i in (2, 1, 0)])
+        else:
+            self.decode = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.block2(self.block1(self.encoder(x)))
-        return self.head(self.recurrence(h))
+        energy = self.head(self.recurrence(h))
+        if self.decode is not None:
+            energy = energy + 0.5 * (x - self.decode(h)).pow(2).flatten(1).sum(1)
+        return energy
+
+
+class Reconstruction(nn.Module):
+    """Three stride-2 transposed 3x3 convolutions (width → 64 → 32 → channels, LayerNorm and
+    SiLU between them, a sigmoid at the end) from the bottleneck's map back to the image.
+
+    `sides` are the maps' sides on the way up, the encoder's in reverse; kernel 3 with
+    padding 1 and an explicit output size inverts each halving exactly, so 28 and 32 pixels
+    both come back whole. Left at PyTorch's default initialisation, as in the probe that
+    first showed the write carrying recall.
+    """
+
+    def __init__(self, width: int, channels: int, sides: list[int]) -> None:
+        super().__init__()
+        widths = [width, 64, 32, channels]
+        self.convs = nn.ModuleList(
+            nn.ConvTranspose2d(a, b, 3, stride=2, padding=1) for a, b in pairwise(widths)
+        )
+        self.norms = nn.ModuleList(layer_norm(c) for c in widths[1:-1])
+        self.sides = sides
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, (conv, side) in enumerate(zip(self.convs, self.sides, strict=True)):
+            h = conv(h, output_size=[side, side])
+            if i < len(self.norms):
+                h = nn.functional.silu(self.norms[i](h))
+        return torch.sigmoid(h)
 
 
 class FCEnergy(nn.Module):
