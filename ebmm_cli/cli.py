@@ -616,6 +616,14 @@ def train(
             "metrics add `refined_*`). Gradient read only. 0: off.",
         ),
     ] = 0,
+    redraw: Annotated[
+        float,
+        typer.Option(
+            help="Weight of a redraw term in the meta-loss (--memory conv-ae): the image "
+            "the written bottleneck redraws from each query must be its stored pattern "
+            "(held-out metrics add `redrawn_*`). 0: off.",
+        ),
+    ] = 0.0,
     init: Annotated[
         str | None,
         typer.Option(
@@ -742,6 +750,7 @@ def train(
             prior_penalty=prior_penalty,
             penalty_memory=penalty_memory.value,
             refine=refine,
+            redraw=redraw,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

@@ -18,7 +18,7 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import Episodes
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
-from ebmm_cli.memory import energy, recognition_margins, write_kernel
+from ebmm_cli.memory import energy, recognition_margins, redrawn, write_kernel
 from ebmm_cli.metrics import hamming, iterates_loss, ssim
 from ebmm_cli.model import (
     Memory,
@@ -91,7 +91,12 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
     With `refine` R > 0 (a run trained through refined memories, `TrainConfig.refine`)
     also `refined_mse`, `refined_hamming` (and `refined_ssim` for images): the same
     queries read from the memory refined R steps (`refine_memory`, seeded per episode),
-    the read such a model is trained for."""
+    the read such a model is trained for.
+
+    A `conv-ae` model adds `redrawn_mse`, `redrawn_hamming`, `redrawn_ssim` and
+    `unwritten_redrawn_hamming`: the image its written (and its unwritten) bottleneck
+    redraws from each query (`memory.redrawn`), what its reconstruction term pulls the
+    read towards."""
     model.eval()
     kind = model.config.loss
     sums: dict[str, float] = {}
@@ -127,6 +132,11 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
                 values["recognition"] = (margins < 0).float().mean() + 0.5 * (
                     margins == 0
                 ).float().mean()
+            if model.config.energy.kind == "conv-ae":
+                drawn = redrawn(model.energy, memory.params, batch.queries)
+                values.update(_errors(drawn, batch.patterns, "redrawn_"))
+                drawn = redrawn(model.energy, blank.params, batch.queries)
+                values["unwritten_redrawn_hamming"] = hamming(drawn, batch.patterns).mean()
         values.update(refined)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v)

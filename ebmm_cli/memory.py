@@ -200,6 +200,12 @@ def energy(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
     return functional_call(net, memory, (x,))
 
 
+def redrawn(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
+    """What a conv-ae energy's written bottleneck, with θ = `memory`, redraws from the
+    patterns x (B, ...): D(h(x; θ)), the image its reconstruction term pulls x towards."""
+    return functional_call(net, memory, (x,), {"redraw": True})
+
+
 def energy_moved(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
     """ΔE(x) = E(x; θ) − E(x; θ̄): how much writing `memory` moved each pattern's energy
     (B,). Differences of these cancel each pattern's prior (some characters simply have

@@ -51,6 +51,7 @@ from ebmm_cli.memory import (
     read,
     read_episodes,
     recognition_margins,
+    redrawn,
     write,
     write_episodes,
 )
@@ -112,6 +113,7 @@ class MetaStep:
         self.identification = config.identification
         self.contrast_steps = config.contrast_steps
         self.refine = config.refine
+        self.redraw = config.redraw
         self.prior_penalty = config.prior_penalty
         self.against_foil = config.prior_penalty > 0 and config.penalty_memory == "foil"
         # steps that take one more episode's patterns (and so run eagerly)
@@ -288,8 +290,10 @@ class MetaStep:
         where that read is no better). Zeros where a term is off; recognition and
         completion have no pairs at N = 1. Plus `identification` times the cross-entropy
         of each query's own stored pattern under `identification_logits` (none at N = 1
-        either). One episode goes through `write_memory` (any
-        read); several through `write_episodes` and `read_episodes` (the gradient read)."""
+        either). Plus `redraw` times the loss of what the written bottleneck redraws
+        from each query (`redrawn`) against its stored pattern. One episode goes through
+        `write_memory` (any read); several through `write_episodes` and `read_episodes`
+        (the gradient read)."""
         second = self.second_order
         energy_net = self.model.energy
         if patterns.shape[0] == 1:
@@ -331,6 +335,9 @@ class MetaStep:
             own = own.repeat(patterns.shape[0])
             nll = F.cross_entropy(logits.flatten(0, 1), own, reduction="none")
             extra = extra + self.identification * nll.view(patterns.shape[0], -1).mean(1)
+        if self.redraw:
+            drawn = torch.func.vmap(partial(redrawn, energy_net))(memories, queries)
+            extra = extra + self.redraw * self._summed([drawn], patterns)
         if self.contrast:
             ends = iterates[-1].detach()
             if self.contrast_steps:

@@ -70,8 +70,14 @@ class ConvEnergy(nn.Module):
         else:
             self.decode = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, redraw: bool = False) -> torch.Tensor:
+        """The energies (B,); with `redraw` (conv-ae only) D(h) instead, the image the
+        written bottleneck redraws from x, shape x.shape."""
         h = self.block2(self.block1(self.encoder(x)))
+        if redraw:
+            if self.decode is None:
+                raise ValueError("only conv-ae redraws its input")
+            return self.decode(h)
         energy = self.head(self.recurrence(h))
         if self.decode is not None:
             energy = energy + 0.5 * (x - self.decode(h)).pow(2).flatten(1).sum(1)
