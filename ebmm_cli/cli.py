@@ -624,6 +624,15 @@ def train(
             "(held-out metrics add `redrawn_*`). 0: off.",
         ),
     ] = 0.0,
+    redraw_stored: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the same redraw term for the stored patterns (--memory "
+            "conv-ae): what the written bottleneck redraws from each stored pattern must "
+            "be that pattern, which teaches its decoder to draw characters at all "
+            "(held-out metrics add `redrawn_stored_hamming`). 0: off.",
+        ),
+    ] = 0.0,
     init: Annotated[
         str | None,
         typer.Option(
@@ -751,6 +760,7 @@ def train(
             penalty_memory=penalty_memory.value,
             refine=refine,
             redraw=redraw,
+            redraw_stored=redraw_stored,
             lr=lr,
             rule_lr=rule_lr,
             seed=seed,

@@ -96,7 +96,8 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
     A `conv-ae` model adds `redrawn_mse`, `redrawn_hamming`, `redrawn_ssim` and
     `unwritten_redrawn_hamming`: the image its written (and its unwritten) bottleneck
     redraws from each query (`memory.redrawn`), what its reconstruction term pulls the
-    read towards."""
+    read towards; and `redrawn_stored_hamming`, what it redraws from the stored patterns
+    themselves (how well its decoder draws a character it was given whole)."""
     model.eval()
     kind = model.config.loss
     sums: dict[str, float] = {}
@@ -137,6 +138,8 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
                 values.update(_errors(drawn, batch.patterns, "redrawn_"))
                 drawn = redrawn(model.energy, blank.params, batch.queries)
                 values["unwritten_redrawn_hamming"] = hamming(drawn, batch.patterns).mean()
+                drawn = redrawn(model.energy, memory.params, batch.patterns)
+                values["redrawn_stored_hamming"] = hamming(drawn, batch.patterns).mean()
         values.update(refined)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v)

@@ -114,6 +114,7 @@ class MetaStep:
         self.contrast_steps = config.contrast_steps
         self.refine = config.refine
         self.redraw = config.redraw
+        self.redraw_stored = config.redraw_stored
         self.prior_penalty = config.prior_penalty
         self.against_foil = config.prior_penalty > 0 and config.penalty_memory == "foil"
         # steps that take one more episode's patterns (and so run eagerly)
@@ -291,7 +292,8 @@ class MetaStep:
         completion have no pairs at N = 1. Plus `identification` times the cross-entropy
         of each query's own stored pattern under `identification_logits` (none at N = 1
         either). Plus `redraw` times the loss of what the written bottleneck redraws
-        from each query (`redrawn`) against its stored pattern. One episode goes through
+        from each query (`redrawn`) against its stored pattern, and `redraw_stored` times
+        the same from each stored pattern itself. One episode goes through
         `write_memory` (any read); several through `write_episodes` and `read_episodes`
         (the gradient read)."""
         second = self.second_order
@@ -338,6 +340,9 @@ class MetaStep:
         if self.redraw:
             drawn = torch.func.vmap(partial(redrawn, energy_net))(memories, queries)
             extra = extra + self.redraw * self._summed([drawn], patterns)
+        if self.redraw_stored:
+            drawn = torch.func.vmap(partial(redrawn, energy_net))(memories, patterns)
+            extra = extra + self.redraw_stored * self._summed([drawn], patterns)
         if self.contrast:
             ends = iterates[-1].detach()
             if self.contrast_steps:

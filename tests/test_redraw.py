@@ -1,5 +1,6 @@
-"""`conv-ae` and `ebmm train --redraw`: the image the written bottleneck redraws from a
-query (`memory.redrawn`) as a meta-loss term and as held-out metrics."""
+"""`conv-ae`, `ebmm train --redraw` and `--redraw-stored`: the image the written
+bottleneck redraws from a query or a stored pattern (`memory.redrawn`) as meta-loss terms
+and as held-out metrics."""
 
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ def test_the_redraw_term_is_the_loss_of_what_each_written_memory_redraws(episode
     assert torch.equal(extra, torch.zeros_like(extra))
 
 
+@pytest.mark.parametrize("episodes", [1, 2])
+def test_the_stored_redraw_term_is_the_loss_of_what_each_memory_redraws_of_its_patterns(
+    episodes: int,
+) -> None:
+    """`redraw_stored` adds its weight times the mean squared error between what each
+    episode's written memory redraws from its stored patterns and those patterns, on top
+    of the query's term."""
+    model, config, patterns, queries = _tiny_ae(episodes, redraw=2.0, redraw_stored=0.5)
+    step = MetaStep(model, config, torch.device("cpu"), world=1)
+    _, _, extra = step._episode_losses(patterns, queries, torch.Generator().manual_seed(7))
+    expected = []
+    for p, q in zip(patterns, queries, strict=True):
+        params = write_memory(model, p, replay=False).params
+        from_query = (redrawn(model.energy, params, q) - p).pow(2).mean()
+        from_pattern = (redrawn(model.energy, params, p) - p).pow(2).mean()
+        expected.append(2.0 * from_query + 0.5 * from_pattern)
+    assert torch.allclose(extra, torch.stack(expected), rtol=1e-4)
+
+
 def test_the_redraw_term_trains_the_decoder_and_the_write() -> None:
     """From the same weights, a step with the term moves the reconstruction's decoder
     and the write rates otherwise than a step without it."""
@@ -81,6 +101,12 @@ def test_redraw_is_checked_and_kept_in_the_run_config() -> None:
     old = json.loads(config.to_json())
     del old["redraw"]  # a checkpoint from before the option
     assert TrainConfig.from_json(json.dumps(old)).redraw == 0.0
+    with pytest.raises(EbmmError, match=r"--redraw-stored.*must be 0 or more, got -1"):
+        train_config(dataset="omniglot", memory="conv-ae", steps=5, redraw_stored=-1.0)
+    with pytest.raises(EbmmError, match=r"--redraw-stored.*needs --memory conv-ae"):
+        train_config(dataset="omniglot", memory="conv", steps=5, redraw_stored=1.0)
+    config = train_config(dataset="omniglot", memory="conv-ae", steps=5, redraw_stored=2.0)
+    assert TrainConfig.from_json(config.to_json()).redraw_stored == 2.0
 
 
 def test_held_out_metrics_of_a_conv_ae_report_what_it_redraws() -> None:
@@ -99,6 +125,11 @@ def test_held_out_metrics_of_a_conv_ae_report_what_it_redraws() -> None:
         hamming(blank, patterns[0]).mean().item()
     )
     assert metrics["redrawn_ssim"] == pytest.approx(ssim(drawn, patterns[0]).mean().item())
+    with torch.no_grad():
+        whole = redrawn(model.energy, memory.params, patterns[0])
+    assert metrics["redrawn_stored_hamming"] == pytest.approx(
+        hamming(whole, patterns[0]).mean().item()
+    )
     config = train_config(dataset="omniglot", memory="conv", image_size=16, batch_size=3,
                           steps=1, write_steps=2, read_steps=2, device="cpu")  # fmt: skip
     plain = evaluate_episodes(Model(config.model), batches)
@@ -122,12 +153,15 @@ def test_train_redraw_through_the_cli(data_root: Path, tmp_path: Path) -> None:
               "--batch-size", "3", "--write-steps", "2", "--read-steps", "2",
               "--eval-every", "2", "--eval-episodes", "1", "--device", "cpu",
               "--steps", "2"]  # fmt: skip
-    result = run_ebmm(*common, "--memory", "conv-ae", "--redraw", "1", "--out", str(out))
+    result = run_ebmm(*common, "--memory", "conv-ae", "--redraw", "1", "--redraw-stored", "2",
+                      "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
     last = read_metrics(out)[-1]
     assert last["step"] == 2 and "heldout_redrawn_hamming" in last, last
+    assert "heldout_redrawn_stored_hamming" in last, last
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
-    assert TrainConfig.from_json(state["train_config"]).redraw == 1.0
+    config = TrainConfig.from_json(state["train_config"])
+    assert (config.redraw, config.redraw_stored) == (1.0, 2.0)
     refused = run_ebmm(*common, "--redraw", "1", "--out", str(tmp_path / "no"))
     assert refused.returncode == 2
     assert len(refused.stderr.strip().splitlines()) == 1 and "--redraw" in refused.stderr
