@@ -337,12 +337,10 @@ class MetaStep:
             own = own.repeat(patterns.shape[0])
             nll = F.cross_entropy(logits.flatten(0, 1), own, reduction="none")
             extra = extra + self.identification * nll.view(patterns.shape[0], -1).mean(1)
-        if self.redraw:
-            drawn = torch.func.vmap(partial(redrawn, energy_net))(memories, queries)
-            extra = extra + self.redraw * self._summed([drawn], patterns)
-        if self.redraw_stored:
-            drawn = torch.func.vmap(partial(redrawn, energy_net))(memories, patterns)
-            extra = extra + self.redraw_stored * self._summed([drawn], patterns)
+        for weight, inputs in ((self.redraw, queries), (self.redraw_stored, patterns)):
+            if weight:
+                drawn = torch.func.vmap(partial(redrawn, energy_net))(memories, inputs)
+                extra = extra + weight * self._summed([drawn], patterns)
         if self.contrast:
             ends = iterates[-1].detach()
             if self.contrast_steps:

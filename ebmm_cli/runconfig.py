@@ -405,12 +405,9 @@ def train_config(
         raise EbmmError("--refine", f"must be 0 or more, got {refine}")
     if refine > 0 and read != "gd":
         raise EbmmError("--refine", "needs the gradient read (--read gd)")
-    if redraw > 0 and memory != "conv-ae":
-        raise EbmmError("--redraw", "needs --memory conv-ae (the energy that redraws its input)")
-    if redraw_stored > 0 and memory != "conv-ae":
-        raise EbmmError(
-            "--redraw-stored", "needs --memory conv-ae (the energy that redraws its input)"
-        )
+    for option, weight in (("--redraw", redraw), ("--redraw-stored", redraw_stored)):
+        if weight > 0 and memory != "conv-ae":
+            raise EbmmError(option, "needs --memory conv-ae (the energy that redraws its input)")
     _choice("--penalty-memory", penalty_memory, PENALTY_MEMORIES)
     if penalty_memory != "unwritten" and not prior_penalty > 0:
         raise EbmmError("--penalty-memory", f"{penalty_memory} needs --prior-penalty above 0")

@@ -91,22 +91,20 @@ def test_the_redraw_term_trains_the_decoder_and_the_write() -> None:
     assert not torch.equal(moved[0.0][1], moved[1.0][1])
 
 
-def test_redraw_is_checked_and_kept_in_the_run_config() -> None:
-    with pytest.raises(EbmmError, match=r"--redraw.*must be 0 or more, got -1"):
-        train_config(dataset="omniglot", memory="conv-ae", steps=5, redraw=-1.0)
-    with pytest.raises(EbmmError, match=r"--redraw.*needs --memory conv-ae"):
-        train_config(dataset="omniglot", memory="conv", steps=5, redraw=1.0)
-    config = train_config(dataset="omniglot", memory="conv-ae", steps=5, redraw=0.5)
-    assert TrainConfig.from_json(config.to_json()).redraw == 0.5
+@pytest.mark.parametrize("option", ["--redraw", "--redraw-stored"])
+def test_redraw_weights_are_checked_and_kept_in_the_run_config(option: str) -> None:
+    """Each weight: not negative, conv-ae only, kept through a checkpoint's JSON, and 0
+    for a checkpoint from before the option."""
+    name = option.removeprefix("--").replace("-", "_")
+    with pytest.raises(EbmmError, match=rf"^{option}: must be 0 or more, got -1"):
+        train_config(dataset="omniglot", memory="conv-ae", steps=5, **{name: -1.0})
+    with pytest.raises(EbmmError, match=rf"^{option}: needs --memory conv-ae"):
+        train_config(dataset="omniglot", memory="conv", steps=5, **{name: 1.0})
+    config = train_config(dataset="omniglot", memory="conv-ae", steps=5, **{name: 0.5})
+    assert getattr(TrainConfig.from_json(config.to_json()), name) == 0.5
     old = json.loads(config.to_json())
-    del old["redraw"]  # a checkpoint from before the option
-    assert TrainConfig.from_json(json.dumps(old)).redraw == 0.0
-    with pytest.raises(EbmmError, match=r"--redraw-stored.*must be 0 or more, got -1"):
-        train_config(dataset="omniglot", memory="conv-ae", steps=5, redraw_stored=-1.0)
-    with pytest.raises(EbmmError, match=r"--redraw-stored.*needs --memory conv-ae"):
-        train_config(dataset="omniglot", memory="conv", steps=5, redraw_stored=1.0)
-    config = train_config(dataset="omniglot", memory="conv-ae", steps=5, redraw_stored=2.0)
-    assert TrainConfig.from_json(config.to_json()).redraw_stored == 2.0
+    del old[name]  # a checkpoint from before the option
+    assert getattr(TrainConfig.from_json(json.dumps(old)), name) == 0.0
 
 
 def test_held_out_metrics_of_a_conv_ae_report_what_it_redraws() -> None:
