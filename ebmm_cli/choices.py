@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MEMORIES = ("conv", "conv-ae", "conv-large", "fc", "rnn")
-READS = ("gd", "decoder")
+MEMORIES = ("conv", "conv-ae", "conv-large", "fc", "kv", "rnn")
+READS = ("gd", "decoder", "redraw")
 SCHEDULES = ("learned", "fixed")
-LOSSES = ("mse", "ssim+mse", "l1")
+LOSSES = ("mse", "ssim+mse", "l1", "bce")
 DISTORTIONS = (
     "noise",
     "occlude",

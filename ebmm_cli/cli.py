@@ -405,8 +405,9 @@ def train(
             "convolutional memory; the default for images), [bold]conv-ae[/] (conv plus a "
             "term for how well the written layers redraw the image), [bold]conv-large[/] (the "
             "paper's 64x64 ImageNet network; the default for imagenet64), [bold]fc[/] "
-            "(fully-connected memory), [bold]rnn[/] (gated RNN for 128-bit strings; the "
-            "default for binary).",
+            "(fully-connected memory), [bold]kv[/] (a key-value energy: the write stores "
+            "key → value pairs in one matrix, the read draws the value a query's key "
+            "recalls), [bold]rnn[/] (gated RNN for 128-bit strings; the default for binary).",
         ),
     ] = None,
     dataset: DatasetName = "omniglot",
@@ -465,12 +466,15 @@ def train(
     write_steps: Annotated[int, typer.Option(min=1, help="T, gradient steps of writing.")] = 5,
     read_steps: Annotated[int, typer.Option(min=1, help="K, gradient steps of reading.")] = 5,
     read: Annotated[
-        ReadKind,
+        ReadKind | None,
         typer.Option(
-            help="[bold]gd[/]: descend the energy (the paper); "
-            "[bold]decoder[/]: a MAML-adapted decoder (the report)."
+            show_default=False,
+            help="[bold]gd[/]: descend the energy (the paper; the default but for kv); "
+            "[bold]decoder[/]: a MAML-adapted decoder (the report); [bold]redraw[/]: the "
+            "image the energy draws from what the memory recalls (kv's default; kv or "
+            "conv-ae).",
         ),
-    ] = ReadKind("gd"),
+    ] = None,
     schedule: Annotated[
         Schedule,
         typer.Option(
@@ -507,8 +511,9 @@ def train(
     loss: Annotated[
         Loss,
         typer.Option(
-            help="mse (the paper), ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report), or l1: "
-            "mean absolute error, the expected Hamming error of a randomly rounded read."
+            help="mse (the paper), ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report), l1: "
+            "mean absolute error, the expected Hamming error of a randomly rounded read, or "
+            "bce: binary cross-entropy, for binary images drawn through a sigmoid (kv)."
         ),
     ] = Loss("mse"),
     dynamic: Annotated[
@@ -738,7 +743,7 @@ def train(
             shots=shots,
             write_steps=write_steps,
             read_steps=read_steps,
-            read=read.value,
+            read=read.value if read else None,
             schedule=schedule.value,
             write_lr=write_lr,
             read_lr=read_lr,

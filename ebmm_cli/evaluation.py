@@ -203,6 +203,11 @@ def evaluate_sets(model: Model, sets: dict[int, list[Batch]], refine: int = 0) -
     return merged
 
 
+def _ratio(metrics: dict[str, Any], key: str, query_key: str) -> float:
+    """metrics[key] / metrics[query_key], NaN where either is missing."""
+    return metrics.get(key, math.nan) / max(metrics.get(query_key, math.nan), 1e-12)
+
+
 def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
     """Training and held-out loss against the step, as a PNG; for a run over a range of
     N, beside it the latest capacity curve (held-out error / the query's, against N)."""
@@ -224,11 +229,12 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
         ax.plot(*zip(*train, strict=True), label="training loss (mean since last point)")
     ax.plot(steps, [m["heldout_loss"] for m in metrics], label="held-out loss")
     if metrics and "heldout_query_mse" in metrics[0]:
-        ratio = [m["heldout_mse"] / max(m["heldout_query_mse"], 1e-12) for m in metrics]
+        # .get: an evaluation whose every episode left the reals records no errors
+        ratio = [_ratio(m, "heldout_mse", "heldout_query_mse") for m in metrics]
         ax2 = ax.twinx()
         ax2.plot(steps, ratio, color="tab:green", linestyle="--", label="held-out MSE / query MSE")
         if "heldout_query_hamming" in metrics[0]:
-            ratio = [m["heldout_hamming"] / max(m["heldout_query_hamming"], 1e-12) for m in metrics]
+            ratio = [_ratio(m, "heldout_hamming", "heldout_query_hamming") for m in metrics]
             ax2.plot(steps, ratio, color="tab:red", linestyle=":", label="Hamming / query's")
         ax2.axhline(1.0, color="grey", linewidth=0.5)
         ax2.set_ylabel("retrieved / query (below 1: recall)")

@@ -50,9 +50,11 @@ class RuleConfig:
         read_steps: K, gradient steps of reading.
         schedule: `learned` (the paper: all rates meta-learned, starting from the values
             below) or `fixed` (the report: the values below stay constant).
-        read: `gd` (descend the energy) or `decoder` (the report's MAML-adapted decoder).
+        read: `gd` (descend the energy), `decoder` (the report's MAML-adapted decoder) or
+            `redraw` (`kv`: the image the energy draws from what the memory recalls).
         write_lr: initial (learned) or constant (fixed) write rate η.
         alpha: weight of the gradient-norm term; fixed: decayed by `alpha_decay` per step.
+            0 drops the term for good (learned too: it is neither computed nor learned).
         alpha_decay: the fixed schedule's decay of α per write step.
         beta: weight of the ||θ − θ̄||² term (0 disables it).
         read_lr: γ(1), the first read step size.
@@ -202,7 +204,8 @@ def energy(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
 
 def redrawn(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
     """What a conv-ae energy's written bottleneck, with θ = `memory`, redraws from the
-    patterns x (B, ...): D(h(x; θ)), the image its reconstruction term pulls x towards."""
+    patterns x (B, ...): D(h(x; θ)), the image its reconstruction term pulls x towards;
+    for a kv energy, the image drawn from the value θ recalls by x's key (its read)."""
     return functional_call(net, memory, (x,), {"redraw": True})
 
 
@@ -385,9 +388,10 @@ _BatchSums = tuple[torch.Tensor, torch.Tensor, Params, Params]
 
 
 def _batch_sums_autograd(
-    net: nn.Module, theta: Params, patterns: torch.Tensor, create_graph: bool
+    net: nn.Module, theta: Params, patterns: torch.Tensor, create_graph: bool, grad_norm: bool
 ) -> _BatchSums:
-    """E, ∇x E, ∇θ Σi E and ∇θ Σi ||∇x E||² at θ, with torch.autograd."""
+    """E, ∇x E, ∇θ Σi E and ∇θ Σi ||∇x E||² at θ, with torch.autograd; without
+    `grad_norm` the last is zeros, and ∇x E is not differentiated again."""
     # A fresh leaf each step: ∇x E is the partial derivative at fixed θ(t). Reusing one
     # leaf would also differentiate through θ(t)'s own dependence on x, which is wrong
     # and grows the graph exponentially with the steps.
@@ -397,36 +401,54 @@ def _batch_sums_autograd(
         e = energy(net, theta, x)
         # One backward pass gives both ∇x E (kept differentiable: the gradient-norm term
         # is differentiated again) and ∇θ E summed over the batch.
-        gx, *g_energy = torch.autograd.grad(e.sum(), [x, *values], create_graph=True)
-        g_norm = torch.autograd.grad(gx.pow(2).sum(), values, create_graph=create_graph)
+        gx, *g_energy = torch.autograd.grad(
+            e.sum(), [x, *values], create_graph=create_graph or grad_norm
+        )
+        if grad_norm:
+            g_norm = torch.autograd.grad(gx.pow(2).sum(), values, create_graph=create_graph)
+        else:
+            g_norm = [torch.zeros_like(v) for v in values]
     return e, gx, dict(zip(theta, g_energy, strict=True)), dict(zip(theta, g_norm, strict=True))
 
 
-def _batch_sums_functional(net: nn.Module, theta: Params, patterns: torch.Tensor) -> _BatchSums:
+def _batch_sums_functional(
+    net: nn.Module, theta: Params, patterns: torch.Tensor, grad_norm: bool
+) -> _BatchSums:
     """`_batch_sums_autograd` with torch.func (vmap-able): one forward and one backward
-    give E, ∇x E and ∇θ Σi E; the gradient norm is differentiated once more. Transforms
-    take partial derivatives, so no fresh leaf is needed."""
+    give E, ∇x E and ∇θ Σi E; with `grad_norm` the gradient norm is differentiated once
+    more. Transforms take partial derivatives, so no fresh leaf is needed."""
 
-    def grad_norm(th: Params) -> tuple[torch.Tensor, tuple]:
+    def norm(th: Params) -> tuple[torch.Tensor, tuple]:
         e, pullback = torch.func.vjp(lambda t, x: functional_call(net, t, (x,)), th, patterns)
         g_theta, gx = pullback(torch.ones_like(e))
         return gx.pow(2).sum(), (e, gx, g_theta)
 
-    g_norm, (e, gx, g_energy) = torch.func.grad(grad_norm, has_aux=True)(theta)
+    if not grad_norm:
+        _, (e, gx, g_energy) = norm(theta)
+        return e, gx, g_energy, {k: torch.zeros_like(v) for k, v in theta.items()}
+    g_norm, (e, gx, g_energy) = torch.func.grad(norm, has_aux=True)(theta)
     return e, gx, g_energy, g_norm
 
 
 def _write_grads(
-    net: nn.Module, theta: Params, patterns: torch.Tensor, create_graph: bool, functional: bool
+    net: nn.Module,
+    theta: Params,
+    patterns: torch.Tensor,
+    create_graph: bool,
+    functional: bool,
+    grad_norm: bool = True,
 ) -> WriteGrads:
     """The step's `WriteGrads`, with torch.func when `functional` (for `vmap`), else with
     torch.autograd (faster for one episode). Both differentiate sums over the batch, made
     means here by one division by N. Without `create_graph` the θ-gradients are detached:
-    first order treats them as constants."""
+    first order treats them as constants. Without `grad_norm` (α = 0) the gradient-norm
+    term is zeros, and the double backward it costs is skipped."""
     if functional:
-        e, gx, g_energy, g_norm = _batch_sums_functional(net, theta, patterns)
+        e, gx, g_energy, g_norm = _batch_sums_functional(net, theta, patterns, grad_norm)
     else:
-        e, gx, g_energy, g_norm = _batch_sums_autograd(net, theta, patterns, create_graph)
+        e, gx, g_energy, g_norm = _batch_sums_autograd(
+            net, theta, patterns, create_graph, grad_norm
+        )
     n = patterns.shape[0]
 
     def mean(sums: Params) -> Params:
@@ -446,6 +468,7 @@ def write_step(
     beta: torch.Tensor,
     create_graph: bool = False,
     functional: bool = False,
+    grad_norm: bool = True,
 ) -> tuple[Params, WriteGrads]:
     """One write step θ(t) -> θ(t+1): gradient descent on the write loss W of (3), per (4).
 
@@ -474,11 +497,12 @@ def write_step(
         beta: β(t).
         create_graph: as in `write`; without it the step's gradients are constants.
         functional: as in `write`.
+        grad_norm: compute the gradient-norm term (False: α is 0 for good, `RuleConfig`).
 
     Returns:
         θ(t+1), and the step's `WriteGrads` (its E and ∇x E are for `write`'s check).
     """
-    grads = _write_grads(net, theta, patterns, create_graph, functional)
+    grads = _write_grads(net, theta, patterns, create_graph, functional, grad_norm)
     new = {}
     for names, (r_energy, r_grad_norm, r_prior) in zip(layers, eta, strict=True):
         for n in names:
@@ -575,11 +599,13 @@ def write_flags(
         }
     layers = list(memory_layers(net).values())
     rates, alphas, betas = rules.write_schedule(patterns.shape[0])
+    grad_norm = rules.config.alpha > 0
     finite: list[torch.Tensor] = []
     for eta, alpha, beta in zip(rates, alphas, betas, strict=True):
         theta, grads = write_step(
-            net, theta, theta_bar, patterns, layers, eta, alpha, beta, create_graph, functional
-        )
+            net, theta, theta_bar, patterns, layers, eta, alpha, beta, create_graph, functional,
+            grad_norm,
+        )  # fmt: skip
         if not functional:  # under vmap the flags would be batched; nobody checks them
             finite.append(grads.finite())
     return theta, _stack_flags(finite, 2, patterns.device)
@@ -633,7 +659,13 @@ def read_flags(
     functional: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """`read` without the check: the iterates, and each step's finiteness of ∇x E as a
-    (K, 1) bool tensor on the device (see `write_flags`)."""
+    (K, 1) bool tensor on the device (see `write_flags`). The `redraw` read (`kv`) has
+    one iterate, the image the energy draws from each query under the memory, and checks
+    that image."""
+    if rules.config.read == "redraw":  # one retrieval: what the memory redraws
+        x = functional_call(net, memory, (queries,), {"redraw": True})
+        flags = [] if functional else [x.isfinite().all()[None]]
+        return [x if create_graph else x.detach()], _stack_flags(flags, 1, queries.device)
     gammas, psis = rules.read_schedule()
     k_steps = steps if steps is not None else len(gammas)
     if not create_graph:

@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+_EPS = 1e-6  # bce's probabilities are kept this far from 0 and 1 (no infinite logs)
+
 
 def ssim(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SSIM (piqa, 11x11 Gaussian window) of each image pair, (B,)."""
@@ -35,7 +37,16 @@ def reconstruction_loss(kind: str, x: torch.Tensor, target: torch.Tensor) -> tor
     `l1`, the mean absolute error: for a binary target and x in [0, 1], |x - t| is the
     chance that x, rounded at random, is wrong, so `l1` is the expected Hamming error per
     pixel, and unlike the squared error it does not pay a read to hedge at 0.5 where it is
-    unsure. The names are `choices.LOSSES`."""
+    unsure. `bce`, the binary cross-entropy of a target in [0, 1] under pixel
+    probabilities x, for binary images drawn through a sigmoid (`kv`'s redraw): its
+    gradient does not vanish where the sigmoid saturates on the wrong side, as the
+    squared error's does. The names are `choices.LOSSES`."""
+    if kind == "bce":
+        # by hand, not F.binary_cross_entropy, so that NaN passes through as in the
+        # other losses (meta-training skips such steps) instead of raising
+        p = x.clamp(_EPS, 1.0 - _EPS)
+        nll = -(target * p.log() + (1.0 - target) * (1.0 - p).log())
+        return nll.flatten(1).mean(1)
     diff = (x - target).flatten(1)
     if kind == "l1":
         return diff.abs().mean(1)

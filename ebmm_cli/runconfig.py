@@ -231,13 +231,19 @@ def rule_config(
 ) -> RuleConfig:
     """The write and read rules: the paper's learned schedule, or the report's fixed one
     (`RuleConfig.report`, whose write rate depends on the `memory`); `write_lr` and
-    `read_lr` override the schedule's starting (or constant) values."""
+    `read_lr` override the schedule's starting (or constant) values.
+
+    The `kv` memory writes without the gradient-norm term (α = 0; with it, its
+    meta-training diverged within five steps, docs/TRAINING.md trial 54) and from a write
+    rate of 0.5: its unit keys make each step a delta-rule step, stable below 2."""
     _choice("--schedule", schedule, SCHEDULES)
     _choice("--read", read, READS)
     for option, value in (("--write-steps", write_steps), ("--read-steps", read_steps)):
         if value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
     chosen: dict[str, object] = {"write_steps": write_steps, "read_steps": read_steps, "read": read}
+    if memory == "kv":
+        chosen.update(alpha=0.0, write_lr=0.5)
     for option, value in (("--write-lr", write_lr), ("--read-lr", read_lr)):
         if value is not None:
             if not 0 < value <= 1e6:
@@ -289,6 +295,8 @@ def model_config(
         )
     if binarize and memory == "rnn":
         raise EbmmError("--binarize", "is for images; binary strings are binary already")
+    if rules is not None and rules.read == "redraw" and memory not in ("kv", "conv-ae"):
+        raise EbmmError("--read", "redraw needs --memory kv or conv-ae (an energy that draws)")
     if memory == "rnn":
         shape: tuple[int, ...] = (128,)
     else:
@@ -329,7 +337,7 @@ def train_config(
     shots: int = 1,
     write_steps: int = 5,
     read_steps: int = 5,
-    read: str = "gd",
+    read: str | None = None,
     schedule: str = "learned",
     write_lr: float | None = None,
     read_lr: float | None = None,
@@ -367,11 +375,15 @@ def train_config(
     Every option is checked first; only then is a folder dataset's first image read for
     its channel count. `shots=0` ignores classes. `batch_size` is N, or (least, most)
     to train over a range of N; the model records the range (`RuleConfig.patterns`).
+    `read` defaults to `redraw` for the `kv` memory (its energy draws what it recalls)
+    and to the gradient read `gd` for every other.
 
     Raises:
         EbmmError: naming the option (as the command line spells it) or the folder.
     """
     check_budget(steps, minutes)
+    memory = memory or dataset_defaults(dataset).memory
+    read = read or ("redraw" if memory == "kv" else "gd")
     least, most = batch_size if isinstance(batch_size, tuple) else (batch_size, batch_size)
     if least > most:
         raise EbmmError("--batch-size", f"the range {least}-{most} is empty")
@@ -416,7 +428,6 @@ def train_config(
     if cuda_graph == "on" and resolve_device(device).type != "cuda":
         raise EbmmError("--cuda-graph", "on needs a CUDA device (--device)")
     resolve_device(device)
-    memory = memory or dataset_defaults(dataset).memory
     rules = rule_config(
         memory=memory,
         schedule=schedule,

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ebmm_cli.energy.blocks import he_init
-from ebmm_cli.energy.nets import ConvEnergy, FCEnergy, RNNEnergy
+from ebmm_cli.energy.nets import ConvEnergy, FCEnergy, KVEnergy, RNNEnergy
 
-KINDS = ("conv", "conv-ae", "conv-large", "fc", "rnn")
-DEFAULT_DYNAMIC = {"conv": 4, "conv-ae": 4, "conv-large": 8, "fc": 16, "rnn": 64}
+KINDS = ("conv", "conv-ae", "conv-large", "fc", "kv", "rnn")
+DEFAULT_DYNAMIC = {"conv": 4, "conv-ae": 4, "conv-large": 8, "fc": 16, "kv": 72, "rnn": 64}
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,12 @@ class EnergyConfig:
 
     Args:
         kind: `conv`, `conv-ae` (conv plus a reconstruction term, see `ConvEnergy`),
-            `conv-large` (the paper's 64x64 network), `fc` (images) or `rnn` (binary strings).
+            `conv-large` (the paper's 64x64 network), `fc` (images), `kv` (a key-value
+            energy, see `KVEnergy`) or `rnn` (binary strings).
         shape: one pattern's shape: (C, H, W) with H = W for images, (bits,) for `rnn`.
         dynamic: written channels (conv) or units (fc, rnn); None takes the default
             (conv and conv-ae 4 = 4,616 floats, conv-large 8 = 18,448, fc 16 = 4,112,
-            rnn 64 = 8,256).
+            kv 72 = 4,608, rnn 64 = 8,256).
         signed: rnn only: the written layer reads 2x − 1 (a Hopfield net's ±1 coding)
             instead of x. The same functions (W(2x − 1) + b = 2Wx + b − W1), but each
             write step's update δ(2x − 1)ᵀ pushes towards a pattern's 0-bits as well as
@@ -60,6 +61,8 @@ def build_energy(config: EnergyConfig) -> nn.Module:
         channels, size = config.shape[0], config.shape[1]
         if config.kind == "fc":
             net = FCEnergy(channels, size, d)
+        elif config.kind == "kv":
+            net = KVEnergy(channels, size, d)
         else:
             net = ConvEnergy(
                 channels,
@@ -69,6 +72,8 @@ def build_energy(config: EnergyConfig) -> nn.Module:
                 reconstruct=config.kind == "conv-ae",
             )
     he_init(net)
+    if isinstance(net, KVEnergy):
+        nn.init.zeros_(net.memory.weight)  # θ̄ = 0: an unwritten memory recalls nothing
     return net
 
 

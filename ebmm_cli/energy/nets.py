@@ -1,5 +1,6 @@
 """The energy networks of the paper: `conv` (and `conv-large` for 64x64), `fc`, `rnn`;
-and `conv-ae`, `conv` plus a reconstruction term (ebmm's, not the paper's).
+and ebmm's own: `conv-ae`, `conv` plus a reconstruction term, and `kv`, a key-value
+energy whose written layer is an associative matrix.
 
 Each maps a batch of patterns to one scalar energy per pattern, shape (B,). The written
 ("fast") weights live in modules named `memory`; everything else is slow and
@@ -13,6 +14,7 @@ from itertools import pairwise
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ebmm_cli.energy.blocks import (
     ConvGatedRecurrence,
@@ -174,3 +176,70 @@ class RNNEnergy(nn.Module):
             u = torch.sigmoid(self.gate(z))
             state = u * c + (1 - u) * state
         return self.out(state).squeeze(1)
+
+
+class KVEnergy(nn.Module):
+    """A key-value energy (ebmm's, not the paper's): E(x; θ) = ½‖θ k(x) − v(x)‖², with a
+    key k(x) (unit length, 64 floats) and a value v(x) (`dynamic` floats) from one conv
+    encoder, and the written layer θ = `memory`, a Linear(64 → dynamic) without bias.
+
+    Why: the paper's write rule, gradient steps on the stored patterns' energy, turns
+    this energy into a delta-rule associative memory: each step moves θ by η (1/N) Σi
+    (vi − θ ki) kiᵀ, so the write stores key → value pairs, and a query's key recalls
+    θ k(q), the value of the stored pattern it resembles. The conv energies' writes
+    stored nothing a query could find in 53 trials (docs/TRAINING.md); here association
+    is the write's very form. Memory = 64 × dynamic floats (dynamic 72: 4,608). Unit
+    keys keep the write stable for rates below 2: the mean of ki kiᵀ has no eigenvalue
+    above 1 (a bias, a constant key, would double that bound).
+
+    The read `redraw` decodes the recalled value, beside the query's own value, into an
+    image through transposed convolutions, and a last 3x3 pair of convolutions that also
+    sees the query, so that the visible strokes can be kept and the memory's drawing
+    fills the rest; `forward(x, redraw=True)` is that image. The gradient read (`gd`)
+    descends E itself. θ̄ starts at zero: an unwritten memory recalls nothing.
+    """
+
+    KEYS = 64
+
+    def __init__(self, channels: int, size: int, dynamic: int, width: int = 32) -> None:
+        super().__init__()
+        self.sides = [_halved(size, i) for i in (3, 2, 1, 0)]
+        self.width = width
+        flat = 4 * width * self.sides[0] ** 2
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.key = nn.Linear(flat, self.KEYS)
+        self.value = nn.Linear(flat, dynamic)
+        self.memory = nn.Linear(self.KEYS, dynamic, bias=False)
+        self.expand = nn.Linear(2 * dynamic, flat)
+        widths = [4 * width, 2 * width, width, 8]
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(a, b, 3, stride=2, padding=1) for a, b in pairwise(widths)
+        )
+        self.out = nn.Sequential(
+            nn.Conv2d(8 + channels, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor, redraw: bool = False) -> torch.Tensor:
+        """The energies (B,); with `redraw`, the image (x.shape) drawn from the value
+        recalled by x's key and x's own value."""
+        h = self.encoder(x)
+        key = F.normalize(self.key(h), dim=1)
+        value = self.value(h)
+        recalled = self.memory(key)
+        if not redraw:
+            return 0.5 * (recalled - value).pow(2).sum(1)
+        h = F.relu(self.expand(torch.cat([recalled, value], 1)))
+        h = h.view(-1, 4 * self.width, self.sides[0], self.sides[0])
+        for up, side in zip(self.ups, self.sides[1:], strict=True):
+            h = F.relu(up(h, output_size=[side, side]))
+        return torch.sigmoid(self.out(torch.cat([h, x], 1)))

@@ -1,0 +1,140 @@
+"""`--memory kv`: the key-value energy, whose write is the delta rule and whose `redraw`
+read draws the value a query's key recalls; the `bce` loss; and writes without the
+gradient-norm term (α = 0)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
+from ebmm_cli.errors import EbmmError
+from ebmm_cli.memory import RuleConfig, Rules, initial_memory, write, write_step
+from ebmm_cli.metrics import reconstruction_loss
+from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
+from ebmm_cli.runconfig import train_config
+from tests.conftest import run_ebmm
+
+
+def _tiny_kv(**options: object) -> tuple[Model, torch.Tensor, torch.Tensor]:
+    """A seeded untrained kv model on 16x16 images, 4 random binary patterns and their
+    occluded queries."""
+    config = train_config(dataset="omniglot", memory="kv", image_size=16, batch_size=4,
+                          steps=1, distortion="occlude:8", device="cpu", **options)  # fmt: skip
+    torch.manual_seed(0)
+    model = Model(config.model)
+    patterns = (torch.rand(4, 1, 16, 16) > 0.5).float()
+    return model, patterns, model.distortion(patterns, torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_kv_sizes_shapes_and_an_empty_initial_memory(size: int) -> None:
+    """64 x 72 = 4,608 written floats by default (the paper's 4,616 budget), 64 x d with
+    `dynamic` d; one energy per image; the redraw is an image in [0, 1]; θ̄ is zero."""
+    net = build_energy(EnergyConfig("kv", (1, size, size)))
+    assert memory_floats(net) == 4608
+    assert memory_floats(build_energy(EnergyConfig("kv", (1, size, size), dynamic=36))) == 2304
+    x = torch.rand(3, 1, size, size)
+    assert net(x).shape == (3,)
+    drawn = net(x, redraw=True)
+    assert drawn.shape == x.shape and drawn.min() >= 0 and drawn.max() <= 1
+    assert all(torch.count_nonzero(v) == 0 for v in initial_memory(net).values())
+
+
+def test_a_kv_write_is_the_delta_rule_on_its_keys_and_values() -> None:
+    """Each write step moves θ by η (1/N) Σi (vi − θ ki) kiᵀ (and the β pull to θ̄): the
+    paper's write rule on E = ½‖θ k(x) − v(x)‖², computed here from the keys and values."""
+    model, patterns, _ = _tiny_kv(write_steps=3)
+    net = model.energy
+    with torch.no_grad():
+        h = net.encoder(patterns)
+        keys, values = F.normalize(net.key(h), dim=1), net.value(h)
+        rates, _, betas = model.rules.write_schedule(len(patterns))
+        theta = torch.zeros_like(net.memory.weight)
+        for eta, beta in zip(rates, betas, strict=True):
+            energy_rate, _, prior_rate = eta[0]
+            delta = (values - keys @ theta.T).T @ keys / len(patterns)
+            theta = theta + energy_rate * delta - prior_rate * beta * 2 * theta
+    written = write_memory(model, patterns).params["memory.weight"]
+    assert torch.allclose(written, theta, atol=1e-6)
+    assert rates[0, 0, 0].item() == pytest.approx(0.5)  # kv's starting rate
+
+
+def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:
+    """One iterate: the energy's drawing of each query under the memory. It depends on
+    what was written: the unwritten memory draws otherwise."""
+    model, patterns, queries = _tiny_kv()
+    memory = write_memory(model, patterns)
+    (out,) = retrieve(model, memory, queries)
+    with torch.no_grad():
+        drawn = torch.func.functional_call(
+            model.energy, memory.params, (queries,), {"redraw": True}
+        )
+    assert torch.equal(out, drawn)
+    (blank,) = retrieve(model, unwritten_memory(model), queries)
+    assert not torch.allclose(out, blank)
+
+
+def test_kv_rule_defaults_and_the_redraw_read_checks() -> None:
+    """kv reads by `redraw` and writes from rate 0.5 without the gradient-norm term unless
+    told otherwise; other memories keep `gd`; `redraw` on an energy that cannot draw is
+    refused, naming `--read`."""
+    rules = train_config(dataset="omniglot", memory="kv", steps=1).model.rules
+    assert (rules.read, rules.alpha, rules.write_lr) == ("redraw", 0.0, 0.5)
+    rules = train_config(dataset="omniglot", memory="kv", steps=1, write_lr=0.2, read="gd")
+    assert (rules.model.rules.read, rules.model.rules.write_lr) == ("gd", 0.2)
+    assert train_config(dataset="omniglot", steps=1).model.rules.read == "gd"
+    with pytest.raises(EbmmError, match=r"^--read: redraw needs --memory kv or conv-ae"):
+        train_config(dataset="omniglot", memory="conv", steps=1, read="redraw")
+
+
+def test_a_write_without_the_gradient_norm_term_equals_one_with_alpha_zero() -> None:
+    """α = 0 in the rules skips the gradient-norm term's double backward: the memory is
+    the one a step computing the term with α = 0 gives."""
+    torch.manual_seed(0)
+    net = build_energy(EnergyConfig("conv", (1, 16, 16), dynamic=2)).double()
+    rules = Rules(RuleConfig(write_steps=1, alpha=0.0, write_lr=0.1), len(memory_layers(net)))
+    patterns = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    skipped = write(net, rules.double(), patterns)
+    theta = initial_memory(net)
+    eta = rules.write_schedule(3)[0][0]
+    zero = torch.zeros((), dtype=torch.float64)
+    computed, _ = write_step(net, theta, theta, patterns, list(memory_layers(net).values()),
+                             eta, zero, zero, grad_norm=True)  # fmt: skip
+    for name, value in computed.items():
+        assert torch.allclose(skipped[name], value)
+
+
+def test_bce_is_the_pixels_cross_entropy_and_passes_nan_through() -> None:
+    x = torch.tensor([[0.9, 0.2, 0.0, 1.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    expected = -(math.log(0.9) + math.log(0.8) + 2 * math.log(1 - 1e-6)) / 4
+    assert reconstruction_loss("bce", x, target).item() == pytest.approx(expected, rel=1e-5)
+    assert reconstruction_loss("bce", torch.full((1, 4), math.nan), target).isnan().all()
+
+
+@pytest.mark.slow
+def test_train_and_compare_a_kv_memory_through_the_cli(data_root: Path, tmp_path: Path) -> None:
+    """`ebmm train --memory kv --loss bce` on Omniglot, then `ebmm compare` of the model
+    on evaluation characters; `--read redraw` on a conv memory is one line and exit 2."""
+    out = tmp_path / "run"
+    common = ["train", "--data-root", str(data_root), "--image-size", "16", "--batch-size",
+              "3", "--distortion", "occlude:8", "--eval-every", "2", "--eval-episodes", "1",
+              "--device", "cpu", "--steps", "2"]  # fmt: skip
+    result = run_ebmm(*common, "--memory", "kv", "--loss", "bce", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    model = str(out / "model.safetensors")
+    compared = run_ebmm("compare", "--model", model, "--data-root", str(data_root),
+                        "--batch-size", "3", "--episodes", "2", "--json")  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    (row,) = [r for r in json.loads(compared.stdout)["rows"] if r["method"].startswith("ebmm")]
+    assert row["memory_floats"] == 4608 and math.isfinite(row["hamming"]["mean"])
+    refused = run_ebmm(*common, "--read", "redraw", "--out", str(tmp_path / "no"))
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1 and "--read" in refused.stderr
+    assert not (tmp_path / "no").exists()
