@@ -235,7 +235,9 @@ def rule_config(
 
     The `kv` memory writes without the gradient-norm term (α = 0; with it, its
     meta-training diverged within five steps, docs/TRAINING.md trial 54) and from a write
-    rate of 0.5: its unit keys make each step a delta-rule step, stable below 2."""
+    rate of 1: its unit keys make each step a delta-rule step, stable below 2 (a start at
+    0.5 made the written read worse than the unwritten one for its first 200 steps,
+    docs/TRAINING.md trial 54)."""
     _choice("--schedule", schedule, SCHEDULES)
     _choice("--read", read, READS)
     for option, value in (("--write-steps", write_steps), ("--read-steps", read_steps)):
@@ -243,7 +245,7 @@ def rule_config(
             raise EbmmError(option, f"must be at least 1, got {value}")
     chosen: dict[str, object] = {"write_steps": write_steps, "read_steps": read_steps, "read": read}
     if memory == "kv":
-        chosen.update(alpha=0.0, write_lr=0.5)
+        chosen.update(alpha=0.0, write_lr=1.0)
     for option, value in (("--write-lr", write_lr), ("--read-lr", read_lr)):
         if value is not None:
             if not 0 < value <= 1e6:

@@ -62,7 +62,7 @@ def test_a_kv_write_is_the_delta_rule_on_its_keys_and_values() -> None:
             theta = theta + energy_rate * delta - prior_rate * beta * 2 * theta
     written = write_memory(model, patterns).params["memory.weight"]
     assert torch.allclose(written, theta, atol=1e-6)
-    assert rates[0, 0, 0].item() == pytest.approx(0.5)  # kv's starting rate
+    assert rates[0, 0, 0].item() == pytest.approx(1.0)  # kv's starting rate
 
 
 def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:
@@ -81,11 +81,11 @@ def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:
 
 
 def test_kv_rule_defaults_and_the_redraw_read_checks() -> None:
-    """kv reads by `redraw` and writes from rate 0.5 without the gradient-norm term unless
+    """kv reads by `redraw` and writes from rate 1 without the gradient-norm term unless
     told otherwise; other memories keep `gd`; `redraw` on an energy that cannot draw is
     refused, naming `--read`."""
     rules = train_config(dataset="omniglot", memory="kv", steps=1).model.rules
-    assert (rules.read, rules.alpha, rules.write_lr) == ("redraw", 0.0, 0.5)
+    assert (rules.read, rules.alpha, rules.write_lr) == ("redraw", 0.0, 1.0)
     rules = train_config(dataset="omniglot", memory="kv", steps=1, write_lr=0.2, read="gd")
     assert (rules.model.rules.read, rules.model.rules.write_lr) == ("gd", 0.2)
     assert train_config(dataset="omniglot", steps=1).model.rules.read == "gd"
