@@ -663,7 +663,7 @@ def read_flags(
     one iterate, the image the energy draws from each query under the memory, and checks
     that image."""
     if rules.config.read == "redraw":  # one retrieval: what the memory redraws
-        x = functional_call(net, memory, (queries,), {"redraw": True})
+        x = redrawn(net, memory, queries)
         flags = [] if functional else [x.isfinite().all()[None]]
         return [x if create_graph else x.detach()], _stack_flags(flags, 1, queries.device)
     gammas, psis = rules.read_schedule()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.memory import RuleConfig, Rules, initial_memory, write, write_step
+from ebmm_cli.memory import RuleConfig, Rules, initial_memory, redrawn, write, write_step
 from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import train_config
@@ -72,9 +72,7 @@ def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:
     memory = write_memory(model, patterns)
     (out,) = retrieve(model, memory, queries)
     with torch.no_grad():
-        drawn = torch.func.functional_call(
-            model.energy, memory.params, (queries,), {"redraw": True}
-        )
+        drawn = redrawn(model.energy, memory.params, queries)
     assert torch.equal(out, drawn)
     (blank,) = retrieve(model, unwritten_memory(model), queries)
     assert not torch.allclose(out, blank)
