@@ -85,8 +85,8 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
 
     And `identification` (N > 1): the fraction of queries whose own stored pattern has
     the largest inner product with the query among the episode's, in the write's
-    per-pattern gradients (`memory.write_kernel`): what a first-order write could
-    tell apart at all. 1/N: nothing.
+    per-pattern gradients (`memory.write_kernel`; kv: in its keys): what a first-order
+    write could tell apart at all. 1/N: nothing.
 
     With `refine` R > 0 (a run trained through refined memories, `TrainConfig.refine`)
     also `refined_mse`, `refined_hamming` (and `refined_ssim` for images): the same
@@ -173,7 +173,7 @@ def _errors(out: torch.Tensor, patterns: torch.Tensor, prefix: str = "") -> dict
 def identified(model: Model, batch: Batch) -> torch.Tensor:
     """The fraction of `batch`'s queries whose own pattern has the largest
     <g(q), g(xi)> among its stored patterns (`write_kernel`: raw inner products, as a
-    write sums them)."""
+    write sums them; kv: its unit keys')."""
     scores = write_kernel(model.energy, batch.patterns, batch.queries).detach()
     own = torch.arange(scores.shape[0], device=scores.device)
     return (scores.argmax(1) == own).float().mean()

@@ -251,8 +251,14 @@ def write_kernel(
 ) -> torch.Tensor:
     """<g(qj), g(xi)> for every query qj and stored pattern xi, (M, N), g the
     `write_features` (one pass over queries and stored patterns together); with `cosine`
-    their cosines. Row j should peak at column j where qj is xj's query."""
-    features = write_features(net, torch.cat([queries, stored]))
+    their cosines. Row j should peak at column j where qj is xj's query.
+
+    An energy with `addresses` (kv: its unit keys) is scored by those instead: its write
+    gradients are value times key products, but what a query recalls is weighed by the
+    keys alone (issue 17, trial 56)."""
+    both = torch.cat([queries, stored])
+    addresses = getattr(net, "addresses", None)
+    features = addresses(both) if addresses is not None else write_features(net, both)
     if cosine:
         features = F.normalize(features, dim=1)
     return features[: queries.shape[0]] @ features[queries.shape[0] :].T

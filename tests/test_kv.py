@@ -14,7 +14,16 @@ import torch.nn.functional as F
 
 from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.memory import RuleConfig, Rules, initial_memory, redrawn, write, write_step
+from ebmm_cli.memory import (
+    RuleConfig,
+    Rules,
+    identification_logits,
+    initial_memory,
+    redrawn,
+    write,
+    write_features,
+    write_step,
+)
 from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import train_config
@@ -76,6 +85,29 @@ def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:
     assert torch.equal(out, drawn)
     (blank,) = retrieve(model, unwritten_memory(model), queries)
     assert not torch.allclose(out, blank)
+
+
+def test_kv_identification_scores_keys_and_the_redraw_sees_the_query_maps() -> None:
+    """The identification term and metric score a kv query against the stored patterns
+    by the cosines of their unit keys (what weighs each stored value in θ k(q)), not by
+    the write's value-times-key gradients; and the redraw depends on the query's encoder
+    maps through the skips, not only through its key, value and pixels."""
+    model, patterns, queries = _tiny_kv()
+    net = model.energy
+    with torch.no_grad():
+        keys_q = F.normalize(net.key(net.encoder(queries)), dim=1)
+        keys_x = F.normalize(net.key(net.encoder(patterns)), dim=1)
+        logits = identification_logits(net, patterns, queries, temperature=0.5)
+    assert torch.allclose(logits, keys_q @ keys_x.T / 0.5, atol=1e-6)
+    gq = F.normalize(write_features(net, queries), dim=1).detach()
+    gx = F.normalize(write_features(net, patterns), dim=1).detach()
+    assert not torch.allclose(logits, gq @ gx.T / 0.5, atol=1e-3)  # not the gradients'
+    memory = write_memory(model, patterns)
+    (drawn,) = retrieve(model, memory, queries)
+    with torch.no_grad():
+        net.ups[-1].weight[net.width :].mul_(0)  # silence the finest skip's input
+        (silenced,) = retrieve(model, memory, queries)
+    assert not torch.allclose(drawn, silenced)
 
 
 def test_kv_rule_defaults_and_the_redraw_read_checks() -> None:

@@ -193,10 +193,13 @@ class KVEnergy(nn.Module):
     above 1 (a bias, a constant key, would double that bound).
 
     The read `redraw` decodes the recalled value, beside the query's own value, into an
-    image through transposed convolutions, and a last 3x3 pair of convolutions that also
-    sees the query, so that the visible strokes can be kept and the memory's drawing
-    fills the rest; `forward(x, redraw=True)` is that image. The gradient read (`gd`)
-    descends E itself. θ̄ starts at zero: an unwritten memory recalls nothing.
+    image through transposed convolutions that also see the query's encoder maps at each
+    resolution (U-Net skips), and a last 3x3 pair of convolutions that also sees the
+    query's pixels, so that the visible strokes steer the drawing and the memory's recall
+    fills the rest; `forward(x, redraw=True)` is that image. The skips cost no written
+    floats, and the run with them read 2.6 pixels better at step 800 than the one without
+    (docs/TRAINING.md, trial 57). The gradient read (`gd`) descends E itself. θ̄ starts at
+    zero: an unwritten memory recalls nothing.
     """
 
     KEYS = 64
@@ -220,8 +223,8 @@ class KVEnergy(nn.Module):
         self.memory = nn.Linear(self.KEYS, dynamic, bias=False)
         self.expand = nn.Linear(2 * dynamic, flat)
         widths = [4 * width, 2 * width, width, 8]
-        self.ups = nn.ModuleList(
-            nn.ConvTranspose2d(a, b, 3, stride=2, padding=1) for a, b in pairwise(widths)
+        self.ups = nn.ModuleList(  # each also takes the encoder's map of its input side
+            nn.ConvTranspose2d(a + a, b, 3, stride=2, padding=1) for a, b in pairwise(widths)
         )
         self.out = nn.Sequential(
             nn.Conv2d(8 + channels, 8, 3, padding=1),
@@ -229,10 +232,25 @@ class KVEnergy(nn.Module):
             nn.Conv2d(8, channels, 3, padding=1),
         )
 
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder's output (B, flat), and its maps of x, finest first (sides 16, 8,
+        4 at 32x32), for the skips."""
+        maps = []
+        for layer in self.encoder:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                maps.append(x)
+        return x, maps
+
+    def addresses(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit keys k(x) (B, KEYS) by which the memory stores and recalls: after a
+        write from θ̄ = 0, θ k(q) weighs each stored value by k(q)·k(xi)."""
+        return F.normalize(self.key(self.encoder(x)), dim=1)
+
     def forward(self, x: torch.Tensor, redraw: bool = False) -> torch.Tensor:
         """The energies (B,); with `redraw`, the image (x.shape) drawn from the value
         recalled by x's key and x's own value."""
-        h = self.encoder(x)
+        h, maps = self._encode(x)
         key = F.normalize(self.key(h), dim=1)
         value = self.value(h)
         recalled = self.memory(key)
@@ -240,6 +258,6 @@ class KVEnergy(nn.Module):
             return 0.5 * (recalled - value).pow(2).sum(1)
         h = F.relu(self.expand(torch.cat([recalled, value], 1)))
         h = h.view(-1, 4 * self.width, self.sides[0], self.sides[0])
-        for up, side in zip(self.ups, self.sides[1:], strict=True):
-            h = F.relu(up(h, output_size=[side, side]))
+        for up, side, skip in zip(self.ups, self.sides[1:], reversed(maps), strict=True):
+            h = F.relu(up(torch.cat([h, skip], 1), output_size=[side, side]))
         return torch.sigmoid(self.out(torch.cat([h, x], 1)))
