@@ -590,8 +590,9 @@ def train(
         float,
         typer.Option(
             help="Weight of an identification term in the meta-loss: the write's "
-            "per-pattern gradients must tell each query's own stored pattern from the "
-            "others (held-out metrics report the fraction that do as `identification`). "
+            "per-pattern gradients (kv: its unit keys) must tell each query's own stored "
+            "pattern from the others (held-out metrics report the fraction that do as "
+            "`identification`). "
             "0: the paper's loss.",
         ),
     ] = 0.0,

@@ -81,11 +81,11 @@ class TrainConfig:
     it. 0: the read's own end.
 
     `identification` weighs another: the write's per-pattern gradients over the written
-    weights (`memory.write_features`) must tell each query's own stored pattern from the
-    episode's others, a cross-entropy over their cosines (`memory.identification_logits`).
-    To first order a write is a kernel memory with those features, and meta-training
-    otherwise makes them parallel: every query then pulls towards what all stored
-    patterns share (issue 17). 0: off.
+    weights (`memory.write_features`; kv: its unit keys) must tell each query's own
+    stored pattern from the episode's others, a cross-entropy over their cosines
+    (`memory.identification_logits`). To first order a write is a kernel memory with
+    those features, and meta-training otherwise makes them parallel: every query then
+    pulls towards what all stored patterns share (issue 17). 0: off.
 
     `prior_penalty` weighs a fourth: the same queries are also read from θ̄, the memory
     before any write, and the penalty is how much that read improves on the queries
