@@ -173,7 +173,7 @@ def _errors(out: torch.Tensor, patterns: torch.Tensor, prefix: str = "") -> dict
 def identified(model: Model, batch: Batch) -> torch.Tensor:
     """The fraction of `batch`'s queries whose own pattern has the largest
     <g(q), g(xi)> among its stored patterns (`write_kernel`: raw inner products, as a
-    write sums them; kv: its unit keys')."""
+    write sums them; kv: its unit keys' products)."""
     scores = write_kernel(model.energy, batch.patterns, batch.queries).detach()
     own = torch.arange(scores.shape[0], device=scores.device)
     return (scores.argmax(1) == own).float().mean()
