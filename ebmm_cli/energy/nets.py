@@ -198,8 +198,8 @@ class KVEnergy(nn.Module):
     query's pixels, so that the visible strokes steer the drawing and the memory's recall
     fills the rest; `forward(x, redraw=True)` is that image. The skips cost no written
     floats, and the run with them read 3.8 pixels better at step 1,200 than the one
-    without (docs/TRAINING.md, trial 57). The gradient read (`gd`) descends E itself. θ̄ starts at
-    zero: an unwritten memory recalls nothing.
+    without (docs/TRAINING.md, trial 57). The gradient read (`gd`) descends E itself.
+    θ̄ starts at zero: an unwritten memory recalls nothing.
     """
 
     KEYS = 64
