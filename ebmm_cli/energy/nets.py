@@ -242,16 +242,20 @@ class KVEnergy(nn.Module):
                 maps.append(x)
         return x, maps
 
+    def _unit_key(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.key(h), dim=1)
+
     def addresses(self, x: torch.Tensor) -> torch.Tensor:
         """The unit keys k(x) (B, KEYS) by which the memory stores and recalls: after a
-        write from θ̄ = 0, θ k(q) weighs each stored value by k(q)·k(xi)."""
-        return F.normalize(self.key(self.encoder(x)), dim=1)
+        write from θ̄ = 0, θ k(q) weighs each stored value by k(q)·k(xi). The same keys
+        as `forward`'s, so that identification scores what the recall uses."""
+        return self._unit_key(self.encoder(x))
 
     def forward(self, x: torch.Tensor, redraw: bool = False) -> torch.Tensor:
         """The energies (B,); with `redraw`, the image (x.shape) drawn from the value
         recalled by x's key and x's own value."""
         h, maps = self._encode(x)
-        key = F.normalize(self.key(h), dim=1)
+        key = self._unit_key(h)
         value = self.value(h)
         recalled = self.memory(key)
         if not redraw:
