@@ -605,6 +605,10 @@ def write_flags(
         }
     layers = list(memory_layers(net).values())
     rates, alphas, betas = rules.write_schedule(patterns.shape[0])
+    curvature = getattr(net, "write_curvature", None)
+    if curvature is not None:  # kv: energy rates in units of 1/λmax, for every episode
+        lam = curvature(patterns).reshape(1)
+        rates = rates / torch.cat([lam, lam.new_ones(len(WRITE_TERMS) - 1)])
     grad_norm = rules.config.alpha > 0
     finite: list[torch.Tensor] = []
     for eta, alpha, beta in zip(rates, alphas, betas, strict=True):

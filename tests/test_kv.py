@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
 from ebmm_cli.errors import EbmmError
@@ -56,22 +58,61 @@ def test_kv_sizes_shapes_and_an_empty_initial_memory(size: int) -> None:
 
 
 def test_a_kv_write_is_the_delta_rule_on_its_keys_and_values() -> None:
-    """Each write step moves θ by η (1/N) Σi (vi − θ ki) kiᵀ (and the β pull to θ̄): the
-    paper's write rule on E = ½‖θ k(x) − v(x)‖², computed here from the keys and values."""
+    """Each write step moves θ by (η / λmax) (1/N) Σi (vi − θ ki) kiᵀ (and the β pull to
+    θ̄), λmax the largest eigenvalue of (1/N) Σi ki kiᵀ: the paper's write rule on
+    E = ½‖θ k(x) − v(x)‖² with its rate in units of 1/λmax, computed here from the keys
+    and values."""
     model, patterns, _ = _tiny_kv(write_steps=3)
     net = model.energy
     with torch.no_grad():
         h = net.encoder(patterns)
         keys, values = F.normalize(net.key(h), dim=1), net.value(h)
+        lam = torch.linalg.eigvalsh(keys.T @ keys / len(patterns)).max()
         rates, _, betas = model.rules.write_schedule(len(patterns))
         theta = torch.zeros_like(net.memory.weight)
         for eta, beta in zip(rates, betas, strict=True):
             energy_rate, _, prior_rate = eta[0]
             delta = (values - keys @ theta.T).T @ keys / len(patterns)
-            theta = theta + energy_rate * delta - prior_rate * beta * 2 * theta
+            theta = theta + energy_rate / lam * delta - prior_rate * beta * 2 * theta
     written = write_memory(model, patterns).params["memory.weight"]
     assert torch.allclose(written, theta, atol=1e-6)
     assert rates[0, 0, 0].item() == pytest.approx(1.0)  # kv's starting rate
+
+
+@pytest.mark.parametrize("copies", [True, False], ids=["copies", "spread"])
+def test_a_kv_write_rate_acts_alike_on_every_episode_whatever_its_keys(copies: bool) -> None:
+    """The write's rates are in units of the episode's λmax (`KVEnergy.write_curvature`),
+    so a rate means the same on every episode: one step of rate 1.5 leaves −0.5 of the
+    error θ − θ* along the top eigendirection of the keys (θ* the least-squares memory),
+    whether the 64 keys are one (copies of one pattern, λmax 1) or spread out (λmax
+    ~0.07). With absolute rates the factor was 1 − 1.5 λmax, and a rate tuned on typical
+    episodes blew up on those with the most similar keys (docs/TRAINING.md, trial 57).
+    Below rate 2, each step lowers the stored energy on either kind."""
+    torch.manual_seed(0)
+    net = build_energy(EnergyConfig("kv", (1, 16, 16)))
+    net.encoder = torch.nn.Sequential(  # signed features, so that random patterns' keys spread
+        torch.nn.Flatten(), torch.nn.Linear(256, net.key.in_features)
+    )
+    patterns = torch.randn(64, 1, 16, 16)
+    if copies:
+        patterns = patterns[:1].expand(64, -1, -1, -1)
+    with torch.no_grad():
+        keys, values = net.addresses(patterns), net.value(net.encoder(patterns))
+        lams, vecs = torch.linalg.eigh(keys.T @ keys / 64)
+    assert (lams[-1].item() > 0.99) if copies else (lams[-1].item() < 0.2)
+    top = vecs[:, -1]
+    target = values.T @ keys @ top / 64 / lams[-1]  # θ* along the top direction
+
+    def rules(steps: int, rate: float) -> Rules:
+        return Rules(RuleConfig(write_steps=steps, write_lr=rate, alpha=0.0, beta=0.0), 1)
+
+    written = write(net, rules(1, 1.5), patterns)["memory.weight"].detach()
+    assert torch.allclose(written @ top - target, -0.5 * (0 - target), atol=1e-4)
+    energies = [net(patterns).mean().item()]
+    for steps in range(1, 5):
+        theta = write(net, rules(steps, 1.9), patterns)
+        energies.append(functional_call(net, theta, (patterns,)).mean().item())
+    assert all(b < a for a, b in pairwise(energies)), energies
 
 
 def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:

@@ -33,6 +33,19 @@ def _halved(size: int, times: int) -> int:
     return size
 
 
+def top_eigenvalue(gram: torch.Tensor, squarings: int = 7) -> torch.Tensor:
+    """The largest eigenvalue of a symmetric positive semi-definite matrix, by squaring
+    it `squarings` times (rescaled to unit trace each time): tr(G P) / tr(P) with
+    P ∝ G^(2^squarings) weighs each eigenvalue λi by λi^128, so the largest dominates
+    even with a gap of 5%. Why not `eigvalsh`: a fixed number of matmuls needs no start
+    vector, no host sync (CUDA graphs) and works under `vmap`."""
+    power = gram
+    for _ in range(squarings):
+        power = power @ power
+        power = power / power.diagonal().sum().clamp_min(1e-30)
+    return (gram * power).sum() / power.diagonal().sum().clamp_min(1e-30)
+
+
 class ConvEnergy(nn.Module):
     """ResNet with convolutional memory (paper B.3, report C.3).
 
@@ -250,6 +263,18 @@ class KVEnergy(nn.Module):
         write from θ̄ = 0, θ k(q) weighs each stored value by k(q)·k(xi). The same keys
         as `forward`'s, so that identification scores what the recall uses."""
         return self._unit_key(self.encoder(x))
+
+    def write_curvature(self, x: torch.Tensor) -> torch.Tensor:
+        """λmax of (1/N) Σi ki kiᵀ over the patterns x being written (a constant: no
+        gradient): the largest curvature of the mean energy in θ, by which `write`
+        divides the energy term's rates. Why: a delta-rule step with rate η shrinks the
+        residual along an eigenvalue λ of that matrix by 1 − ηλ, and the rates
+        meta-learned without this reached ηλmax = 3.3-4.5, tuned to the typical episode:
+        the episodes with the most similar keys (a larger λmax) blew up (docs/TRAINING.md,
+        trial 57). Divided, a rate is in units of 1/λmax (1: the top direction solved
+        in one step), the same polynomial in λ/λmax for every episode."""
+        keys = self.addresses(x).detach()
+        return top_eigenvalue(keys.T @ keys / keys.shape[0])
 
     def forward(self, x: torch.Tensor, redraw: bool = False) -> torch.Tensor:
         """The energies (B,); with `redraw`, the image (x.shape) drawn from the value
