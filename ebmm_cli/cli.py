@@ -488,7 +488,8 @@ def train(
         typer.Option(
             show_default=False,
             help="Write rate η: the starting value of the learned rates, or the fixed one. "
-            "Default: 0.01 learned, 0.5 (conv 0.05) fixed; binary strings need ~1.",
+            "Default: 0.01 learned, 0.5 (conv 0.05) fixed; binary strings need ~1. "
+            "kv: 1, in units of 1/λmax of the episode's keys (below 2 is stable).",
         ),
     ] = None,
     read_lr: Annotated[

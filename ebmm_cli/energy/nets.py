@@ -201,9 +201,9 @@ class KVEnergy(nn.Module):
     (vi − θ ki) kiᵀ, so the write stores key → value pairs, and a query's key recalls
     θ k(q), the value of the stored pattern it resembles. The conv energies' writes
     stored nothing a query could find in 53 trials (docs/TRAINING.md); here association
-    is the write's very form. Memory = 64 × dynamic floats (dynamic 72: 4,608). Unit
-    keys keep the write stable for rates below 2: the mean of ki kiᵀ has no eigenvalue
-    above 1 (a bias, a constant key, would double that bound).
+    is the write's very form. Memory = 64 × dynamic floats (dynamic 72: 4,608). The
+    write's rates are in units of 1/λmax of the mean of ki kiᵀ (`write_curvature`):
+    below 2, each step shrinks the residual along every direction, on every episode.
 
     The read `redraw` decodes the recalled value, beside the query's own value, into an
     image through transposed convolutions that also see the query's encoder maps at each
