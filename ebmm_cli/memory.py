@@ -605,11 +605,16 @@ def write_flags(
         }
     layers = list(memory_layers(net).values())
     rates, alphas, betas = rules.write_schedule(patterns.shape[0])
-    curvature = getattr(net, "write_curvature", None)
-    if curvature is not None:  # kv: energy rates in units of 1/λmax, for every episode
-        lam = curvature(patterns).reshape(1)
-        rates = rates / torch.cat([lam, lam.new_ones(len(WRITE_TERMS) - 1)])
     grad_norm = rules.config.alpha > 0
+    associations = getattr(net, "associations", None)
+    if associations is not None:  # kv: energy rates in units of 1/λmax, for every episode
+        keys, values = associations(patterns)
+        lam = delta_curvature(keys).reshape(1)
+        rates = rates / torch.cat([lam, lam.new_ones(len(WRITE_TERMS) - 1)])
+        if not grad_norm:
+            return _delta_write(
+                theta, theta_bar, keys, values, rates, betas, create_graph, functional
+            )
     finite: list[torch.Tensor] = []
     for eta, alpha, beta in zip(rates, alphas, betas, strict=True):
         theta, grads = write_step(
@@ -619,6 +624,64 @@ def write_flags(
         if not functional:  # under vmap the flags would be batched; nobody checks them
             finite.append(grads.finite())
     return theta, _stack_flags(finite, 2, patterns.device)
+
+
+def top_eigenvalue(gram: torch.Tensor, squarings: int = 7) -> torch.Tensor:
+    """The largest eigenvalue of a symmetric positive semi-definite matrix, by squaring
+    it `squarings` times (rescaled to unit trace each time): tr(G P) / tr(P) with
+    P ∝ G^(2^squarings) weighs each eigenvalue λi by λi^128, so the largest dominates
+    even with a gap of 5%. Why not `eigvalsh`: a fixed number of matmuls needs no start
+    vector, no host sync (CUDA graphs) and works under `vmap`."""
+    power = gram
+    for _ in range(squarings):
+        power = power @ power
+        power = power / power.diagonal().sum().clamp_min(1e-30)
+    return (gram * power).sum() / power.diagonal().sum().clamp_min(1e-30)
+
+
+def delta_curvature(keys: torch.Tensor) -> torch.Tensor:
+    """λmax of (1/N) Σi ki kiᵀ for the stored keys (N, d) of an energy ½‖θ k − v‖²: the
+    largest curvature of the mean energy in θ, by which `write_flags` divides the energy
+    term's rates (a constant: no gradient). Why: a delta-rule step with rate η shrinks
+    the residual along an eigenvalue λ of that matrix by 1 − ηλ; rates meta-learned in
+    absolute units reached ηλmax = 3.3-4.5, tuned to the typical episode, and the
+    episodes with the most similar keys (a larger λmax) blew up (docs/TRAINING.md,
+    trial 57). Divided, a rate is in units of 1/λmax (1: the top direction solved in one
+    step), the same polynomial in λ/λmax for every episode."""
+    keys = keys.detach()
+    return top_eigenvalue(keys.T @ keys / keys.shape[0])
+
+
+def _delta_write(
+    theta: Params,
+    theta_bar: Params,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rates: torch.Tensor,
+    betas: torch.Tensor,
+    create_graph: bool,
+    functional: bool,
+) -> tuple[Params, torch.Tensor]:
+    """`write_flags` for an energy E = ½‖θ k(x) − v(x)‖² (`associations`, one written
+    matrix θ) without the gradient-norm term: the same steps (4), each
+    θ − η (1/N) Σi (θ ki − vi) kiᵀ − η_prior β 2 (θ − θ̄), taken in closed form on the
+    keys and values of one encoder pass. Why: the autograd write ran the encoder forward
+    and backward (to the pixels, for ∇x E) at each of the T steps, and meta-training
+    differentiated all of them again. The flags check each step's residual and gradient.
+    Without `create_graph` the gradient is a constant, as in `_write_grads`."""
+    ((name, w),) = theta.items()
+    n = keys.shape[0]
+    finite: list[torch.Tensor] = []
+    for eta, beta in zip(rates, betas, strict=True):
+        r_energy, _, r_prior = eta[0]
+        residual = keys @ w.T - values  # (N, dynamic): θ ki − vi
+        grad = residual.T @ keys / n
+        if not create_graph:
+            grad = grad.detach()
+        if not functional:
+            finite.append(torch.stack([residual.isfinite().all(), grad.isfinite().all()]))
+        w = w - r_energy * grad - r_prior * beta * 2 * (w - theta_bar[name])
+    return {name: w}, _stack_flags(finite, 2, keys.device)
 
 
 def _stack_flags(finite: list[torch.Tensor], checks: int, device: torch.device) -> torch.Tensor:

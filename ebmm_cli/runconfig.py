@@ -236,7 +236,7 @@ def rule_config(
     The `kv` memory writes without the gradient-norm term (α = 0; with it, its
     meta-training diverged within five steps, docs/TRAINING.md trial 54) and from a write
     rate of 1: each step is a delta-rule step with its rate in units of the episode's
-    1/λmax (`KVEnergy.write_curvature`), so 1 solves the top direction in one step and
+    1/λmax (`memory.write`), so 1 solves the top direction in one step and
     every rate below 2 is stable (a start at 0.5, in absolute units then, made the
     written read worse than the unwritten one for its first 200 steps, docs/TRAINING.md
     trial 54)."""

@@ -19,10 +19,12 @@ from ebmm_cli.errors import EbmmError
 from ebmm_cli.memory import (
     RuleConfig,
     Rules,
+    delta_curvature,
     identification_logits,
     initial_memory,
     redrawn,
     write,
+    write_episodes,
     write_features,
     write_step,
 )
@@ -81,7 +83,7 @@ def test_a_kv_write_is_the_delta_rule_on_its_keys_and_values() -> None:
 
 @pytest.mark.parametrize("copies", [True, False], ids=["copies", "spread"])
 def test_a_kv_write_rate_acts_alike_on_every_episode_whatever_its_keys(copies: bool) -> None:
-    """The write's rates are in units of the episode's λmax (`KVEnergy.write_curvature`),
+    """The write's rates are in units of the episode's λmax (`memory.write`),
     so a rate means the same on every episode: one step of rate 1.5 leaves −0.5 of the
     error θ − θ* along the top eigendirection of the keys (θ* the least-squares memory),
     whether the 64 keys are one (copies of one pattern, λmax 1) or spread out (λmax
@@ -113,6 +115,51 @@ def test_a_kv_write_rate_acts_alike_on_every_episode_whatever_its_keys(copies: b
         theta = write(net, rules(steps, 1.9), patterns)
         energies.append(functional_call(net, theta, (patterns,)).mean().item())
     assert all(b < a for a, b in pairwise(energies)), energies
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_the_closed_form_kv_write_is_the_autograd_write_gradients_included(
+    second_order: bool,
+) -> None:
+    """The kv write's closed-form steps on one encoder pass's keys and values give the
+    memory, and the meta-gradients through it to every slow weight and rate, that the
+    generic autograd steps (`write_step`, differentiating the energy at each step) give
+    with the same rates in units of 1/λmax; first order treats each step's gradient as
+    a constant in both. Under `vmap` (`write_episodes`) each episode gets its own λmax."""
+    model, patterns, queries = _tiny_kv(write_steps=3)
+    net, rules = model.energy, model.rules
+    with torch.no_grad():
+        rules.beta.fill_(0.5)  # a β term that matters (softplus: 0.97)
+    layers = list(memory_layers(net).values())
+
+    def autograd_write(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        rates, alphas, betas = rules.write_schedule(len(x))
+        lam = delta_curvature(net.addresses(x))
+        theta_bar = initial_memory(net)
+        theta = dict(theta_bar)
+        for eta, alpha, beta in zip(rates, alphas, betas, strict=True):
+            eta = eta * torch.tensor([1 / lam, 1.0, 1.0])
+            theta, _ = write_step(net, theta, theta_bar, x, layers, eta, alpha, beta,
+                                  create_graph=second_order, grad_norm=False)  # fmt: skip
+        return theta
+
+    slow = [p for name, p in model.named_parameters() if p.requires_grad]
+    grads = []
+    for write_fn in (autograd_write, lambda x: write(net, rules, x, create_graph=second_order)):
+        theta = write_fn(patterns)
+        loss = functional_call(net, theta, (queries,), {"redraw": True}).sum()
+        grad = torch.autograd.grad(loss, slow, allow_unused=True, materialize_grads=True)
+        grads.append((theta["memory.weight"], grad))  # the unused α, η_grad_norm: zeros
+    (theta_a, grads_a), (theta_c, grads_c) = grads
+    assert torch.allclose(theta_a, theta_c, atol=1e-6)
+    for a, c in zip(grads_a, grads_c, strict=True):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads_c[:4])  # the encoder's first layers
+    episodes = torch.stack([patterns, patterns.flip(0) * 0.5])
+    batched = write_episodes(net, rules, episodes)["memory.weight"]
+    for i in range(2):
+        single = write(net, rules, episodes[i])["memory.weight"]
+        assert torch.allclose(batched[i], single, atol=1e-6)
 
 
 def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:

@@ -33,19 +33,6 @@ def _halved(size: int, times: int) -> int:
     return size
 
 
-def top_eigenvalue(gram: torch.Tensor, squarings: int = 7) -> torch.Tensor:
-    """The largest eigenvalue of a symmetric positive semi-definite matrix, by squaring
-    it `squarings` times (rescaled to unit trace each time): tr(G P) / tr(P) with
-    P ∝ G^(2^squarings) weighs each eigenvalue λi by λi^128, so the largest dominates
-    even with a gap of 5%. Why not `eigvalsh`: a fixed number of matmuls needs no start
-    vector, no host sync (CUDA graphs) and works under `vmap`."""
-    power = gram
-    for _ in range(squarings):
-        power = power @ power
-        power = power / power.diagonal().sum().clamp_min(1e-30)
-    return (gram * power).sum() / power.diagonal().sum().clamp_min(1e-30)
-
-
 class ConvEnergy(nn.Module):
     """ResNet with convolutional memory (paper B.3, report C.3).
 
@@ -202,8 +189,8 @@ class KVEnergy(nn.Module):
     θ k(q), the value of the stored pattern it resembles. The conv energies' writes
     stored nothing a query could find in 53 trials (docs/TRAINING.md); here association
     is the write's very form. Memory = 64 × dynamic floats (dynamic 72: 4,608). The
-    write's rates are in units of 1/λmax of the mean of ki kiᵀ (`write_curvature`):
-    below 2, each step shrinks the residual along every direction, on every episode.
+    write's rates are in units of 1/λmax of the mean of ki kiᵀ (`memory.write`): below
+    2, each step shrinks the residual along every direction, on every episode.
 
     The read `redraw` decodes the recalled value, beside the query's own value, into an
     image through transposed convolutions that also see the query's encoder maps at each
@@ -264,17 +251,13 @@ class KVEnergy(nn.Module):
         as `forward`'s, so that identification scores what the recall uses."""
         return self._unit_key(self.encoder(x))
 
-    def write_curvature(self, x: torch.Tensor) -> torch.Tensor:
-        """λmax of (1/N) Σi ki kiᵀ over the patterns x being written (a constant: no
-        gradient): the largest curvature of the mean energy in θ, by which `write`
-        divides the energy term's rates. Why: a delta-rule step with rate η shrinks the
-        residual along an eigenvalue λ of that matrix by 1 − ηλ, and the rates
-        meta-learned without this reached ηλmax = 3.3-4.5, tuned to the typical episode:
-        the episodes with the most similar keys (a larger λmax) blew up (docs/TRAINING.md,
-        trial 57). Divided, a rate is in units of 1/λmax (1: the top direction solved
-        in one step), the same polynomial in λ/λmax for every episode."""
-        keys = self.addresses(x).detach()
-        return top_eigenvalue(keys.T @ keys / keys.shape[0])
+    def associations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit keys (B, KEYS) and values (B, dynamic) of x, from one encoder pass:
+        E(x; θ) = ½‖θ k(x) − v(x)‖² with θ = `memory.weight`, so that `memory.write` can
+        take its delta-rule steps on them in closed form instead of differentiating the
+        encoder at each step."""
+        h = self.encoder(x)
+        return self._unit_key(h), self.value(h)
 
     def forward(self, x: torch.Tensor, redraw: bool = False) -> torch.Tensor:
         """The energies (B,); with `redraw`, the image (x.shape) drawn from the value
