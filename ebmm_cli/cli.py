@@ -475,6 +475,14 @@ def train(
             "conv-ae).",
         ),
     ] = None,
+    rekeys: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="kv's redraw read: this many more drawings, each recalled by the key of "
+            "the drawing before (a completed drawing's key is nearer the stored one). 0: one.",
+        ),
+    ] = 0,
     schedule: Annotated[
         Schedule,
         typer.Option(
@@ -746,6 +754,7 @@ def train(
             write_steps=write_steps,
             read_steps=read_steps,
             read=read.value if read else None,
+            rekeys=rekeys,
             schedule=schedule.value,
             write_lr=write_lr,
             read_lr=read_lr,

@@ -52,6 +52,10 @@ class RuleConfig:
             below) or `fixed` (the report: the values below stay constant).
         read: `gd` (descend the energy), `decoder` (the report's MAML-adapted decoder) or
             `redraw` (`kv`: the image the energy draws from what the memory recalls).
+        rekeys: the `redraw` read of `kv`: this many more drawings after the first, each
+            recalled by the key of the drawing before (the value, maps and pixels stay
+            the query's): a completed drawing's key lies nearer its stored key than the
+            occluded query's (docs/TRAINING.md, trial 62). 0: one drawing.
         write_lr: initial (learned) or constant (fixed) write rate η.
         alpha: weight of the gradient-norm term; fixed: decayed by `alpha_decay` per step.
             0 drops the term for good (learned too: it is neither computed nor learned).
@@ -73,6 +77,7 @@ class RuleConfig:
     read_steps: int = 5
     schedule: str = "learned"
     read: str = "gd"
+    rekeys: int = 0
     write_lr: float = 1e-2
     alpha: float = 1.0
     alpha_decay: float = 0.95
@@ -202,11 +207,15 @@ def energy(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
     return functional_call(net, memory, (x,))
 
 
-def redrawn(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
+def redrawn(
+    net: nn.Module, memory: Params, x: torch.Tensor, cue: torch.Tensor | None = None
+) -> torch.Tensor:
     """What a conv-ae energy's written bottleneck, with θ = `memory`, redraws from the
     patterns x (B, ...): D(h(x; θ)), the image its reconstruction term pulls x towards;
-    for a kv energy, the image drawn from the value θ recalls by x's key (its read)."""
-    return functional_call(net, memory, (x,), {"redraw": True})
+    for a kv energy, the image drawn from the value θ recalls by x's key (its read), or
+    by `cue`'s key (a drawing before: `RuleConfig.rekeys`)."""
+    extra = {"redraw": True} if cue is None else {"redraw": True, "cue": cue}
+    return functional_call(net, memory, (x,), extra)
 
 
 def energy_moved(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
@@ -733,12 +742,20 @@ def read_flags(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """`read` without the check: the iterates, and each step's finiteness of ∇x E as a
     (K, 1) bool tensor on the device (see `write_flags`). The `redraw` read (`kv`) has
-    one iterate, the image the energy draws from each query under the memory, and checks
-    that image."""
-    if rules.config.read == "redraw":  # one retrieval: what the memory redraws
-        x = redrawn(net, memory, queries)
-        flags = [] if functional else [x.isfinite().all()[None]]
-        return [x if create_graph else x.detach()], _stack_flags(flags, 1, queries.device)
+    one iterate, the image the energy draws from each query under the memory, and one
+    more for each of `RuleConfig.rekeys`, each drawn by the key of the one before; it
+    checks each image."""
+    if rules.config.read == "redraw":  # what the memory redraws, re-keyed `rekeys` times
+        iterates, flags = [], []
+        x = None
+        for _ in range(1 + rules.config.rekeys):
+            x = redrawn(net, memory, queries, cue=x)
+            if not create_graph:
+                x = x.detach()
+            if not functional:
+                flags.append(x.isfinite().all()[None])
+            iterates.append(x)
+        return iterates, _stack_flags(flags, 1, queries.device)
     gammas, psis = rules.read_schedule()
     k_steps = steps if steps is not None else len(gammas)
     if not create_graph:

@@ -226,6 +226,7 @@ def rule_config(
     write_steps: int = 5,
     read_steps: int = 5,
     read: str = "gd",
+    rekeys: int = 0,
     write_lr: float | None = None,
     read_lr: float | None = None,
 ) -> RuleConfig:
@@ -245,7 +246,13 @@ def rule_config(
     for option, value in (("--write-steps", write_steps), ("--read-steps", read_steps)):
         if value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
-    chosen: dict[str, object] = {"write_steps": write_steps, "read_steps": read_steps, "read": read}
+    if rekeys < 0:
+        raise EbmmError("--rekeys", f"must be at least 0, got {rekeys}")
+    if rekeys and (memory != "kv" or read != "redraw"):
+        raise EbmmError("--rekeys", "needs --memory kv and its redraw read (a key to redraw by)")
+    chosen: dict[str, object] = {
+        "write_steps": write_steps, "read_steps": read_steps, "read": read, "rekeys": rekeys,
+    }  # fmt: skip
     if memory == "kv":
         chosen.update(alpha=0.0, write_lr=1.0)
     for option, value in (("--write-lr", write_lr), ("--read-lr", read_lr)):
@@ -342,6 +349,7 @@ def train_config(
     write_steps: int = 5,
     read_steps: int = 5,
     read: str | None = None,
+    rekeys: int = 0,
     schedule: str = "learned",
     write_lr: float | None = None,
     read_lr: float | None = None,
@@ -438,6 +446,7 @@ def train_config(
         write_steps=write_steps,
         read_steps=read_steps,
         read=read,
+        rekeys=rekeys,
         write_lr=write_lr,
         read_lr=read_lr,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ebmm_cli.memory import (
 from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import train_config
+from ebmm_cli.store import read_header
 from tests.conftest import run_ebmm
 
 
@@ -162,6 +164,23 @@ def test_the_closed_form_kv_write_is_the_autograd_write_gradients_included(
         assert torch.allclose(batched[i], single, atol=1e-6)
 
 
+def test_rekeys_redraw_each_drawing_by_the_key_of_the_one_before() -> None:
+    """With `rekeys` R the redraw read has 1 + R iterates: the first is the plain
+    redraw; each next one keeps the query's value, maps and pixels but is recalled by
+    the key of the drawing before, so it differs from the first; the answer is the last."""
+    model, patterns, queries = _tiny_kv()
+    model.rules.config = replace(model.rules.config, rekeys=2)
+    memory = write_memory(model, patterns)
+    drawings = retrieve(model, memory, queries)
+    assert len(drawings) == 3
+    with torch.no_grad():
+        assert torch.equal(drawings[0], redrawn(model.energy, memory.params, queries))
+        again = functional_call(model.energy, memory.params, (queries,),
+                                {"redraw": True, "cue": drawings[1]})  # fmt: skip
+    assert torch.allclose(drawings[2], again, atol=1e-6)
+    assert not torch.allclose(drawings[1], drawings[0], atol=1e-4)
+
+
 def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:
     """One iterate: the energy's drawing of each query under the memory. It depends on
     what was written: the unwritten memory draws otherwise."""
@@ -244,9 +263,11 @@ def test_train_and_compare_a_kv_memory_through_the_cli(data_root: Path, tmp_path
     common = ["train", "--data-root", str(data_root), "--image-size", "16", "--batch-size",
               "3", "--distortion", "occlude:8", "--eval-every", "2", "--eval-episodes", "1",
               "--device", "cpu", "--steps", "2"]  # fmt: skip
-    result = run_ebmm(*common, "--memory", "kv", "--loss", "bce", "--out", str(out))
+    result = run_ebmm(*common, "--memory", "kv", "--loss", "bce", "--rekeys", "1",
+                      "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
     model = str(out / "model.safetensors")
+    assert json.loads(read_header(Path(model))["config"])["rules"]["rekeys"] == 1
     compared = run_ebmm("compare", "--model", model, "--data-root", str(data_root),
                         "--batch-size", "3", "--episodes", "2", "--json")  # fmt: skip
     assert compared.returncode == 0, compared.stderr
@@ -255,4 +276,8 @@ def test_train_and_compare_a_kv_memory_through_the_cli(data_root: Path, tmp_path
     refused = run_ebmm(*common, "--read", "redraw", "--out", str(tmp_path / "no"))
     assert refused.returncode == 2
     assert len(refused.stderr.strip().splitlines()) == 1 and "--read" in refused.stderr
+    assert not (tmp_path / "no").exists()
+    refused = run_ebmm(*common, "--rekeys", "1", "--out", str(tmp_path / "no"))
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1 and "--rekeys" in refused.stderr
     assert not (tmp_path / "no").exists()

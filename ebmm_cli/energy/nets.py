@@ -259,11 +259,13 @@ class KVEnergy(nn.Module):
         h = self.encoder(x)
         return self._unit_key(h), self.value(h)
 
-    def forward(self, x: torch.Tensor, redraw: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, redraw: bool = False, cue: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The energies (B,); with `redraw`, the image (x.shape) drawn from the value
-        recalled by x's key and x's own value."""
+        recalled by x's key (or by `cue`'s, an earlier drawing of x) and x's own value."""
         h, maps = self._encode(x)
-        key = self._unit_key(h)
+        key = self._unit_key(h if cue is None else self.encoder(cue))
         value = self.value(h)
         recalled = self.memory(key)
         if not redraw:
