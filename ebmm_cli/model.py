@@ -76,6 +76,13 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         """Parse `to_json`'s output; raises ValueError, TypeError or KeyError if malformed."""
         raw = json.loads(text)
+        if raw["energy"]["kind"] == "kv" and "rekeys" not in raw["rules"]:
+            # `rekeys` came with the write rates in units of 1/λmax (commit ba523fb): an
+            # older kv file's rates (absolute, up to 41) would blow every write up
+            raise ValueError(
+                "a kv model from before its write rates were in units of 1/λmax "
+                "(2026-12-03); its rates would mean otherwise: retrain it"
+            )
         energy_raw = dict(raw.pop("energy"))
         energy_raw["shape"] = tuple(int(v) for v in energy_raw["shape"])
         return cls(energy=EnergyConfig(**energy_raw), rules=RuleConfig(**raw.pop("rules")), **raw)

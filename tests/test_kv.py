@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch.func import functional_call
 
 from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
@@ -32,7 +34,7 @@ from ebmm_cli.memory import (
 from ebmm_cli.metrics import reconstruction_loss
 from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import train_config
-from ebmm_cli.store import read_header
+from ebmm_cli.store import load_model, read_header, save_model
 from tests.conftest import run_ebmm
 
 
@@ -179,6 +181,25 @@ def test_rekeys_redraw_each_drawing_by_the_key_of_the_one_before() -> None:
                                 {"redraw": True, "cue": drawings[1]})  # fmt: skip
     assert torch.allclose(drawings[2], again, atol=1e-6)
     assert not torch.allclose(drawings[1], drawings[0], atol=1e-4)
+
+
+def test_a_kv_model_from_before_the_rate_units_is_refused_by_name(tmp_path: Path) -> None:
+    """A kv file saved before the write rates were in units of 1/λmax (its rules have
+    no `rekeys`) is refused with one line naming it: its absolute rates (trial 57: up
+    to 41) would blow every write up under the new units."""
+    model, _, _ = _tiny_kv()
+    path = tmp_path / "old.safetensors"
+    save_model(model, path)
+    assert load_model(path).rules.config.rekeys == 0
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    config = json.loads(meta["config"])
+    del config["rules"]["rekeys"]
+    meta["config"] = json.dumps(config)
+    path.write_bytes(save(tensors, metadata=meta))  # its checksum covers the tensors only
+    with pytest.raises(EbmmError, match=r"old.safetensors: .*from before its write rates .*1/λmax"):
+        load_model(path)
 
 
 def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:
