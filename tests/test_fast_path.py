@@ -47,6 +47,10 @@ def _setup(memory: str, first_order: bool, device: str, graph: str = "off") -> _
     if memory == "rnn":
         model = model_config(dataset="binary", dynamic=16, distortion="eraseblock:64",
                              rules=RuleConfig(write_lr=1.0, read_lr=5.0))  # fmt: skip
+    elif memory == "kv":  # the closed-form write (its λmax by matmuls) and a re-keyed redraw
+        model = model_config(dataset="omniglot", memory=memory, image_size=16, dynamic=2,
+                             rules=RuleConfig(write_steps=3, read="redraw", rekeys=1,
+                                              alpha=0.0, write_lr=1.0))  # fmt: skip
     else:
         model = model_config(dataset="omniglot", memory=memory, image_size=16, dynamic=2,
                              rules=RuleConfig(write_steps=3, read_steps=3))  # fmt: skip
@@ -173,7 +177,7 @@ def test_a_first_order_step_never_takes_the_replayed_write(memory: str) -> None:
 
 
 @needs_cuda
-@pytest.mark.parametrize("memory", ["conv", "fc", "rnn"])
+@pytest.mark.parametrize("memory", ["conv", "fc", "rnn", "kv"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_a_replayed_step_is_an_eager_step(memory: str, first_order: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -224,7 +228,7 @@ def test_replayed_training_follows_eager_training(episodes: int) -> None:
 
 
 @needs_cuda
-@pytest.mark.parametrize("memory", ["conv", "rnn"])
+@pytest.mark.parametrize("memory", ["conv", "rnn", "kv"])
 def test_replayed_inference_is_eager_inference(memory: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     setup = _setup(memory, False, "cuda", "on")
