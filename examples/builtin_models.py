@@ -42,9 +42,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "episodes": 100,
     },
     "omniglot-32": {
-        "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol)",
-        "train": dict(memory="conv", dataset="omniglot", image_size=32, batch_size=64,
-                      distortion="occlude:16"),
+        "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized",
+        "train": dict(memory="kv", dataset="omniglot", image_size=32, batch_size=64,
+                      distortion="occlude:16", binarize=True, loss="bce", write_lr=1.0,
+                      rekeys=1, episodes_per_step=4),
         "episodes": 20,
     },
     "binary-128": {
@@ -65,8 +66,12 @@ def _arguments(name: str) -> list[str]:
     """The recipe as `ebmm train` options."""
     args = []
     for key, value in RECIPES[name]["train"].items():
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):  # a switch: `--binarize`, not `--binarize True`
+            args += [flag] if value else []
+            continue
         text = "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        args += [f"--{key.replace('_', '-')}", text]
+        args += [flag, text]
     return args
 
 
@@ -182,6 +187,7 @@ _RUN_FIELDS = (
     "rule_lr",
     "first_order",
     "contrast",
+    "episodes_per_step",
     "init",
 )
 

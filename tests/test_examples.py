@@ -190,3 +190,28 @@ def test_a_recipe_run_exports_as_a_builtin_and_another_run_is_refused(tmp_path: 
                              str(tmp_path / "none"))  # fmt: skip
     assert refused.returncode != 0 and "was not trained by the binary-128 recipe" in refused.stderr
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_the_omniglot_32_recipe_runs_as_written_and_exports(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """The paper-protocol recipe (kv, binarized, BCE, one re-keying) is a command `ebmm
+    train` accepts as written, switches spelled as switches, and its run exports as the
+    recipe's: the model is the kv memory the recipe names, at 4,608 written floats."""
+    run, folder = tmp_path / "run", tmp_path / "models"
+    trained = builtin_models("train", "omniglot-32", "--steps", "1", "--out", str(run),
+                             "--data-root", str(data_root))  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    exported = builtin_models("export", "omniglot-32", "--run", str(run), "--to", str(folder),
+                              "--episodes", "1", "--machine", "test",
+                              "--data-root", str(data_root))  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    with safe_open(str(folder / "omniglot-32.safetensors"), "pt") as f:
+        provenance = json.loads(f.metadata()["provenance"])
+    assert " --binarize --loss bce " in provenance["command"]
+    assert "True" not in provenance["command"]
+    assert provenance["memory_floats"] == 4608
+    model = load_model(folder / "omniglot-32.safetensors")
+    assert model.config.energy.kind == "kv" and model.config.rules.rekeys == 1
+    assert model.config.binarize and model.config.rules.patterns == (64, 64)
