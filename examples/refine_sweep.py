@@ -44,7 +44,9 @@ def main() -> None:
     parser.add_argument("--dataset", default="omniglot")
     parser.add_argument("--data-root")
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--binarize", action="store_true")
+    parser.add_argument(
+        "--binarize", action="store_true", help="threshold at 0.5 (implied for a binarized model)"
+    )
     parser.add_argument("--distortion", default="occlude:16")
     parser.add_argument("--patterns", default="64", help="comma-separated N")
     parser.add_argument("--episodes", type=int, default=3)
@@ -59,7 +61,7 @@ def main() -> None:
         patterns=tuple(int(n) for n in args.patterns.split(",")),
         distortion=args.distortion,
         episodes=args.episodes,
-        binarize=args.binarize,
+        binarize=args.binarize or model.config.binarize,  # as `ebmm compare` reads it
     )
     settings = [(int(s), float(r)) for s in args.steps.split(",") for r in args.lr.split(",")]
     for n, episodes in make_episodes(config, tuple(model.config.energy.shape)).items():
