@@ -49,7 +49,9 @@ import torch
 
 # The paper's image protocol, for training.
 PAPER = ["--image-size", "32", "--batch-size", "64", "--shots", "0", "--distortion", "occlude:16"]
-# ebmm's key-value memory, as the built-in omniglot-32 was trained (docs/TRAINING.md).
+# ebmm's key-value memory: the options of the built-in omniglot-32's recipe beyond the
+# paper's protocol (its twin: RECIPES in examples/builtin_models.py; that recipe draws
+# distinct characters, PAPER's --shots 0 draws any 64 images).
 KV = ["--loss", "bce", "--write-lr", "1", "--rekeys", "1", "--episodes-per-step", "4"]
 HOPFIELD = "hopfield-hebb,hopfield-storkey,hopfield-pinv,modern-hopfield"
 
