@@ -128,7 +128,7 @@ def _check_refinable(net: Model, path: Path) -> None:
     """`--refine` of `write` and `compare`: a one-line error for a decoder-read model,
     whose memory `refine_memory` cannot fit."""
     if net.decoder is not None:
-        raise EbmmError(path, "reads with a decoder; --refine needs the gradient read")
+        raise EbmmError(path, "reads with a decoder; --refine needs a read through the energy")
 
 
 def _hold(ctx: typer.Context, path: Path) -> None:
@@ -628,7 +628,7 @@ def train(
             help="Train through refined memories: each episode's written memory is refined "
             "this many steps (as `ebmm write --refine` does) before the read whose loss "
             "trains the model, whose gradient there also reaches the write (held-out "
-            "metrics add `refined_*`). Gradient read only. 0: off.",
+            "metrics add `refined_*`). Not with the decoder read. 0: off.",
         ),
     ] = 0,
     redraw: Annotated[

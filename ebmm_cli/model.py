@@ -226,7 +226,7 @@ def refine_memory(
     trained for, as the decoder read's adaptation does (`adapt_decoder`); refining an
     appended memory sees only the new batch, so earlier patterns may fade."""
     if model.decoder is not None:
-        raise ValueError("refining a memory needs the gradient read, not the decoder read")
+        raise ValueError("refining a memory needs a read through the energy, not the decoder read")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in memory.params.items()}
     optimiser = torch.optim.Adam(params.values(), lr=lr)

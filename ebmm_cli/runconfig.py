@@ -427,8 +427,8 @@ def train_config(
         raise EbmmError("--contrast-steps", "needs --contrast above 0")
     if refine < 0:
         raise EbmmError("--refine", f"must be 0 or more, got {refine}")
-    if refine > 0 and read != "gd":
-        raise EbmmError("--refine", "needs the gradient read (--read gd)")
+    if refine > 0 and read == "decoder":
+        raise EbmmError("--refine", "needs a read through the energy, not --read decoder")
     for option, weight in (("--redraw", redraw), ("--redraw-stored", redraw_stored)):
         if weight > 0 and memory != "conv-ae":
             raise EbmmError(option, "needs --memory conv-ae (the energy that redraws its input)")
