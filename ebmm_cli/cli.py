@@ -10,6 +10,7 @@ torch is imported inside the commands that need it, so `ebmm --help` stays fast.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -131,6 +132,20 @@ def _check_refinable(net: Model, path: Path) -> None:
         raise EbmmError(path, "reads with a decoder; --refine needs a read through the energy")
 
 
+def _refine_rate(refine: int, refine_lr: float | None) -> float:
+    """`--refine-lr` of `write` and `compare`: the Adam rate of the refinement, checked
+    (above 0, finite, and only beside --refine), or `REFINE_LR` when not given."""
+    from ebmm_cli.model import REFINE_LR
+
+    if refine_lr is None:
+        return REFINE_LR
+    if not refine:
+        raise EbmmError("--refine-lr", "needs --refine above 0")
+    if not (refine_lr > 0 and math.isfinite(refine_lr)):
+        raise EbmmError("--refine-lr", f"must be a finite number above 0, got {refine_lr}")
+    return refine_lr
+
+
 def _hold(ctx: typer.Context, path: Path) -> None:
     """Keep other ebmm processes off `path` (an output) until this command ends."""
     from ebmm_cli.atomic import exclusive
@@ -216,6 +231,14 @@ def _fill_value(text: str) -> float | None:
         ) from None
 
 
+RefineLr = Annotated[
+    float | None,
+    typer.Option(
+        show_default=False,
+        help="The Adam rate of --refine (default 0.01). The built-in omniglot-32 refines "
+        "best at 0.03 to 0.05 (see the README).",
+    ),
+]
 SkipBad = Annotated[
     bool,
     typer.Option(
@@ -988,6 +1011,7 @@ def write(
             "images only. 0: the model's own write.",
         ),
     ] = 0,
+    refine_lr: RefineLr = None,
     skip_bad: SkipBad = False,
 ) -> None:
     """Write images into a new memory file (T gradient steps from the meta-learned start;
@@ -1014,6 +1038,7 @@ def write(
     check_outputs({"--out": [] if append else out}, {"--model": [model]}, force=True)
     _hold(ctx, out)
     net = load_model(model)
+    rate = _refine_rate(refine, refine_lr)
     if refine:
         _check_refinable(net, model)
     stored = None
@@ -1058,7 +1083,9 @@ def write(
         )
         if refine:
             generator = torch.Generator().manual_seed(seed)
-            memory = refine_memory(net, memory, batch.images.to(dev), refine, generator=generator)
+            memory = refine_memory(
+                net, memory, batch.images.to(dev), refine, rate, generator=generator
+            )
     except FloatingPointError as e:
         raise EbmmError(model, str(e), exit_code=1) from None
     save_memory(net, memory.detach(), out)
@@ -1275,6 +1302,7 @@ def compare(
             "--refine). 0: none.",
         ),
     ] = 0,
+    refine_lr: RefineLr = None,
     dataset: DatasetName = "omniglot",
     data_root: DataRoot = None,
     split: Annotated[str, typer.Option(help="Split the episodes come from.")] = "test",
@@ -1366,6 +1394,7 @@ def compare(
         if path is not None:
             _hold(ctx, path)
     counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
+    rate = _refine_rate(refine, refine_lr)
     methods: list[Any] = harness.methods_from(baselines.split(","))
     dev = resolve_device(device)
     loaded = [(path, load_model(path).to(dev)) for path in model or []]
@@ -1401,7 +1430,9 @@ def compare(
         if refine:
             _check_refinable(net, path)
             label = f"ebmm:{name} refined {refine}"
-            methods.append(harness.ModelMethod(net, label, dev, refine=refine))
+            if refine_lr is not None:
+                label += f" at {rate:g}"
+            methods.append(harness.ModelMethod(net, label, dev, refine=refine, refine_lr=rate))
     if not methods:
         raise EbmmError("--baselines", "nothing to compare: give --model or baselines")
     rows = harness.run(methods, eps)

@@ -22,7 +22,14 @@ from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.distort import Distortion
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.metrics import hamming, ssim
-from ebmm_cli.model import Model, refine_memory, retrieve, unwritten_memory, write_memory
+from ebmm_cli.model import (
+    REFINE_LR,
+    Model,
+    refine_memory,
+    retrieve,
+    unwritten_memory,
+    write_memory,
+)
 
 METRICS = ("sq_error", "mse", "hamming", "ssim", "psnr", "write_ms", "read_ms")
 
@@ -47,7 +54,8 @@ class ModelMethod:
     unadapted decoder). A model can beat the query on what its slow weights learned of
     the data alone; the gap between its row and this one is what its memory stores.
 
-    `refine`: Adam steps of `refine_memory` after the write (0: the model's own write).
+    `refine`: Adam steps of `refine_memory` after the write (0: the model's own write),
+    at rate `refine_lr`.
     """
 
     model: Model
@@ -55,6 +63,7 @@ class ModelMethod:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     unwritten: bool = False
     refine: int = 0
+    refine_lr: float = REFINE_LR
 
     def memory_floats(self, n: int, d: int) -> int:
         return self.model.memory_floats()
@@ -65,7 +74,7 @@ class ModelMethod:
         shaped = patterns.reshape(-1, *self.model.config.energy.shape).to(self.device)
         memory = write_memory(self.model, shaped, generator=torch.Generator().manual_seed(0))
         if self.refine:
-            memory = refine_memory(self.model, memory, shaped, self.refine)
+            memory = refine_memory(self.model, memory, shaped, self.refine, self.refine_lr)
         return memory.detach()
 
     def read(self, memory: Any, queries: torch.Tensor) -> torch.Tensor:

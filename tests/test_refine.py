@@ -72,9 +72,23 @@ def test_compare_refine_recalls_what_the_built_in_write_misses() -> None:
     assert own > 3 and refined < 1.0, (own, refined)
 
 
+def test_compare_names_a_refinement_at_another_rate() -> None:
+    """`ebmm compare --refine-lr`: the refined row says its rate, beside the model's own."""
+    result = run_ebmm(
+        "compare", "--model", "binary-128", "--dataset", "binary", "--patterns", "8",
+        "--episodes", "1", "--refine", "2", "--refine-lr", "0.1", "--baselines", "identity",
+        "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {row["method"] for row in json.loads(result.stdout)["rows"]}
+    assert {"ebmm:binary-128", "ebmm:binary-128 refined 2 at 0.1"} <= rows
+
+
 def test_write_refine_stores_another_memory_that_reads(omniglot_dir: Path, tmp_path: Path) -> None:
     """`ebmm write --refine` on image files: a memory that loads and reads, and differs
-    from the plain write's; a decoder-read model is refused with exit 2, nothing written."""
+    from the plain write's and from one refined at another rate; a decoder-read model, a
+    rate without --refine and a rate that is not a number are refused with exit 2, nothing
+    written."""
     images = omniglot_dir / "Greek" / "character03"
     plain, refined = tmp_path / "plain.safetensors", tmp_path / "refined.safetensors"
     common = ["--model", "omniglot-28", "--device", "cpu", str(images)]
@@ -84,6 +98,19 @@ def test_write_refine_stores_another_memory_that_reads(omniglot_dir: Path, tmp_p
     (_, a), (_, b) = load_memory(plain), load_memory(refined)
     assert a.patterns == b.patterns
     assert any(not torch.equal(a.params[k], b.params[k]) for k in a.params)
+    other_rate = tmp_path / "rate.safetensors"
+    made = run_ebmm("write", *common, "-o", str(other_rate), "--refine", "2", "--refine-lr", "0.05")
+    assert made.returncode == 0, made.stderr
+    _, c = load_memory(other_rate)
+    assert any(not torch.equal(b.params[k], c.params[k]) for k in b.params)
+    for bad, problem in (
+        (["--refine-lr", "0.05"], "needs --refine above 0"),
+        (["--refine", "2", "--refine-lr", "nan"], "must be a finite number"),
+    ):
+        refused = run_ebmm("write", *common, "-o", str(tmp_path / "bad.safetensors"), *bad)
+        assert refused.returncode == 2 and problem in refused.stderr, refused.stderr
+        assert len(refused.stderr.splitlines()) == 1
+    assert not (tmp_path / "bad.safetensors").exists()
     out = tmp_path / "read"
     back = run_ebmm("read", "--memory", str(refined), str(images), "-o", str(out))
     assert back.returncode == 0, back.stderr
