@@ -132,18 +132,19 @@ def _check_refinable(net: Model, path: Path) -> None:
         raise EbmmError(path, "reads with a decoder; --refine needs a read through the energy")
 
 
-def _refine_rate(refine: int, refine_lr: float | None) -> float:
-    """`--refine-lr` of `write` and `compare`: the Adam rate of the refinement, checked
-    (above 0, finite, and only beside --refine), or `REFINE_LR` when not given."""
-    from ebmm_cli.model import REFINE_LR
-
-    if refine_lr is None:
-        return REFINE_LR
-    if not refine:
-        raise EbmmError("--refine-lr", "needs --refine above 0")
-    if not (refine_lr > 0 and math.isfinite(refine_lr)):
-        raise EbmmError("--refine-lr", f"must be a finite number above 0, got {refine_lr}")
-    return refine_lr
+def _refinement(net: Model, path: Path, refine: int | None, refine_lr: float | None) -> int:
+    """`--refine` and `--refine-lr` of `write` and `compare`, checked against the model:
+    the steps (`refine`, or the model's own when not given), refused for a decoder-read
+    model; a rate must be finite, above 0, and have steps to act on."""
+    steps = net.config.rules.refine if refine is None else refine
+    if refine_lr is not None:
+        if not steps:
+            raise EbmmError("--refine-lr", "needs --refine above 0 (or a model that refines)")
+        if not (refine_lr > 0 and math.isfinite(refine_lr)):
+            raise EbmmError("--refine-lr", f"must be a finite number above 0, got {refine_lr}")
+    if steps:
+        _check_refinable(net, path)
+    return steps
 
 
 def _hold(ctx: typer.Context, path: Path) -> None:
@@ -235,8 +236,8 @@ RefineLr = Annotated[
     float | None,
     typer.Option(
         show_default=False,
-        help="The Adam rate of --refine (default 0.01). The built-in omniglot-32 refines "
-        "best at 0.03 to 0.05 (see the README).",
+        help="Adam's rate for the refinement (default: the model's own, 0.01 unless it "
+        "was trained with --write-refine-lr).",
     ),
 ]
 SkipBad = Annotated[
@@ -654,6 +655,24 @@ def train(
             "metrics add `refined_*`). Not with the decoder read. 0: off.",
         ),
     ] = 0,
+    write_refine: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="The model's own write refines its memory this many Adam steps after the "
+            "learned steps (`ebmm write` and `ebmm compare` take them unless told --refine; "
+            "training steps do not): far better recall where the learned write falls short, "
+            "seconds per write. Not with the decoder read. 0: the learned write alone.",
+        ),
+    ] = 0,
+    write_refine_lr: Annotated[
+        float | None,
+        typer.Option(
+            show_default=False,
+            help="Adam's rate for every refinement of the model's memories (its write's, "
+            "--refine's). Default 0.01.",
+        ),
+    ] = None,
     redraw: Annotated[
         float,
         typer.Option(
@@ -798,6 +817,8 @@ def train(
             prior_penalty=prior_penalty,
             penalty_memory=penalty_memory.value,
             refine=refine,
+            write_refine=write_refine,
+            write_refine_lr=write_refine_lr,
             redraw=redraw,
             redraw_stored=redraw_stored,
             lr=lr,
@@ -1001,16 +1022,18 @@ def write(
         ),
     ] = False,
     refine: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
-            help="After the write, this many Adam steps on the written weights so that the "
-            "model's read restores freshly distorted copies of the images (its training "
-            "distortion): far better recall where the learned write falls short, at the "
-            "cost of seconds per write (see the README). With --append it sees the new "
-            "images only. 0: the model's own write.",
+            show_default=False,
+            help="After the learned write, this many Adam steps on the written weights so "
+            "that the model's read restores freshly distorted copies of the images (its "
+            "training distortion): far better recall where the learned write falls short, "
+            "at the cost of seconds per write (see the README). With --append it sees the "
+            "new images only. Default: the model's own (0 unless trained with "
+            "--write-refine, as omniglot-32 was); 0: the learned write alone.",
         ),
-    ] = 0,
+    ] = None,
     refine_lr: RefineLr = None,
     skip_bad: SkipBad = False,
 ) -> None:
@@ -1038,9 +1061,7 @@ def write(
     check_outputs({"--out": [] if append else out}, {"--model": [model]}, force=True)
     _hold(ctx, out)
     net = load_model(model)
-    rate = _refine_rate(refine, refine_lr)
-    if refine:
-        _check_refinable(net, model)
+    steps = _refinement(net, model, refine, refine_lr)
     stored = None
     if append:
         if force:
@@ -1081,10 +1102,10 @@ def write(
             generator=torch.Generator().manual_seed(seed),
             append_to=None if stored is None else stored.to(dev),
         )
-        if refine:
+        if steps:
             generator = torch.Generator().manual_seed(seed)
             memory = refine_memory(
-                net, memory, batch.images.to(dev), refine, rate, generator=generator
+                net, memory, batch.images.to(dev), steps, refine_lr, generator=generator
             )
     except FloatingPointError as e:
         raise EbmmError(model, str(e), exit_code=1) from None
@@ -1294,14 +1315,16 @@ def compare(
         ),
     ] = False,
     refine: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
-            help="Add a row per model whose write is refined by this many Adam steps on its "
-            "own read of freshly distorted copies of the stored patterns (see ebmm write "
-            "--refine). 0: none.",
+            show_default=False,
+            help="Add a row per model whose learned write is refined by this many Adam "
+            "steps on its own read of freshly distorted copies of the stored patterns (see "
+            "ebmm write --refine), beside its own write (which a model trained with "
+            "--write-refine refines already); 0 adds its learned write alone.",
         ),
-    ] = 0,
+    ] = None,
     refine_lr: RefineLr = None,
     dataset: DatasetName = "omniglot",
     data_root: DataRoot = None,
@@ -1394,7 +1417,8 @@ def compare(
         if path is not None:
             _hold(ctx, path)
     counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
-    rate = _refine_rate(refine, refine_lr)
+    if refine_lr is not None and not refine:
+        raise EbmmError("--refine-lr", "needs --refine above 0")
     methods: list[Any] = harness.methods_from(baselines.split(","))
     dev = resolve_device(device)
     loaded = [(path, load_model(path).to(dev)) for path in model or []]
@@ -1424,15 +1448,17 @@ def compare(
     data_shape = next(iter(eps.values()))[0].shape
     for (path, net), name in zip(loaded, _model_labels([p for p, _ in loaded]), strict=True):
         harness.check_model(net, path, data_shape)
-        methods.append(harness.ModelMethod(net, f"ebmm:{name}", dev))
+        own = _refinement(net, path, None, None)
+        methods.append(harness.ModelMethod(net, f"ebmm:{name}", dev, refine=own))
         if unwritten:
             methods.append(harness.ModelMethod(net, f"ebmm:{name} unwritten", dev, unwritten=True))
-        if refine:
-            _check_refinable(net, path)
+        if refine is not None:
+            _refinement(net, path, refine, refine_lr)
             label = f"ebmm:{name} refined {refine}"
             if refine_lr is not None:
-                label += f" at {rate:g}"
-            methods.append(harness.ModelMethod(net, label, dev, refine=refine, refine_lr=rate))
+                label += f" at {refine_lr:g}"
+            method = harness.ModelMethod(net, label, dev, refine=refine, refine_lr=refine_lr)
+            methods.append(method)
     if not methods:
         raise EbmmError("--baselines", "nothing to compare: give --model or baselines")
     rows = harness.run(methods, eps)

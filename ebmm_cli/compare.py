@@ -22,14 +22,7 @@ from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
 from ebmm_cli.distort import Distortion
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.metrics import hamming, ssim
-from ebmm_cli.model import (
-    REFINE_LR,
-    Model,
-    refine_memory,
-    retrieve,
-    unwritten_memory,
-    write_memory,
-)
+from ebmm_cli.model import Model, refine_memory, retrieve, unwritten_memory, write_memory
 
 METRICS = ("sq_error", "mse", "hamming", "ssim", "psnr", "write_ms", "read_ms")
 
@@ -54,8 +47,9 @@ class ModelMethod:
     unadapted decoder). A model can beat the query on what its slow weights learned of
     the data alone; the gap between its row and this one is what its memory stores.
 
-    `refine`: Adam steps of `refine_memory` after the write (0: the model's own write),
-    at rate `refine_lr`.
+    `refine`: Adam steps of `refine_memory` after the learned write (0: none; the
+    model's own write is `refine=model.config.rules.refine`), at rate `refine_lr` (None:
+    the model's).
     """
 
     model: Model
@@ -63,7 +57,7 @@ class ModelMethod:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     unwritten: bool = False
     refine: int = 0
-    refine_lr: float = REFINE_LR
+    refine_lr: float | None = None
 
     def memory_floats(self, n: int, d: int) -> int:
         return self.model.memory_floats()

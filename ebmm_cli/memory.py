@@ -41,6 +41,14 @@ WRITE_TERMS = ("energy", "grad_norm", "prior")
 last axis of the write rates: each step and written layer has one rate per term."""
 
 
+REFINE_LR = 1e-2
+"""Adam's rate for `model.refine_memory` unless a model says otherwise
+(`RuleConfig.refine_lr`): on the built-in binary-128, 25 steps at 0.01 leave fewer error
+bits at 32 to 96 patterns than at 0.03, and 0.1 diverges (worse than the query;
+`examples/refine_sweep.py`, one episode per N). The built-in omniglot-32 refines best at
+0.03 to 0.05 (`docs/TRAINING.md`, the twenty-second session)."""
+
+
 @dataclass(frozen=True)
 class RuleConfig:
     """The write and read rules: step counts, schedule and initial (or fixed) values.
@@ -71,6 +79,14 @@ class RuleConfig:
             learned rates see N: see `Rules.write_schedule`.
         rates_see_n: over a range of N, whether the learned rates scale with N (the
             default); False keeps the same rates at every N (the ablation of issue 19).
+        refine: the model's own write in `ebmm write` and `ebmm compare` (not in a
+            training step): after the T learned steps, this many Adam steps on the
+            written floats (`model.refine_memory`). 0: the learned write alone. Why: the
+            learned write can fall far short of what the energy and read hold; the
+            built-in omniglot-32 reads 64 characters to Hamming 17.3 refined 200 steps at
+            0.05, 24.2 from its learned write (README, issue 17).
+        refine_lr: Adam's rate for every refinement of this model's memories (its
+            write's, `ebmm train --refine`'s, `--refine`'s of `ebmm write` and `compare`).
     """
 
     write_steps: int = 5
@@ -89,6 +105,8 @@ class RuleConfig:
     decoder_lr: float = 0.1
     patterns: tuple[int, int] | None = None
     rates_see_n: bool = True
+    refine: int = 0
+    refine_lr: float = REFINE_LR
 
     def __post_init__(self) -> None:
         if self.patterns is not None:  # JSON gives a list

@@ -198,18 +198,12 @@ def write_memory(
     return Memory(theta, decoder, stored)
 
 
-REFINE_LR = 1e-2
-"""Adam's rate for `refine_memory`: on the built-in binary-128, 25 steps at 0.01 leave
-fewer error bits at 32 to 96 patterns than at 0.03, and 0.1 diverges (worse than the
-query; `examples/refine_sweep.py`, one episode per N)."""
-
-
 def refine_memory(
     model: Model,
     memory: Memory,
     patterns: torch.Tensor,
     steps: int,
-    lr: float = REFINE_LR,
+    lr: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Memory:
     """The written floats after `steps` Adam steps on the model's own training loss: the
@@ -228,6 +222,7 @@ def refine_memory(
     if model.decoder is not None:
         raise ValueError("refining a memory needs a read through the energy, not the decoder read")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    lr = lr if lr is not None else model.config.rules.refine_lr
     params = {k: v.detach().clone().requires_grad_(True) for k, v in memory.params.items()}
     optimiser = torch.optim.Adam(params.values(), lr=lr)
     kind = model.config.loss

@@ -229,6 +229,8 @@ def rule_config(
     rekeys: int = 0,
     write_lr: float | None = None,
     read_lr: float | None = None,
+    write_refine: int = 0,
+    write_refine_lr: float | None = None,
 ) -> RuleConfig:
     """The write and read rules: the paper's learned schedule, or the report's fixed one
     (`RuleConfig.report`, whose write rate depends on the `memory`); `write_lr` and
@@ -240,7 +242,10 @@ def rule_config(
     1/λmax (`memory.write`), so 1 solves the top direction in one step and
     every rate below 2 is stable (a start at 0.5, in absolute units then, made the
     written read worse than the unwritten one for its first 200 steps, docs/TRAINING.md
-    trial 54)."""
+    trial 54).
+
+    `write_refine` and `write_refine_lr` are the model's own refinement of its written
+    memories (`RuleConfig.refine`, `refine_lr`)."""
     _choice("--schedule", schedule, SCHEDULES)
     _choice("--read", read, READS)
     for option, value in (("--write-steps", write_steps), ("--read-steps", read_steps)):
@@ -250,9 +255,18 @@ def rule_config(
         raise EbmmError("--rekeys", f"must be at least 0, got {rekeys}")
     if rekeys and (memory != "kv" or read != "redraw"):
         raise EbmmError("--rekeys", "needs --memory kv and its redraw read (a key to redraw by)")
+    if write_refine < 0:
+        raise EbmmError("--write-refine", f"must be at least 0, got {write_refine}")
+    if write_refine and read == "decoder":
+        raise EbmmError("--write-refine", "needs a read through the energy, not --read decoder")
     chosen: dict[str, object] = {
         "write_steps": write_steps, "read_steps": read_steps, "read": read, "rekeys": rekeys,
+        "refine": write_refine,
     }  # fmt: skip
+    if write_refine_lr is not None:
+        if not (0 < write_refine_lr <= 1e6):  # NaN too
+            raise EbmmError("--write-refine-lr", f"must be in (0, 1e6], got {write_refine_lr}")
+        chosen["refine_lr"] = write_refine_lr
     if memory == "kv":
         chosen.update(alpha=0.0, write_lr=1.0)
     for option, value in (("--write-lr", write_lr), ("--read-lr", read_lr)):
@@ -378,6 +392,8 @@ def train_config(
     prior_penalty: float = 0.0,
     penalty_memory: str = "unwritten",
     refine: int = 0,
+    write_refine: int = 0,
+    write_refine_lr: float | None = None,
     redraw: float = 0.0,
     redraw_stored: float = 0.0,
     init: str | None = None,
@@ -449,6 +465,8 @@ def train_config(
         rekeys=rekeys,
         write_lr=write_lr,
         read_lr=read_lr,
+        write_refine=write_refine,
+        write_refine_lr=write_refine_lr,
     )
     rules = replace(rules, patterns=(least, most), rates_see_n=rates_see_n)
     options = dict(

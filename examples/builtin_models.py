@@ -29,6 +29,7 @@ import torch
 
 from ebmm_cli import builtin
 from ebmm_cli.evaluation import evaluate_sets, heldout_sets
+from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import _datasets, read_metrics
 from ebmm_cli.model import Model
 from ebmm_cli.runconfig import TrainConfig, train_config
@@ -45,7 +46,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized",
         "train": dict(memory="kv", dataset="omniglot", image_size=32, batch_size=64,
                       distortion="occlude:16", binarize=True, loss="bce", write_lr=1.0,
-                      rekeys=1, episodes_per_step=4),
+                      rekeys=1, episodes_per_step=4, write_refine=200, write_refine_lr=0.05),
         "episodes": 20,
     },
     "binary-128": {
@@ -59,7 +60,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 """Each recipe's `train` holds `runconfig.train_config` keywords, which are `ebmm train`'s
 options: `_arguments` spells them as its command line."""
 
-KEPT = ("mse", "query_mse", "ssim", "query_ssim", "hamming", "query_hamming", "nonfinite")
+KEPT = ("mse", "query_mse", "ssim", "query_ssim", "hamming", "query_hamming", "nonfinite",
+        "refined_mse", "refined_ssim", "refined_hamming")  # fmt: skip
 
 
 def _arguments(name: str) -> list[str]:
@@ -93,9 +95,11 @@ def train(name: str, out: Path, budget: list[str], data_root: str | None) -> Non
 
 def _evaluate(model: Any, config: TrainConfig, episodes: int) -> dict[str, Any]:
     """Held-out metrics over `episodes` fixed episodes per N (the run's own held-out
-    seeds and split), with the ratios a reader wants."""
+    seeds and split), with the ratios a reader wants; for a model whose write refines
+    (`RuleConfig.refine`), `refined_*` too: its own write's, beside the learned steps'."""
     _, held, split = _datasets(config)
-    merged = evaluate_sets(model, heldout_sets(held, config, model.distortion, episodes))
+    sets = heldout_sets(held, config, model.distortion, episodes)
+    merged = evaluate_sets(model, sets, model.config.rules.refine)
     out: dict[str, Any] = {k: round(float(merged[k]), 5) for k in KEPT if k in merged}
     out["mse_ratio"] = round(merged["mse"] / merged["query_mse"], 4)
     if "by_n" in merged:
@@ -118,9 +122,10 @@ def export(
     """Evaluate the run's model in float32 and float16 on `episodes` per N (default the
     recipe's); write the float16 model into `folder` (default the package's built-ins)."""
     _, _, state = load_checkpoint(run / "checkpoint.safetensors")
-    config = _with_patterns(TrainConfig.from_json(state["train_config"]))
     recipe = RECIPES[name]
     expected = train_config(**recipe["train"], steps=1)
+    config = _with_patterns(TrainConfig.from_json(state["train_config"]))
+    config = _with_refinement(config, expected)
     run_fields = {k: getattr(config, k) for k in _RUN_FIELDS}
     if config.model.to_json() != expected.model.to_json() or run_fields != {
         k: getattr(expected, k) for k in _RUN_FIELDS
@@ -176,6 +181,16 @@ def _with_patterns(config: TrainConfig) -> TrainConfig:
     least = config.batch_min or config.batch_size
     model = replace(config.model, rules=replace(rules, patterns=(least, config.batch_size)))
     return replace(config, model=model)
+
+
+def _with_refinement(config: TrainConfig, expected: TrainConfig) -> TrainConfig:
+    """A run trained without the recipe's write refinement (`--write-refine`, which no
+    training step takes: a run from before the option, or that left it out), with it."""
+    rules, wanted = config.model.rules, expected.model.rules
+    if (rules.refine, rules.refine_lr) != (0, RuleConfig().refine_lr):
+        return config  # set by the run: the check that follows compares it
+    rules = replace(rules, refine=wanted.refine, refine_lr=wanted.refine_lr)
+    return replace(config, model=replace(config.model, rules=rules))
 
 
 # What, beside the model's configuration, makes a run the recipe's.

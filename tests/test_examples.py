@@ -196,9 +196,10 @@ def test_a_recipe_run_exports_as_a_builtin_and_another_run_is_refused(tmp_path: 
 def test_the_omniglot_32_recipe_runs_as_written_and_exports(
     data_root: Path, tmp_path: Path
 ) -> None:
-    """The paper-protocol recipe (kv, binarized, BCE, one re-keying) is a command `ebmm
-    train` accepts as written, switches spelled as switches, and its run exports as the
-    recipe's: the model is the kv memory the recipe names, at 4,608 written floats."""
+    """The paper-protocol recipe (kv, binarized, BCE, one re-keying, a refining write) is
+    a command `ebmm train` accepts as written, switches spelled as switches, and its run
+    exports as the recipe's: the model is the kv memory the recipe names, at 4,608
+    written floats, whose own write refines its memory."""
     run, folder = tmp_path / "run", tmp_path / "models"
     trained = builtin_models("train", "omniglot-32", "--steps", "1", "--out", str(run),
                              "--data-root", str(data_root))  # fmt: skip
@@ -214,4 +215,8 @@ def test_the_omniglot_32_recipe_runs_as_written_and_exports(
     assert provenance["memory_floats"] == 4608
     model = load_model(folder / "omniglot-32.safetensors")
     assert model.config.energy.kind == "kv" and model.config.rules.rekeys == 1
+    # its write refines (200 Adam steps at 0.05), and the held-out metrics say how well
+    assert (model.config.rules.refine, model.config.rules.refine_lr) == (200, 0.05)
+    assert " --write-refine 200 --write-refine-lr 0.05" in provenance["command"]
+    assert provenance["heldout"]["refined_hamming"] < provenance["heldout"]["query_hamming"]
     assert model.config.binarize and model.config.rules.patterns == (64, 64)

@@ -230,3 +230,66 @@ def test_train_refine_through_the_cli(tmp_path: Path) -> None:
     assert last["step"] == 2 and "heldout_refined_hamming" in last, last
     _, _, state = load_checkpoint(out / "checkpoint.safetensors")
     assert TrainConfig.from_json(state["train_config"]).refine == 2
+
+
+def test_a_model_trained_to_refine_its_write_does_so_in_write_and_compare(
+    omniglot_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """`ebmm train --write-refine R --write-refine-lr LR` makes refining the model's own
+    write: `ebmm write` without --refine stores the memory refined R steps at LR (the
+    same floats `refine_memory` gives), `--refine 0` the learned write alone, and `ebmm
+    compare` reads the model's row from its refined write and adds the learned write's
+    row when asked."""
+    config = train_config(dataset="omniglot", image_size=28, batch_size=4, steps=1,
+                          device="cpu", write_refine=3, write_refine_lr=0.05)  # fmt: skip
+    assert (config.model.rules.refine, config.model.rules.refine_lr) == (3, 0.05)
+    torch.manual_seed(0)
+    path = tmp_path / "refining.safetensors"
+    save_model(Model(config.model), path)
+    images = omniglot_dir / "Greek" / "character03"
+    common = ["--model", str(path), "--device", "cpu", "--seed", "5", str(images)]
+    own, alone = tmp_path / "own.safetensors", tmp_path / "alone.safetensors"
+    assert run_ebmm("write", *common, "-o", str(own)).returncode == 0
+    assert run_ebmm("write", *common, "-o", str(alone), "--refine", "0").returncode == 0
+    model, written = load_memory(own)
+    _, learned = load_memory(alone)
+    expected = refine_memory(model, learned, _images(images, model), 3, 0.05,
+                             generator=torch.Generator().manual_seed(5))  # fmt: skip
+    for k in written.params:
+        assert torch.allclose(written.params[k], expected.params[k], atol=1e-6)
+        assert not torch.equal(written.params[k], learned.params[k])
+
+    result = run_ebmm("compare", "--model", str(path), "--data-root", str(data_root),
+                      "--batch-size", "4", "--episodes", "1", "--refine", "0", "--baselines",
+                      "identity", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {row["method"]: row for row in json.loads(result.stdout)["rows"]}
+    assert rows["ebmm:refining"]["mse"]["mean"] != rows["ebmm:refining refined 0"]["mse"]["mean"]
+
+
+def _images(folder: Path, model: Model) -> torch.Tensor:
+    """The folder's images as `ebmm write` loads them for `model`."""
+    from ebmm_cli.imageio import collect_images, load_batch
+
+    shape = model.config.energy.shape
+    found = collect_images([folder], None)
+    batch = load_batch(found, shape[0], shape[1], model.config.invert_files, False, False)
+    return batch.images
+
+
+def test_write_refine_is_checked_and_old_files_write_without_it() -> None:
+    for options, problem in (
+        (dict(write_refine=-1), r"--write-refine: must be at least 0"),
+        (dict(write_refine=2, read="decoder"), r"--write-refine: needs a read through the"),
+        (dict(write_refine=2, write_refine_lr=0.0), r"--write-refine-lr: must be in"),
+        (dict(write_refine=2, write_refine_lr=float("nan")), r"--write-refine-lr: must be in"),
+    ):
+        with pytest.raises(EbmmError, match=problem):
+            train_config(dataset="omniglot", steps=1, **options)
+    config = train_config(dataset="omniglot", steps=1, write_refine=4, write_refine_lr=0.03)
+    again = TrainConfig.from_json(config.to_json()).model.rules
+    assert (again.refine, again.refine_lr) == (4, 0.03)
+    old = json.loads(config.to_json())
+    del old["model"]["rules"]["refine"], old["model"]["rules"]["refine_lr"]
+    rules = TrainConfig.from_json(json.dumps(old)).model.rules
+    assert (rules.refine, rules.refine_lr) == (0, 0.01)
