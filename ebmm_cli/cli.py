@@ -421,6 +421,14 @@ def train(
             help="Run folder: model.safetensors, checkpoint.safetensors, metrics.jsonl, loss.png.",
         ),
     ] = Path("run"),
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Train by a built-in model's recipe (omniglot-28, omniglot-32: the paper's "
+            "protocol, binary-128): its options, unless given here too (README).",
+        ),
+    ] = None,
     memory: Annotated[
         Memory | None,
         typer.Option(
@@ -764,6 +772,7 @@ def train(
     """
     from ebmm_cli import builtin
     from ebmm_cli.meta import Trainer, init_distributed
+    from ebmm_cli.recipes import recipe_options
     from ebmm_cli.runconfig import check_budget, parse_batch_size, train_config
 
     if not resume or steps is not None or minutes is not None:
@@ -784,7 +793,7 @@ def train(
     else:
         if any((out / name).exists() for name in _RUN_FILES):
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
-        config = train_config(
+        options = dict(
             dataset=dataset,
             memory=memory.value if memory else None,
             data_root=data_root,
@@ -831,7 +840,10 @@ def train(
             episodes_per_step=episodes_per_step,
             cuda_graph=cuda_graph.value,
         )
-        trainer = Trainer.create(config, out)
+        if recipe is not None:  # the recipe's options, where the command line is silent
+            chosen = recipe_options(recipe)
+            options.update({k: v for k, v in chosen.items() if not _given(ctx, k)})
+        trainer = Trainer.create(train_config(**options), out)
     if trainer.rank > 0:  # rank 0 shows progress and the summary
         trainer.run()
         return

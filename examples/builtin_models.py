@@ -1,4 +1,5 @@
-"""The built-in models (`ebmm models`): each made by its recipe here, then exported.
+"""The built-in models (`ebmm models`): each made by its recipe (`ebmm_cli/recipes.py`,
+`ebmm train --recipe NAME`), then exported here.
 
     # 1. train by the recipe (an `ebmm train` run folder; resumable with --resume)
     python examples/builtin_models.py train omniglot-28 --minutes 45 --out runs/omniglot-28
@@ -32,53 +33,16 @@ from ebmm_cli.evaluation import evaluate_sets, heldout_sets
 from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import _datasets, read_metrics
 from ebmm_cli.model import Model
+from ebmm_cli.recipes import RECIPES, recipe_arguments
 from ebmm_cli.runconfig import TrainConfig, train_config
 from ebmm_cli.store import load_checkpoint, load_model, read_header, save_model
-
-RECIPES: dict[str, dict[str, Any]] = {
-    "omniglot-28": {
-        "what": "Omniglot 28x28, 5 characters, noise:7 (the report's protocol)",
-        "train": dict(memory="conv", dataset="omniglot", image_size=28, batch_size=5,
-                      distortion="noise:7", loss="ssim+mse"),
-        "episodes": 100,
-    },
-    "omniglot-32": {
-        "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized",
-        "train": dict(memory="kv", dataset="omniglot", image_size=32, batch_size=64,
-                      distortion="occlude:16", binarize=True, loss="bce", write_lr=1.0,
-                      rekeys=1, episodes_per_step=4, write_refine=200, write_refine_lr=0.05),
-        "episodes": 20,
-    },
-    "binary-128": {
-        "what": "128-bit strings, 8 to 96 per memory, eraseblock:64 (8,256 floats)",
-        "train": dict(dataset="binary", memory="rnn", batch_size=(8, 96),
-                      distortion="eraseblock:64", write_lr=1.0, read_lr=5.0, rule_lr=0.1,
-                      lr=2e-3, contrast=0.1),
-        "episodes": 50,
-    },
-}  # fmt: skip
-"""Each recipe's `train` holds `runconfig.train_config` keywords, which are `ebmm train`'s
-options: `_arguments` spells them as its command line."""
 
 KEPT = ("mse", "query_mse", "ssim", "query_ssim", "hamming", "query_hamming", "nonfinite",
         "refined_mse", "refined_ssim", "refined_hamming")  # fmt: skip
 
 
-def _arguments(name: str) -> list[str]:
-    """The recipe as `ebmm train` options."""
-    args = []
-    for key, value in RECIPES[name]["train"].items():
-        flag = f"--{key.replace('_', '-')}"
-        if isinstance(value, bool):  # a switch: `--binarize`, not `--binarize True`
-            args += [flag] if value else []
-            continue
-        text = "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        args += [flag, text]
-    return args
-
-
 def _command(name: str) -> str:
-    return "ebmm train " + " ".join(_arguments(name))
+    return "ebmm train " + " ".join(recipe_arguments(name))
 
 
 def train(name: str, out: Path, budget: list[str], data_root: str | None) -> None:
@@ -88,7 +52,7 @@ def train(name: str, out: Path, budget: list[str], data_root: str | None) -> Non
     if (out / "checkpoint.safetensors").exists():
         command = [*ebmm, "--resume", *budget]
     else:
-        command = [*ebmm, *_arguments(name), *budget]
+        command = [*ebmm, "--recipe", name, *budget]
         command += ["--eval-every", "100"] + (["--data-root", data_root] if data_root else [])
     subprocess.run(command, check=True)
 

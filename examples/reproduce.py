@@ -49,10 +49,6 @@ import torch
 
 # The paper's image protocol, for training.
 PAPER = ["--image-size", "32", "--batch-size", "64", "--shots", "0", "--distortion", "occlude:16"]
-# ebmm's key-value memory: the options of the built-in omniglot-32's recipe beyond the
-# paper's protocol (its twin: RECIPES in examples/builtin_models.py; that recipe draws
-# distinct characters, PAPER's --shots 0 draws any 64 images).
-KV = ["--loss", "bce", "--write-lr", "1", "--rekeys", "1", "--episodes-per-step", "4"]
 HOPFIELD = "hopfield-hebb,hopfield-storkey,hopfield-pinv,modern-hopfield"
 
 # Per experiment: training runs (name -> `ebmm train` arguments) and the comparison.
@@ -84,7 +80,9 @@ EXPERIMENTS: dict[str, dict] = {
                 for d in (9, 18, 63)
             },
             **{
-                f"kv-{d}": ["--memory", "kv", "--dynamic", str(d), *KV, *PAPER]
+                # ebmm's key-value memory by the built-in omniglot-32's recipe (which
+                # draws distinct characters; PAPER's --shots 0 draws any 64 images)
+                f"kv-{d}": ["--recipe", "omniglot-32", "--dynamic", str(d), *PAPER]
                 for d in (36, 72, 252)
             },
         },

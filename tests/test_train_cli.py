@@ -20,7 +20,8 @@ from ebmm_cli.imageio import load_image
 from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import Trainer, metrics_parting, read_metrics
 from ebmm_cli.model import retrieve, write_memory
-from ebmm_cli.runconfig import TrainConfig, model_config
+from ebmm_cli.recipes import RECIPES
+from ebmm_cli.runconfig import TrainConfig, model_config, train_config
 from ebmm_cli.store import load_checkpoint, load_memory, load_model, model_parting, save_model
 from tests.conftest import limit_file_size, mixed_folder, run_ebmm
 
@@ -696,3 +697,30 @@ def test_binarize_trains_reads_files_and_compares_on_binary_characters(
     strings = ["--dataset", "binary", "--memory", "rnn", "--binarize", "--steps", "1"]
     refused = runner.invoke(app, ["train", *strings, "-o", str(tmp_path / "b")])
     assert refused.exit_code == 2 and "--binarize" in refused.output
+
+
+def test_a_recipe_trains_by_its_options_unless_told_otherwise(tmp_path: Path) -> None:
+    """`ebmm train --recipe binary-128`: the run is configured as the recipe says, but
+    for the options given beside it (here the N range); an unknown recipe, and a recipe
+    beside --resume, are one-line errors with exit 2."""
+    run = tmp_path / "run"
+    common = ["--steps", "1", "--eval-every", "1", "--eval-episodes", "1", "--device", "cpu"]
+    result = run_ebmm("train", "--recipe", "binary-128", "--batch-size", "8-16", *common,
+                      "--out", str(run))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    state = load_checkpoint(run / "checkpoint.safetensors")[2]
+    config = TrainConfig.from_json(state["train_config"])
+    recipe = RECIPES["binary-128"]["train"]
+    expected = train_config(**{**recipe, "batch_size": (8, 16)}, steps=1, eval_every=1,
+                            eval_episodes=1, device="cpu")  # fmt: skip
+    assert config.model.to_json() == expected.model.to_json()
+    assert (config.lr, config.rule_lr, config.contrast) == (2e-3, 0.1, 0.1)
+    assert (config.batch_min, config.batch_size) == (8, 16)
+    for args, problem in (
+        (["--recipe", "paper", *common, "--out", str(tmp_path / "other")], "unknown recipe"),
+        (["--recipe", "binary-128", "--resume", "--out", str(run)], "--resume continues"),
+    ):
+        refused = run_ebmm("train", *args)
+        assert refused.returncode == 2 and problem in refused.stderr, refused.stderr
+        assert len(refused.stderr.splitlines()) == 1
+    assert not (tmp_path / "other").exists()
