@@ -43,7 +43,8 @@ def resolve(model: Path | str) -> Path:
 
 def describe(path: Path) -> dict[str, Any]:
     """What `ebmm models` lists of one model file: its protocol, pattern shape, memory
-    size, N range and provenance (held-out metrics included), from its header alone."""
+    size, N range, the refining steps of its write and provenance (held-out metrics
+    included), from its header alone."""
     from ebmm_cli.store import read_header
 
     meta = read_header(path)
@@ -59,6 +60,7 @@ def describe(path: Path) -> dict[str, Any]:
         "read": rules.get("read"),
         "binarize": bool(config.get("binarize")),
         "patterns": rules.get("patterns"),
+        "refine": rules.get("refine", 0),
         "memory_floats": provenance.get("memory_floats"),
         "size_bytes": path.stat().st_size,
         **{k: v for k, v in provenance.items() if k != "memory_floats"},

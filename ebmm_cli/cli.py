@@ -1538,7 +1538,8 @@ def models(
         table.add_row(
             m["name"],
             f"{m['dataset']}{' binarized' if m['binarize'] else ''}, {m['memory']}, "
-            f"{m['distortion']}, {m['read']} read",
+            f"{m['distortion']}, {m['read']} read"
+            + (f", write refined {m['refine']} steps" if m["refine"] else ""),
             shape,
             f"{m['memory_floats']:,}" if m["memory_floats"] else "-",
             _range(m["patterns"]) if m["patterns"] else "-",
@@ -1549,14 +1550,19 @@ def models(
 
 
 def _held_out(held: dict[str, Any]) -> str:
-    """A built-in's held-out metrics in a table cell: the ratios to the query's."""
+    """A built-in's held-out metrics in a table cell: the ratios to the query's; for a
+    model whose write refines, its write's (`refined_*`), then the learned steps'."""
     if not held:
         return "-"
-    parts = [f"MSE {held['mse_ratio']:.3f} of the query's"]
+    refined = "refined_mse" in held
+    key = "refined_" if refined else ""
+    parts = [f"MSE {held[key + 'mse'] / held['query_mse']:.3f} of the query's"]
     if "hamming" in held:
-        parts.append(f"Hamming {held['hamming']:.1f} (query {held['query_hamming']:.1f})")
+        parts.append(f"Hamming {held[key + 'hamming']:.1f} (query {held['query_hamming']:.1f})")
     if "ssim" in held:
-        parts.append(f"SSIM {held['ssim']:.3f} (query {held['query_ssim']:.3f})")
+        parts.append(f"SSIM {held[key + 'ssim']:.3f} (query {held['query_ssim']:.3f})")
+    if refined and "hamming" in held:
+        parts.append(f"learned steps alone: Hamming {held['hamming']:.1f}")
     return ", ".join(parts)
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ebmm_cli import builtin
+from ebmm_cli.cli import _held_out
 from ebmm_cli.store import load_model
 from tests.conftest import run_ebmm
 
@@ -38,8 +39,15 @@ def test_the_built_ins_ship_small_in_half_precision_with_provenance() -> None:
         model = load_model(path)
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert model.config.rules.patterns is not None
+        if m["refine"]:  # its write refines: the listing shows that write's metrics
+            assert held["refined_hamming"] < held["hamming"] < held["query_hamming"]
+    assert {m["name"]: m["refine"] for m in listed}["omniglot-32"] == 200
     table = run_ebmm("models")
     assert table.returncode == 0 and all(name in table.stdout for name in SHIPPED)
+    refining = next(m for m in listed if m["name"] == "omniglot-32")["heldout"]
+    cell = _held_out(refining)  # the table's cell, which the terminal wraps
+    assert cell.startswith(f"MSE {refining['refined_mse'] / refining['query_mse']:.3f} of")
+    assert f"learned steps alone: Hamming {refining['hamming']:.1f}" in cell
 
 
 def test_a_built_in_name_works_where_a_model_path_does(
