@@ -172,7 +172,11 @@ def cifar100_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def run_ebmm(
-    *args: str, stdin: str | None = None, cwd: Path | None = None, env: dict | None = None
+    *args: str,
+    stdin: str | None = None,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess:
     """Run the real installed CLI in a subprocess (`python -m ebmm_cli`)."""
     return subprocess.run(
@@ -182,7 +186,7 @@ def run_ebmm(
         text=True,
         cwd=cwd,
         env=env,
-        timeout=300,
+        timeout=timeout,
     )
 
 
