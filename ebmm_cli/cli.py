@@ -132,16 +132,22 @@ def _check_refinable(net: Model, path: Path) -> None:
         raise EbmmError(path, "reads with a decoder; --refine needs a read through the energy")
 
 
+def _check_refine_lr(refine_lr: float | None, steps: int, needs: str) -> None:
+    """`--refine-lr` of `write` and `compare`: a finite rate above 0, with `steps` of
+    refinement to act on (else the error says what it `needs`)."""
+    if refine_lr is None:
+        return
+    if not steps:
+        raise EbmmError("--refine-lr", f"needs {needs}")
+    if not (refine_lr > 0 and math.isfinite(refine_lr)):
+        raise EbmmError("--refine-lr", f"must be a finite number above 0, got {refine_lr}")
+
+
 def _refinement(net: Model, path: Path, refine: int | None, refine_lr: float | None) -> int:
-    """`--refine` and `--refine-lr` of `write` and `compare`, checked against the model:
-    the steps (`refine`, or the model's own when not given), refused for a decoder-read
-    model; a rate must be finite, above 0, and have steps to act on."""
+    """`--refine` and `--refine-lr` of `write`, checked against the model: the steps
+    (`refine`, or the model's own when not given), refused for a decoder-read model."""
     steps = net.config.rules.refine if refine is None else refine
-    if refine_lr is not None:
-        if not steps:
-            raise EbmmError("--refine-lr", "needs --refine above 0 (or a model that refines)")
-        if not (refine_lr > 0 and math.isfinite(refine_lr)):
-            raise EbmmError("--refine-lr", f"must be a finite number above 0, got {refine_lr}")
+    _check_refine_lr(refine_lr, steps, "--refine above 0 (or a model that refines)")
     if steps:
         _check_refinable(net, path)
     return steps
@@ -1429,8 +1435,7 @@ def compare(
         if path is not None:
             _hold(ctx, path)
     counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
-    if refine_lr is not None and not refine:
-        raise EbmmError("--refine-lr", "needs --refine above 0")
+    _check_refine_lr(refine_lr, refine or 0, "--refine above 0")
     methods: list[Any] = harness.methods_from(baselines.split(","))
     dev = resolve_device(device)
     loaded = [(path, load_model(path).to(dev)) for path in model or []]
@@ -1460,12 +1465,13 @@ def compare(
     data_shape = next(iter(eps.values()))[0].shape
     for (path, net), name in zip(loaded, _model_labels([p for p, _ in loaded]), strict=True):
         harness.check_model(net, path, data_shape)
-        own = _refinement(net, path, None, None)
+        own = net.config.rules.refine  # the model's own write, refined or not
+        if own or refine:
+            _check_refinable(net, path)
         methods.append(harness.ModelMethod(net, f"ebmm:{name}", dev, refine=own))
         if unwritten:
             methods.append(harness.ModelMethod(net, f"ebmm:{name} unwritten", dev, unwritten=True))
         if refine is not None:
-            _refinement(net, path, refine, refine_lr)
             label = f"ebmm:{name} refined {refine}"
             if refine_lr is not None:
                 label += f" at {refine_lr:g}"
