@@ -10,7 +10,6 @@ torch is imported inside the commands that need it, so `ebmm --help` stays fast.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -133,14 +132,15 @@ def _check_refinable(net: Model, path: Path) -> None:
 
 
 def _check_refine_lr(refine_lr: float | None, steps: int, needs: str) -> None:
-    """`--refine-lr` of `write` and `compare`: a finite rate above 0, with `steps` of
+    """`--refine-lr` of `write` and `compare`: a rate in train's bounds, with `steps` of
     refinement to act on (else the error says what it `needs`)."""
+    from ebmm_cli.runconfig import check_rate
+
     if refine_lr is None:
         return
     if not steps:
         raise EbmmError("--refine-lr", f"needs {needs}")
-    if not (refine_lr > 0 and math.isfinite(refine_lr)):
-        raise EbmmError("--refine-lr", f"must be a finite number above 0, got {refine_lr}")
+    check_rate("--refine-lr", refine_lr)
 
 
 def _refinement(net: Model, path: Path, refine: int | None, refine_lr: float | None) -> int:

@@ -550,9 +550,16 @@ def write_step(
 _NON_FINITE = ("the energy", "the energy gradient")
 
 
-def raise_first_non_finite(finite: torch.Tensor, kind: str) -> None:
+def read_checks(config: RuleConfig) -> str:
+    """What a read's one finiteness check per step covers, for its error: the energy
+    gradient of the gradient read, the image the `redraw` read draws."""
+    return "the redrawn image" if config.read == "redraw" else _NON_FINITE[1]
+
+
+def raise_first_non_finite(finite: torch.Tensor, kind: str, checks: str = _NON_FINITE[1]) -> None:
     """Raise FloatingPointError naming the first `kind` step ("write" or "read"), and
-    within it the first of `_NON_FINITE` checked, that left the reals.
+    within it the first of `_NON_FINITE` checked (or, with one check per step, what
+    `checks` names: `read_checks`), that left the reals.
 
     `finite` is (steps, checks) bools recorded on the device by `write_flags` or
     `read_flags`: looked at once after the last step, with one host sync, so that the
@@ -564,7 +571,7 @@ def raise_first_non_finite(finite: torch.Tensor, kind: str) -> None:
     bad = (~finite).flatten().nonzero()
     if len(bad):
         step, what = divmod(int(bad[0]), finite.shape[1])
-        named = _NON_FINITE[what] if finite.shape[1] == len(_NON_FINITE) else _NON_FINITE[1]
+        named = _NON_FINITE[what] if finite.shape[1] == len(_NON_FINITE) else checks
         raise FloatingPointError(
             f"{kind} step {step + 1} of {finite.shape[0]}: {named} holds NaN or infinite values"
         )
@@ -741,11 +748,12 @@ def read(
 
     Raises:
         FloatingPointError: without `create_graph`, naming the first step whose energy
-            gradient is NaN or infinite (checked once, after the last step).
+            gradient (or redrawn image) is NaN or infinite (checked once, after the
+            last step).
     """
     iterates, finite = read_flags(net, rules, memory, queries, create_graph, steps, functional)
     if not create_graph and not functional:
-        raise_first_non_finite(finite, "read")
+        raise_first_non_finite(finite, "read", read_checks(rules.config))
     return iterates
 
 

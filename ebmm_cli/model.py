@@ -31,6 +31,7 @@ from ebmm_cli.memory import (
     initial_memory,
     raise_first_non_finite,
     read,
+    read_checks,
     write,
 )
 from ebmm_cli.metrics import iterates_loss
@@ -279,7 +280,7 @@ def retrieve(
     if model.decoder is None:
         if model.graphs is not None and not create_graph:
             iterates, finite = model.graphs.read(memory.params, queries, steps)
-            raise_first_non_finite(finite, "read")
+            raise_first_non_finite(finite, "read", read_checks(model.config.rules))
             return iterates
         return read(model.energy, model.rules, memory.params, queries, create_graph, steps)
     assert memory.decoder is not None, "a decoder model's memory carries decoder weights"

@@ -219,6 +219,14 @@ def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_rate(option: str, value: float) -> None:
+    """One bound for every step size a user gives (`--write-lr`, `--read-lr`, the
+    refinement's rates of `train`, `write` and `compare`): above 0 and at most 1e6, so
+    a NaN, an infinity or a sign slip stops with a one-line error before any work."""
+    if not 0 < value <= 1e6:  # NaN too
+        raise EbmmError(option, f"must be in (0, 1e6], got {value:g}")
+
+
 def rule_config(
     *,
     memory: str = "conv",
@@ -264,15 +272,13 @@ def rule_config(
         "refine": write_refine,
     }  # fmt: skip
     if write_refine_lr is not None:
-        if not (0 < write_refine_lr <= 1e6):  # NaN too
-            raise EbmmError("--write-refine-lr", f"must be in (0, 1e6], got {write_refine_lr}")
+        check_rate("--write-refine-lr", write_refine_lr)
         chosen["refine_lr"] = write_refine_lr
     if memory == "kv":
         chosen.update(alpha=0.0, write_lr=1.0)
     for option, value in (("--write-lr", write_lr), ("--read-lr", read_lr)):
         if value is not None:
-            if not 0 < value <= 1e6:
-                raise EbmmError(option, "must be in (0, 1e6]")
+            check_rate(option, value)
             chosen[option[2:].replace("-", "_")] = value
     if schedule == "fixed":
         return RuleConfig.report(memory, **chosen)

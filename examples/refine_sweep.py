@@ -1,15 +1,17 @@
-"""How good could the write be? The refined write over steps and rates, against the model's own.
+"""How good could the write be? The refined write over steps and rates, against the learned one.
 
 A model's error can come from its write rule (a few learned gradient steps on the
 energy) or from what its energy and read can express at all. This separates the two: on
-`ebmm compare`'s seeded episodes it writes each batch with the model's own write, then
-refines the written floats (`model.refine_memory`: Adam steps so that the model's read
-restores freshly drawn distortions of the stored patterns, never the benchmark's
-queries) for each `--steps` and `--lr`, and reads the benchmark's queries. Prints one
+`ebmm compare`'s seeded episodes it writes each batch with the model's learned steps
+alone (a model whose own write refines, like omniglot-32, is not refined here unless
+`--steps` and `--lr` name its setting), then refines the written floats
+(`model.refine_memory`: Adam steps so that the model's read restores freshly drawn
+distortions of the stored patterns, never the benchmark's queries) for each `--steps`
+and `--lr`, and reads the benchmark's queries. Prints one
 JSON line per N: the mean of `ebmm compare`'s metrics (`compare.episode_metrics`) for
-the query, the model's own write and each refinement, with seconds per write.
+the query, the learned write and each refinement, with seconds per write.
 
-If a refined write is far better than the model's own, the slow weights and the read
+If a refined write is far better than the learned one, the slow weights and the read
 can hold these patterns and the write rule is what falls short; if no refinement is, no
 write into these floats can do it with this energy, and the energy must change.
 
@@ -65,13 +67,13 @@ def main() -> None:
     )
     settings = [(int(s), float(r)) for s in args.steps.split(",") for r in args.lr.split(",")]
     for n, episodes in make_episodes(config, tuple(model.config.energy.shape)).items():
-        rows: dict[str, list[dict[str, float]]] = {"query": [], "write": []}
+        rows: dict[str, list[dict[str, float]]] = {"query": [], "learned write": []}
         for index, episode in enumerate(episodes):
             patterns = episode.patterns.view(-1, *episode.shape)
             queries = episode.queries.view(-1, *episode.shape)
             memory = write_memory(model, patterns).detach()
             rows["query"].append(errors(queries, episode))
-            rows["write"].append(errors(retrieve(model, memory, queries)[-1], episode))
+            rows["learned write"].append(errors(retrieve(model, memory, queries)[-1], episode))
             for steps, lr in settings:
                 start = time.monotonic()
                 generator = torch.Generator().manual_seed(index)

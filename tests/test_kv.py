@@ -32,7 +32,7 @@ from ebmm_cli.memory import (
     write_step,
 )
 from ebmm_cli.metrics import reconstruction_loss
-from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
+from ebmm_cli.model import Memory, Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import train_config
 from ebmm_cli.store import load_model, read_header, save_model
 from tests.conftest import run_ebmm
@@ -213,6 +213,10 @@ def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:
     assert torch.equal(out, drawn)
     (blank,) = retrieve(model, unwritten_memory(model), queries)
     assert not torch.allclose(out, blank)
+    broken = Memory({k: torch.full_like(v, float("nan")) for k, v in memory.params.items()},
+                    None, memory.patterns)  # fmt: skip
+    with pytest.raises(FloatingPointError, match="read step 1 of 1: the redrawn image holds NaN"):
+        retrieve(model, broken, queries)
 
 
 def test_kv_identification_scores_keys_and_the_redraw_sees_the_query_maps() -> None:

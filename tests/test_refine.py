@@ -105,7 +105,8 @@ def test_write_refine_stores_another_memory_that_reads(omniglot_dir: Path, tmp_p
     assert any(not torch.equal(b.params[k], c.params[k]) for k in b.params)
     for bad, problem in (
         (["--refine-lr", "0.05"], "needs --refine above 0"),
-        (["--refine", "2", "--refine-lr", "nan"], "must be a finite number"),
+        (["--refine", "2", "--refine-lr", "nan"], "--refine-lr: must be in (0, 1e6]"),
+        (["--refine", "2", "--refine-lr", "2e6"], "--refine-lr: must be in (0, 1e6]"),
     ):
         refused = run_ebmm("write", *common, "-o", str(tmp_path / "bad.safetensors"), *bad)
         assert refused.returncode == 2 and problem in refused.stderr, refused.stderr
