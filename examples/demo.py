@@ -1,25 +1,35 @@
-"""The demo: an energy-based memory on Omniglot characters it has never seen.
+"""The demo: an energy-based memory recalls Omniglot characters it has never seen.
 
-1. takes the built-in `omniglot-28` model (`ebmm models`: meta-trained on the background
-   alphabets with the report's protocol, 28x28, 5-way 1-shot, 7x7 noise block,
-   SSIM+MSE), or with `--train-minutes M` meta-trains one from scratch for M minutes
-   (resumed, not redone, when run again);
-2. writes episodes of 5 characters from the evaluation alphabets (never seen in
-   training) into memories, distorts them, and reads them back;
-3. saves `grid.png` (rows: original, query, retrieved) and prints MSE, SSIM and the mean
-   energies of originals, queries and retrievals, and the same read with nothing
-   written (from θ̄): the gap is what the memory adds to what the slow weights know
-   about characters (for `omniglot-28`, little: README, "Built-in models").
+1. takes the built-in `omniglot-32` model (`ebmm models`: the paper's protocol, 64
+   characters per memory, 32x32 binarized, a 16x16 block of each query blanked), or any
+   Omniglot image model by `--model` (a built-in's name or a file), or with
+   `--train-minutes M` meta-trains one from scratch for M minutes on the report's
+   protocol (resumed, not redone, when run again);
+2. writes episodes of the model's N characters from the evaluation alphabets (never seen
+   in training) into memories with the model's own write, distorts them with its
+   training distortion, and reads them back. The episodes and queries are `ebmm
+   compare`'s (seed 0), and the write and read are its model rows, so the numbers are
+   those of `ebmm compare --model NAME --unwritten` on as many episodes;
+3. saves `grid.png` (rows: original, query, retrieved, read with nothing written) and
+   prints Hamming error (for a binarized model), MSE and SSIM of the query, the
+   retrieval and the same read from the unwritten memory, and the mean energies of
+   originals, queries and retrievals. The gap between the retrieval and the unwritten
+   read is what the memory recalls: for `omniglot-32`, whose unwritten memory recalls
+   nothing, strokes the query hides; for `omniglot-28`, a denoiser, almost none
+   (README, "Built-in models").
 
     python examples/demo.py --data-root ../shared/data --out demo
+    python examples/demo.py --data-root ../shared/data --out demo --model omniglot-28
     python examples/demo.py --data-root ../shared/data --out demo --train-minutes 3
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,79 +39,126 @@ from rich.table import Table
 from torchvision.utils import make_grid
 
 from ebmm_cli import builtin
-from ebmm_cli.data import Episodes, load_dataset
-from ebmm_cli.distort import Distortion
+from ebmm_cli.compare import CompareConfig, ModelMethod, episode_metrics, make_episodes
 from ebmm_cli.imageio import save_image
 from ebmm_cli.memory import energy
 from ebmm_cli.meta import Trainer
-from ebmm_cli.metrics import ssim
-from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
+from ebmm_cli.model import Model
 from ebmm_cli.runconfig import train_config
 from ebmm_cli.store import load_model
+
+DEFAULT_MODEL = "omniglot-32"
+"""The built-in whose memory recalls what a query hides (issue 17); `omniglot-28`, the
+default of `ebmm write`, mostly denoises whatever it is shown."""
+SHOWN = 16
+"""Characters of each episode in the grid: 64 columns of 32x32 would not fit a screen."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=os.environ.get("EBMM_DATA") or None)
     parser.add_argument("--out", type=Path, default=Path("demo"))
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a built-in's name or a file")
     parser.add_argument(
         "--train-minutes",
         type=float,
-        help="meta-train a model from scratch for this long instead of the built-in one",
+        help="meta-train a model from scratch for this long (the report's protocol) "
+        "instead of using --model",
     )
-    parser.add_argument("--episodes", type=int, default=4, help="evaluation episodes shown")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        help="episodes written and read (default: enough for 16 characters in the grid, "
+        "which shows up to 16 of each)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="`ebmm compare`'s --seed")
     args = parser.parse_args()
 
     if args.train_minutes is None:
-        model = load_model(builtin.resolve(builtin.DEFAULT))
-        print(f"using the built-in {builtin.DEFAULT} model (ebmm models)", file=sys.stderr)
+        model = load_model(builtin.resolve(args.model))
+        name = args.model
+        print(f"using {name} (ebmm models)", file=sys.stderr)
     else:
         model = _train(args.out / "run", args.train_minutes, args.data_root, args.seed)
-
-    chars = load_dataset("omniglot", "test", args.data_root, 28)
-    episodes = Episodes(chars, 5, seed=args.seed + 1)
-    distortion = Distortion.parse("noise:7")
-    generator = torch.Generator().manual_seed(args.seed)
-    rows, totals = [], {}
-    for _ in range(args.episodes):
-        images, _ = episodes.sample()
-        queries = distortion(images, generator)
-        memory = write_memory(model, images).detach()
-        retrieved = retrieve(model, memory, queries)[-1]
-        unwritten = retrieve(model, unwritten_memory(model), queries)[-1]
-        rows.append(torch.cat([images, queries, retrieved]))
+        name = str(args.out / "run")
+    config = model.config
+    if config.dataset != "omniglot" or len(config.energy.shape) != 3:
+        sys.exit(f"demo: {name}: an Omniglot image model is needed, not {config.dataset}")
+    n = config.rules.patterns[1] if config.rules.patterns else 5
+    episodes = make_episodes(
+        CompareConfig(
+            data_root=args.data_root,
+            image_size=config.energy.shape[-1],
+            patterns=(n,),
+            distortion=config.distortion,
+            episodes=args.episodes or math.ceil(SHOWN / n),
+            seed=args.seed,
+            binarize=config.binarize,
+        ),
+        tuple(config.energy.shape),
+    )[n]
+    own = ModelMethod(model, name, refine=config.rules.refine)
+    unwritten = ModelMethod(model, name, unwritten=True)
+    how = f"then {config.rules.refine} refining Adam steps" if config.rules.refine else "only"
+    print(
+        f"writing {len(episodes)} episode(s) of {n} evaluation characters with its own "
+        f"write ({config.rules.write_steps} learned steps, {how}), reading {config.distortion} "
+        "queries ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    rows, metrics, energies, seconds = [], [], [], 0.0
+    for episode in episodes:
+        shape = (-1, *episode.shape)
+        start = time.monotonic()
+        memory = own.write(episode.patterns)
+        seconds += time.monotonic() - start
+        retrieved = own.read(memory, episode.queries)
+        blank = unwritten.read(unwritten.write(episode.patterns), episode.queries)
+        outs = (episode.queries, retrieved, blank)
+        metrics.append([episode_metrics(x, episode.patterns, episode.shape) for x in outs])
         with torch.no_grad():
-            values = {
-                "MSE": [(x - images).pow(2).mean() for x in (queries, retrieved, unwritten)],
-                "SSIM": [ssim(x, images).mean() for x in (queries, retrieved, unwritten)],
-                "energy": [
-                    energy(model.energy, memory.params, x).mean()
-                    for x in (images, queries, retrieved)
-                ],
-            }
-        for k, v in values.items():
-            totals[k] = [
-                t + float(x) / args.episodes
-                for t, x in zip(totals.get(k, [0.0] * len(v)), v, strict=True)
-            ]
-    # One block of 3 rows (original, query, retrieved) per episode, side by side.
-    blocks = [make_grid(r, nrow=5, padding=2, pad_value=0.5) for r in rows]
+            energies.append(
+                [
+                    float(energy(model.energy, memory.params, x.view(shape)).mean())
+                    for x in (episode.patterns, episode.queries, retrieved)
+                ]
+            )
+        rows.append(torch.cat([x[:SHOWN].view(shape) for x in (episode.patterns, *outs)]))
+    # One block of 4 rows (original, query, retrieved, nothing written) per episode.
+    blocks = [make_grid(r, nrow=len(r) // 4, padding=2, pad_value=0.5) for r in rows]
     grid = make_grid(torch.stack(blocks), nrow=len(blocks), padding=6, pad_value=1.0)[:1]
     grid = F.interpolate(grid[None], scale_factor=3, mode="nearest")[0]
     save_image(grid, args.out / "grid.png")
 
-    table = Table(title=f"{args.episodes} held-out episodes of 5 evaluation characters")
+    def mean(column: int, key: str) -> float:
+        return sum(m[column][key] for m in metrics) / len(metrics)
+
+    pixels = math.prod(config.energy.shape)
+    title = (
+        f"{len(episodes)} held-out episode(s) of {n} evaluation characters, {pixels:,} pixels each"
+    )
+    table = Table(title=title)
     table.add_column("")
-    for name in ("original", "query", "retrieved", "nothing written"):
-        table.add_column(name, justify="right")
-    table.add_row("MSE to original", "0", *(f"{v:.4f}" for v in totals["MSE"]))
-    table.add_row("SSIM to original", "1", *(f"{v:.3f}" for v in totals["SSIM"]))
-    table.add_row("mean energy", *(f"{v:.3f}" for v in totals["energy"]), "")
+    for column in ("original", "query", "retrieved", "nothing written"):
+        table.add_column(column, justify="right")
+    if config.binarize:
+        table.add_row(
+            "Hamming error",
+            "0",
+            *(f"{mean(c, 'hamming'):.1f}" for c in range(3)),
+        )
+    table.add_row("MSE to original", "0", *(f"{mean(c, 'mse'):.4f}" for c in range(3)))
+    if "ssim" in metrics[0][0]:
+        table.add_row("SSIM to original", "1", *(f"{mean(c, 'ssim'):.3f}" for c in range(3)))
+    table.add_row(
+        "mean energy", *(f"{sum(e[i] for e in energies) / len(energies):.3f}" for i in range(3)), ""
+    )
     Console().print(table)
-    query, written, blank = totals["MSE"]
+    query, written, blank = (mean(c, "mse") for c in range(3))
     print(f"retrieved MSE / query MSE = {written / query:.3f}")
     print(f"read with nothing written: {blank / query:.3f} of the query's MSE")
+    print(f"write: {seconds / len(episodes):.1f} s per episode")
     print(args.out / "grid.png")
 
 

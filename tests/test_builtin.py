@@ -76,7 +76,15 @@ def test_a_built_in_name_works_where_a_model_path_does(
 
 
 @pytest.mark.slow
-def test_the_demo_shows_recall_with_the_built_in_model(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", [None, "omniglot-28"], ids=["default", "omniglot-28"])
+def test_the_demo_shows_recall_with_the_built_in_model(
+    model: str | None, data_root: Path, tmp_path: Path
+) -> None:
+    """`make demo` (omniglot-32 by default) restores what its 64 queries hide, and the
+    unwritten memory's read beside it shows that the memory does it: nothing written,
+    the read stays near the query. With omniglot-28 the demo shows a denoiser: the
+    unwritten read repairs nearly as much (README, "Built-in models")."""
+    chosen = [] if model is None else ["--model", model]
     result = subprocess.run(
         [
             sys.executable,
@@ -85,20 +93,25 @@ def test_the_demo_shows_recall_with_the_built_in_model(data_root: Path, tmp_path
             str(data_root),
             "--out",
             str(tmp_path / "demo"),
+            *chosen,
         ],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=300,
+        timeout=600,  # the refining write: 20-40 s per episode on one loaded CPU thread
     )
     assert result.returncode == 0, result.stderr
     ratio = float(re.search(r"retrieved MSE / query MSE = ([0-9.]+)", result.stdout)[1])
-    assert ratio <= 0.35, result.stdout
+    assert ratio <= 0.5, result.stdout
     ssim = re.search(r"SSIM to original\D+1\D+([0-9.]+)\D+([0-9.]+)", result.stdout)
     assert float(ssim[2]) > float(ssim[1]), result.stdout  # retrieved above the query
-    # The control it prints beside: the same read with nothing written, near (README).
     blank = float(re.search(r"nothing written: ([0-9.]+) of the query", result.stdout)[1])
-    assert ratio <= blank < 0.4, result.stdout
+    if model is None:  # the memory recalls: the unwritten read stays near the query
+        assert ratio <= 0.35 and blank > 0.6, result.stdout
+        hamming = re.search(r"Hamming error\D+0\D+([0-9.]+)\D+([0-9.]+)", result.stdout)
+        assert float(hamming[2]) < float(hamming[1]) / 2, result.stdout
+    else:  # a denoiser: the unwritten read repairs as much, within 0.02 (README)
+        assert abs(blank - ratio) < 0.02, result.stdout
     assert (tmp_path / "demo" / "grid.png").stat().st_size > 0
 
 
