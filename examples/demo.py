@@ -32,6 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+import ebmm_cli  # noqa: F401  first: OpenMP's threads sleep, not spin (ebmm_cli's docstring)
+
+# isort: split
 import torch
 import torch.nn.functional as F
 from rich.console import Console

@@ -437,3 +437,18 @@ def test_metrics_parting_forgives_the_last_bits_and_nothing_more() -> None:
     assert parted(heldout_by_n={"8": {"hamming": 30.5}, "96": {"hamming": 21.5}}) is not None
     assert parted(train_loss=None)["fields"] == {"train_loss": [0.147, None]}
     assert metrics_parting([row], [row, row]) == {"rows": [1, 2]}
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_ebmm_makes_openmp_threads_sleep_unless_told_otherwise(given: str | None) -> None:
+    """Spinning OpenMP threads made a refining write 16 times slower beside one other job
+    (ebmm_cli's docstring): the package sets OMP_WAIT_POLICY=PASSIVE before torch loads
+    (torch is imported here after ebmm_cli, as the `ebmm` command does), and keeps a
+    policy the user set."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, ebmm_cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (given or "PASSIVE")
