@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+import ebmm_cli  # noqa: F401  before any test module loads torch: threads sleep, not spin
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_CLASSES = [
     "airplane",
