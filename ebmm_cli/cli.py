@@ -1494,7 +1494,10 @@ def compare(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{dataset} ({split}), {distortion}, {episodes} episodes, mean [p5, p95]")
+    table = Table(
+        title=f"{dataset} ({split}), {distortion}, {episodes} episodes: "
+        "mean ±its standard error [5th, 95th percentile of the episodes]"
+    )
     for col in ("method", "patterns", "floats", *harness.METRICS):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:

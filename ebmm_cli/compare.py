@@ -159,12 +159,19 @@ def episode_metrics(
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
-    """Mean and 5th/95th percentiles, and the values themselves in episode order: every
-    method sees the same episodes, so two methods' values pair up (a paired difference
-    says more about a small gap than two overlapping intervals)."""
+    """Mean, its standard error, 5th/95th percentiles, and the values themselves in
+    episode order: every method sees the same episodes, so two methods' values pair up
+    (a paired difference says more about a small gap than two overlapping intervals).
+
+    Why both: the percentiles are how far one episode can stray, which more episodes do
+    not narrow; the standard error is how well the mean is known, which they do. A bar
+    on the mean is met or missed by the second (issue 17's notes once read a p95 as if it
+    were the mean's bound). 0 for a single episode, whose spread is unknown."""
     t = torch.tensor(values, dtype=torch.float64)
+    se = float(t.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
     return {
         "mean": float(t.mean()),
+        "se": se,
         "p5": float(torch.quantile(t, 0.05)),
         "p95": float(torch.quantile(t, 0.95)),
         "episodes": values,
@@ -218,7 +225,7 @@ def report(config: CompareConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """A markdown table: mean [p5, p95] per metric."""
+    """A markdown table: mean ±standard error [p5, p95] per metric."""
     head = ["method", "patterns", "memory floats", *METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
@@ -232,7 +239,10 @@ def format_metric(m: dict[str, Any] | None) -> str:
     if m is None:
         return "-"
     digits = 3 if abs(m["mean"]) < 10 else 1
-    return f"{m['mean']:.{digits}f} [{m['p5']:.{digits}f}, {m['p95']:.{digits}f}]"
+    spread = f"[{m['p5']:.{digits}f}, {m['p95']:.{digits}f}]"
+    if "se" not in m:  # a summary from before the standard error
+        return f"{m['mean']:.{digits}f} {spread}"
+    return f"{m['mean']:.{digits}f} ±{m['se']:.{digits}f} {spread}"
 
 
 def methods_from(names: list[str]) -> list[Method]:

@@ -96,11 +96,14 @@ def test_compare_json_is_complete(tmp_path: Path) -> None:
             if metric == "ssim":
                 assert row[metric] is None
             else:
-                assert set(row[metric]) == {"mean", "p5", "p95", "episodes"}
+                assert set(row[metric]) == {"mean", "se", "p5", "p95", "episodes"}
                 assert row[metric]["p5"] <= row[metric]["p95"]
                 values = row[metric]["episodes"]
                 assert len(values) == 3
-                assert row[metric]["mean"] == pytest.approx(sum(values) / 3)
+                mean = sum(values) / 3
+                assert row[metric]["mean"] == pytest.approx(mean)
+                spread = sum((v - mean) ** 2 for v in values) / 2  # the sample variance
+                assert row[metric]["se"] == pytest.approx((spread / 3) ** 0.5, abs=1e-12)
     pinv16 = next(r for r in doc["rows"] if r["method"] == "hopfield-pinv" and r["patterns"] == 16)
     assert pinv16["memory_floats"] == 8_256 and pinv16["hamming"]["mean"] == 0
     assert (tmp_path / "t.md").read_text().count("\n") == 14
