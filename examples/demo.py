@@ -87,6 +87,7 @@ def main() -> None:
     config = model.config
     if config.dataset != "omniglot" or len(config.energy.shape) != 3:
         sys.exit(f"demo: {name}: an Omniglot image model is needed, not {config.dataset}")
+    # N as trained; a model file from before N was recorded is the report's 5
     n = config.rules.patterns[1] if config.rules.patterns else 5
     episodes = make_episodes(
         CompareConfig(
