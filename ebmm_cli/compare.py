@@ -240,8 +240,6 @@ def format_metric(m: dict[str, Any] | None) -> str:
         return "-"
     digits = 3 if abs(m["mean"]) < 10 else 1
     spread = f"[{m['p5']:.{digits}f}, {m['p95']:.{digits}f}]"
-    if "se" not in m:  # a summary from before the standard error
-        return f"{m['mean']:.{digits}f} {spread}"
     return f"{m['mean']:.{digits}f} ±{m['se']:.{digits}f} {spread}"
 
 
