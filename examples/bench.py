@@ -9,7 +9,9 @@ For each protocol, in its own child process (so that its peak memory is its own)
 all with T = K = 5, it times `--steps` meta-training steps, second and first order (after
 warm-up steps), and `--steps` inference writes and reads of one episode; then it times
 `ebmm --help` and `ebmm distort` on five Omniglot images in fresh processes. It prints a
-table and, with `--json FILE`, writes every number with the machine it ran on. On CUDA,
+table and, with `--json FILE`, writes every number with the machine it ran on (and
+OpenMP's wait policy: the README's speed tables were measured before ebmm_cli set
+`PASSIVE`, with GNU OpenMP's spinning default). On CUDA,
 `--cuda-graph off,on` times every protocol launching kernels one by one and replaying
 CUDA graphs, and the table gives the speed-up of each over the eager row.
 
@@ -37,6 +39,9 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
+import ebmm_cli  # noqa: F401  first: OpenMP's threads sleep, not spin (ebmm_cli's docstring)
+
+# isort: split
 import torch
 
 from ebmm_cli.evaluation import Batch
@@ -189,7 +194,9 @@ def startup(data_root: str | None, repeats: int) -> dict:
 def machine() -> str:
     cpus = len(os.sched_getaffinity(0))
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{platform.node()}: {cpus} CPUs, {torch.get_num_threads()} torch threads{gpu}"
+    policy = os.environ["OMP_WAIT_POLICY"]  # set by ebmm_cli unless the caller chose
+    threads = f"{torch.get_num_threads()} torch threads ({policy} OpenMP waits)"
+    return f"{platform.node()}: {cpus} CPUs, {threads}{gpu}"
 
 
 def _speedup(row: dict, base: dict | None, key: str) -> str:

@@ -19,6 +19,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import ebmm_cli  # noqa: F401  first: OpenMP's threads sleep, not spin (ebmm_cli's docstring)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -27,6 +27,9 @@ import argparse
 import json
 import time
 
+import ebmm_cli  # noqa: F401  first: OpenMP's threads sleep, not spin (ebmm_cli's docstring)
+
+# isort: split
 import torch
 
 from ebmm_cli import builtin

@@ -44,6 +44,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import ebmm_cli  # noqa: F401  first: OpenMP's threads sleep, not spin (ebmm_cli's docstring)
+
+# isort: split
 import torch
 
 from ebmm_cli.data import Episodes
