@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MEMORIES = ("conv", "conv-ae", "conv-large", "fc", "kv", "rnn")
+MEMORIES = ("conv", "conv-ae", "conv-large", "fc", "kv", "kv-conv", "rnn")
+KV_MEMORIES = ("kv", "kv-conv")
+"""The key-value energies: they read by `redraw` unless told otherwise, re-key
+(`--rekeys`), and write by the delta rule at rate 1 without the gradient-norm term."""
 READS = ("gd", "decoder", "redraw")
 SCHEDULES = ("learned", "fixed")
 LOSSES = ("mse", "ssim+mse", "l1", "bce")

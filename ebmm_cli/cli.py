@@ -445,7 +445,9 @@ def train(
             "paper's 64x64 ImageNet network; the default for imagenet64), [bold]fc[/] "
             "(fully-connected memory), [bold]kv[/] (a key-value energy: the write stores "
             "key → value pairs in one matrix, the read draws the value a query's key "
-            "recalls), [bold]rnn[/] (gated RNN for 128-bit strings; the default for binary).",
+            "recalls), [bold]kv-conv[/] (kv whose written layer is a 3x3 convolution over "
+            "a map of keys), [bold]rnn[/] (gated RNN for 128-bit strings; the default for "
+            "binary).",
         ),
     ] = None,
     dataset: DatasetName = "omniglot",
@@ -507,18 +509,19 @@ def train(
         ReadKind | None,
         typer.Option(
             show_default=False,
-            help="[bold]gd[/]: descend the energy (the paper; the default but for kv); "
-            "[bold]decoder[/]: a MAML-adapted decoder (the report); [bold]redraw[/]: the "
-            "image the energy draws from what the memory recalls (kv's default; kv or "
-            "conv-ae).",
+            help="[bold]gd[/]: descend the energy (the paper; the default but for kv and "
+            "kv-conv); [bold]decoder[/]: a MAML-adapted decoder (the report); "
+            "[bold]redraw[/]: the image the energy draws from what the memory recalls (the "
+            "kv memories' default; kv, kv-conv or conv-ae).",
         ),
     ] = None,
     rekeys: Annotated[
         int,
         typer.Option(
             min=0,
-            help="kv's redraw read: this many more drawings, each recalled by the key of "
-            "the drawing before (a completed drawing's key is nearer the stored one). 0: one.",
+            help="The kv memories' redraw read: this many more drawings, each recalled by "
+            "the key of the drawing before (a completed drawing's key is nearer the stored "
+            "one). 0: one.",
         ),
     ] = 0,
     schedule: Annotated[
@@ -535,7 +538,7 @@ def train(
             show_default=False,
             help="Write rate η: the starting value of the learned rates, or the fixed one. "
             "Default: 0.01 learned, 0.5 (conv 0.05) fixed; binary strings need ~1. "
-            "kv: 1, in units of 1/λmax of the episode's keys (below 2 is stable).",
+            "kv, kv-conv: 1, in units of 1/λmax of the episode's keys (below 2 is stable).",
         ),
     ] = None,
     read_lr: Annotated[

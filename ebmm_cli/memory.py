@@ -83,8 +83,8 @@ class RuleConfig:
             training step): after the T learned steps, this many Adam steps on the
             written floats (`model.refine_memory`). 0: the learned write alone. Why: the
             learned write can fall far short of what the energy and read hold; the
-            built-in omniglot-32 reads 64 characters to Hamming 17.3 refined 200 steps at
-            0.05, 24.2 from its learned write (README, issue 17).
+            built-in omniglot-32 reads 64 characters to Hamming 15.3 refined 200 steps at
+            0.05, 22.2 from its learned write (README, issue 17).
         refine_lr: Adam's rate for every refinement of this model's memories (its
             write's, `ebmm train --refine`'s, `--refine`'s of `ebmm write` and `compare`).
     """
@@ -697,13 +697,16 @@ def _delta_write(
     functional: bool,
 ) -> tuple[Params, torch.Tensor]:
     """`write_flags` for an energy E = ½‖θ k(x) − v(x)‖² (`associations`, one written
-    matrix θ) without the gradient-norm term: the same steps (4), each
+    matrix θ; kv-conv's 3x3 convolution read as one, (out, in·9)) without the
+    gradient-norm term: the same steps (4), each
     θ − η (1/N) Σi (θ ki − vi) kiᵀ − η_prior β 2 (θ − θ̄), taken in closed form on the
     keys and values of one encoder pass. Why: the autograd write ran the encoder forward
     and backward (to the pixels, for ∇x E) at each of the T steps, and meta-training
     differentiated all of them again. The flags check each step's residual and gradient.
     Without `create_graph` the gradient is a constant, as in `_write_grads`."""
     ((name, w),) = theta.items()
+    shape = w.shape
+    w, start = w.reshape(shape[0], -1), theta_bar[name].reshape(shape[0], -1)
     n = keys.shape[0]
     finite: list[torch.Tensor] = []
     for eta, beta in zip(rates, betas, strict=True):
@@ -714,8 +717,8 @@ def _delta_write(
             grad = grad.detach()
         if not functional:
             finite.append(torch.stack([residual.isfinite().all(), grad.isfinite().all()]))
-        w = w - r_energy * grad - r_prior * beta * 2 * (w - theta_bar[name])
-    return {name: w}, _stack_flags(finite, 2, keys.device)
+        w = w - r_energy * grad - r_prior * beta * 2 * (w - start)
+    return {name: w.reshape(shape)}, _stack_flags(finite, 2, keys.device)
 
 
 def _stack_flags(finite: list[torch.Tensor], checks: int, device: torch.device) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ebmm_cli.choices import (
     CUDA_GRAPHS,
     DATASETS,
+    KV_MEMORIES,
     LOSSES,
     MEMORIES,
     PENALTY_MEMORIES,
@@ -244,7 +245,7 @@ def rule_config(
     (`RuleConfig.report`, whose write rate depends on the `memory`); `write_lr` and
     `read_lr` override the schedule's starting (or constant) values.
 
-    The `kv` memory writes without the gradient-norm term (α = 0; with it, its
+    The `kv` memories write without the gradient-norm term (α = 0; with it, kv's
     meta-training diverged within five steps, docs/TRAINING.md trial 54) and from a write
     rate of 1: each step is a delta-rule step with its rate in units of the episode's
     1/λmax (`memory.write`), so 1 solves the top direction in one step and
@@ -261,8 +262,10 @@ def rule_config(
             raise EbmmError(option, f"must be at least 1, got {value}")
     if rekeys < 0:
         raise EbmmError("--rekeys", f"must be at least 0, got {rekeys}")
-    if rekeys and (memory != "kv" or read != "redraw"):
-        raise EbmmError("--rekeys", "needs --memory kv and its redraw read (a key to redraw by)")
+    if rekeys and (memory not in KV_MEMORIES or read != "redraw"):
+        raise EbmmError(
+            "--rekeys", "needs --memory kv or kv-conv and its redraw read (a key to redraw by)"
+        )
     if write_refine < 0:
         raise EbmmError("--write-refine", f"must be at least 0, got {write_refine}")
     if write_refine and read == "decoder":
@@ -274,7 +277,7 @@ def rule_config(
     if write_refine_lr is not None:
         check_rate("--write-refine-lr", write_refine_lr)
         chosen["refine_lr"] = write_refine_lr
-    if memory == "kv":
+    if memory in KV_MEMORIES:
         chosen.update(alpha=0.0, write_lr=1.0)
     for option, value in (("--write-lr", write_lr), ("--read-lr", read_lr)):
         if value is not None:
@@ -326,8 +329,10 @@ def model_config(
         )
     if binarize and memory == "rnn":
         raise EbmmError("--binarize", "is for images; binary strings are binary already")
-    if rules is not None and rules.read == "redraw" and memory not in ("kv", "conv-ae"):
-        raise EbmmError("--read", "redraw needs --memory kv or conv-ae (an energy that draws)")
+    if rules is not None and rules.read == "redraw" and memory not in (*KV_MEMORIES, "conv-ae"):
+        raise EbmmError(
+            "--read", "redraw needs --memory kv, kv-conv or conv-ae (an energy that draws)"
+        )
     if memory == "rnn":
         shape: tuple[int, ...] = (128,)
     else:
@@ -409,7 +414,7 @@ def train_config(
     Every option is checked first; only then is a folder dataset's first image read for
     its channel count. `shots=0` ignores classes. `batch_size` is N, or (least, most)
     to train over a range of N; the model records the range (`RuleConfig.patterns`).
-    `read` defaults to `redraw` for the `kv` memory (its energy draws what it recalls)
+    `read` defaults to `redraw` for the `kv` memories (their energy draws what it recalls)
     and to the gradient read `gd` for every other.
 
     Raises:
@@ -417,7 +422,7 @@ def train_config(
     """
     check_budget(steps, minutes)
     memory = memory or dataset_defaults(dataset).memory
-    read = read or ("redraw" if memory == "kv" else "gd")
+    read = read or ("redraw" if memory in KV_MEMORIES else "gd")
     least, most = batch_size if isinstance(batch_size, tuple) else (batch_size, batch_size)
     if least > most:
         raise EbmmError("--batch-size", f"the range {least}-{most} is empty")

@@ -1,6 +1,7 @@
 """`--memory kv`: the key-value energy, whose write is the delta rule and whose `redraw`
-read draws the value a query's key recalls; the `bce` loss; and writes without the
-gradient-norm term (α = 0)."""
+read draws the value a query's key recalls, and `kv-conv`, the same with a 3x3
+convolution as the written layer; the `bce` loss; and writes without the gradient-norm
+term (α = 0)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ from ebmm_cli.store import load_model, read_header, save_model
 from tests.conftest import run_ebmm
 
 
-def _tiny_kv(**options: object) -> tuple[Model, torch.Tensor, torch.Tensor]:
-    """A seeded untrained kv model on 16x16 images, 4 random binary patterns and their
-    occluded queries."""
-    config = train_config(dataset="omniglot", memory="kv", image_size=16, batch_size=4,
+def _tiny_kv(memory: str = "kv", **options: object) -> tuple[Model, torch.Tensor, torch.Tensor]:
+    """A seeded untrained kv (or kv-conv) model on 16x16 images, 4 random binary patterns
+    and their occluded queries."""
+    config = train_config(dataset="omniglot", memory=memory, image_size=16, batch_size=4,
                           steps=1, distortion="occlude:8", device="cpu", **options)  # fmt: skip
     torch.manual_seed(0)
     model = Model(config.model)
@@ -50,12 +51,14 @@ def _tiny_kv(**options: object) -> tuple[Model, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("size", [28, 32])
-def test_kv_sizes_shapes_and_an_empty_initial_memory(size: int) -> None:
-    """64 x 72 = 4,608 written floats by default (the paper's 4,616 budget), 64 x d with
-    `dynamic` d; one energy per image; the redraw is an image in [0, 1]; θ̄ is zero."""
-    net = build_energy(EnergyConfig("kv", (1, size, size)))
+@pytest.mark.parametrize(("kind", "half"), [("kv", 36), ("kv-conv", 4)])
+def test_kv_sizes_shapes_and_an_empty_initial_memory(size: int, kind: str, half: int) -> None:
+    """4,608 written floats by default (the paper's 4,616 budget): kv 64 x 72, kv-conv a
+    3x3 convolution 64 → 8; half of them with half the `dynamic` units; one energy per
+    image; the redraw is an image in [0, 1]; θ̄ is zero."""
+    net = build_energy(EnergyConfig(kind, (1, size, size)))
     assert memory_floats(net) == 4608
-    assert memory_floats(build_energy(EnergyConfig("kv", (1, size, size), dynamic=36))) == 2304
+    assert memory_floats(build_energy(EnergyConfig(kind, (1, size, size), dynamic=half))) == 2304
     x = torch.rand(3, 1, size, size)
     assert net(x).shape == (3,)
     drawn = net(x, redraw=True)
@@ -83,6 +86,31 @@ def test_a_kv_write_is_the_delta_rule_on_its_keys_and_values() -> None:
     written = write_memory(model, patterns).params["memory.weight"]
     assert torch.allclose(written, theta, atol=1e-6)
     assert rates[0, 0, 0].item() == pytest.approx(1.0)  # kv's starting rate
+
+
+def test_the_kv_conv_memory_is_a_3x3_convolution_over_a_map_of_unit_keys() -> None:
+    """kv-conv's energy is ½ the mean over positions of ‖θ ⋆ K(x) − V(x)‖², θ the written
+    3x3 convolution over the encoder's last map of unit keys, and `associations` gives
+    one row per pattern and position whose product with θ (read as a matrix) is that
+    convolution's output there, so that the closed-form write is the delta rule on it."""
+    model, patterns, _ = _tiny_kv("kv-conv")
+    net = model.energy
+    theta = {"memory.weight": torch.randn_like(net.memory.weight)}
+    with torch.no_grad():
+        h = net.encoder[:-1](patterns)  # (4, 128, 2, 2) at 16x16
+        keys, values = F.normalize(net.key(h), dim=1), net.value(h)
+        assert torch.allclose(keys.norm(dim=1), torch.ones(4, 2, 2))
+        recalled = F.conv2d(keys, theta["memory.weight"], padding=1)
+        energy = 0.5 * (recalled - values).pow(2).sum(1).mean((1, 2))
+        assert torch.allclose(functional_call(net, theta, (patterns,)), energy, atol=1e-5)
+        rows, targets = net.associations(patterns)
+        assert rows.shape == (4 * 4, 64 * 9) and targets.shape == (4 * 4, 8)
+        matrix = theta["memory.weight"].reshape(8, -1)
+        flat = recalled.flatten(2).transpose(1, 2).flatten(0, 1)
+        assert torch.allclose(rows @ matrix.T, flat, atol=1e-5)
+        assert torch.allclose(targets, values.flatten(2).transpose(1, 2).flatten(0, 1))
+    written = write_memory(model, patterns).params["memory.weight"]
+    assert written.shape == (8, 64, 3, 3) and torch.count_nonzero(written) > 0
 
 
 @pytest.mark.parametrize("copies", [True, False], ids=["copies", "spread"])
@@ -121,16 +149,18 @@ def test_a_kv_write_rate_acts_alike_on_every_episode_whatever_its_keys(copies: b
     assert all(b < a for a, b in pairwise(energies)), energies
 
 
+@pytest.mark.parametrize("memory", ["kv", "kv-conv"])
 @pytest.mark.parametrize("second_order", [True, False])
 def test_the_closed_form_kv_write_is_the_autograd_write_gradients_included(
-    second_order: bool,
+    second_order: bool, memory: str
 ) -> None:
     """The kv write's closed-form steps on one encoder pass's keys and values give the
     memory, and the meta-gradients through it to every slow weight and rate, that the
     generic autograd steps (`write_step`, differentiating the energy at each step) give
     with the same rates in units of 1/λmax; first order treats each step's gradient as
-    a constant in both. Under `vmap` (`write_episodes`) each episode gets its own λmax."""
-    model, patterns, queries = _tiny_kv(write_steps=3)
+    a constant in both. Under `vmap` (`write_episodes`) each episode gets its own λmax.
+    kv-conv's rows are its key patches at every position, its θ the 3x3 convolution."""
+    model, patterns, queries = _tiny_kv(memory, write_steps=3)
     net, rules = model.energy, model.rules
     with torch.no_grad():
         rules.beta.fill_(0.5)  # a β term that matters (softplus: 0.97)
@@ -138,7 +168,7 @@ def test_the_closed_form_kv_write_is_the_autograd_write_gradients_included(
 
     def autograd_write(x: torch.Tensor) -> dict[str, torch.Tensor]:
         rates, alphas, betas = rules.write_schedule(len(x))
-        lam = delta_curvature(net.addresses(x))
+        lam = delta_curvature(net.associations(x)[0])
         theta_bar = initial_memory(net)
         theta = dict(theta_bar)
         for eta, alpha, beta in zip(rates, alphas, betas, strict=True):
@@ -166,11 +196,12 @@ def test_the_closed_form_kv_write_is_the_autograd_write_gradients_included(
         assert torch.allclose(batched[i], single, atol=1e-6)
 
 
-def test_rekeys_redraw_each_drawing_by_the_key_of_the_one_before() -> None:
+@pytest.mark.parametrize("memory", ["kv", "kv-conv"])
+def test_rekeys_redraw_each_drawing_by_the_key_of_the_one_before(memory: str) -> None:
     """With `rekeys` R the redraw read has 1 + R iterates: the first is the plain
     redraw; each next one keeps the query's value, maps and pixels but is recalled by
     the key of the drawing before, so it differs from the first; the answer is the last."""
-    model, patterns, queries = _tiny_kv()
+    model, patterns, queries = _tiny_kv(memory)
     model.rules.config = replace(model.rules.config, rekeys=2)
     memory = write_memory(model, patterns)
     drawings = retrieve(model, memory, queries)
@@ -202,10 +233,11 @@ def test_a_kv_model_from_before_the_rate_units_is_refused_by_name(tmp_path: Path
         load_model(path)
 
 
-def test_the_redraw_read_draws_what_the_written_memory_recalls() -> None:
+@pytest.mark.parametrize("memory", ["kv", "kv-conv"])
+def test_the_redraw_read_draws_what_the_written_memory_recalls(memory: str) -> None:
     """One iterate: the energy's drawing of each query under the memory. It depends on
     what was written: the unwritten memory draws otherwise."""
-    model, patterns, queries = _tiny_kv()
+    model, patterns, queries = _tiny_kv(memory)
     memory = write_memory(model, patterns)
     (out,) = retrieve(model, memory, queries)
     with torch.no_grad():
@@ -243,15 +275,16 @@ def test_kv_identification_scores_keys_and_the_redraw_sees_the_query_maps() -> N
 
 
 def test_kv_rule_defaults_and_the_redraw_read_checks() -> None:
-    """kv reads by `redraw` and writes from rate 1 without the gradient-norm term unless
-    told otherwise; other memories keep `gd`; `redraw` on an energy that cannot draw is
-    refused, naming `--read`."""
-    rules = train_config(dataset="omniglot", memory="kv", steps=1).model.rules
-    assert (rules.read, rules.alpha, rules.write_lr) == ("redraw", 0.0, 1.0)
+    """kv and kv-conv read by `redraw` and write from rate 1 without the gradient-norm
+    term unless told otherwise; other memories keep `gd`; `redraw` on an energy that
+    cannot draw is refused, naming `--read`."""
+    for memory in ("kv", "kv-conv"):
+        rules = train_config(dataset="omniglot", memory=memory, steps=1).model.rules
+        assert (rules.read, rules.alpha, rules.write_lr) == ("redraw", 0.0, 1.0)
     rules = train_config(dataset="omniglot", memory="kv", steps=1, write_lr=0.2, read="gd")
     assert (rules.model.rules.read, rules.model.rules.write_lr) == ("gd", 0.2)
     assert train_config(dataset="omniglot", steps=1).model.rules.read == "gd"
-    with pytest.raises(EbmmError, match=r"^--read: redraw needs --memory kv or conv-ae"):
+    with pytest.raises(EbmmError, match=r"^--read: redraw needs --memory kv, kv-conv or conv-ae"):
         train_config(dataset="omniglot", memory="conv", steps=1, read="redraw")
 
 
@@ -281,14 +314,18 @@ def test_bce_is_the_pixels_cross_entropy_and_passes_nan_through() -> None:
 
 
 @pytest.mark.slow
-def test_train_and_compare_a_kv_memory_through_the_cli(data_root: Path, tmp_path: Path) -> None:
-    """`ebmm train --memory kv --loss bce` on Omniglot, then `ebmm compare` of the model
-    on evaluation characters; `--read redraw` on a conv memory is one line and exit 2."""
+@pytest.mark.parametrize("memory", ["kv", "kv-conv"])
+def test_train_and_compare_a_kv_memory_through_the_cli(
+    memory: str, data_root: Path, tmp_path: Path
+) -> None:
+    """`ebmm train --memory kv --loss bce` (or kv-conv) on Omniglot, then `ebmm compare`
+    of the model on evaluation characters; `--read redraw` on a conv memory is one line
+    and exit 2."""
     out = tmp_path / "run"
     common = ["train", "--data-root", str(data_root), "--image-size", "16", "--batch-size",
               "3", "--distortion", "occlude:8", "--eval-every", "2", "--eval-episodes", "1",
               "--device", "cpu", "--steps", "2"]  # fmt: skip
-    result = run_ebmm(*common, "--memory", "kv", "--loss", "bce", "--rekeys", "1",
+    result = run_ebmm(*common, "--memory", memory, "--loss", "bce", "--rekeys", "1",
                       "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
     model = str(out / "model.safetensors")

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from ebmm_cli.energy.blocks import he_init
-from ebmm_cli.energy.nets import ConvEnergy, FCEnergy, KVEnergy, RNNEnergy
+from ebmm_cli.energy.nets import ConvEnergy, FCEnergy, KVConvEnergy, KVEnergy, RNNEnergy
 
-KINDS = ("conv", "conv-ae", "conv-large", "fc", "kv", "rnn")
-DEFAULT_DYNAMIC = {"conv": 4, "conv-ae": 4, "conv-large": 8, "fc": 16, "kv": 72, "rnn": 64}
+KINDS = ("conv", "conv-ae", "conv-large", "fc", "kv", "kv-conv", "rnn")
+DEFAULT_DYNAMIC = {
+    "conv": 4, "conv-ae": 4, "conv-large": 8, "fc": 16, "kv": 72, "kv-conv": 8, "rnn": 64
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -24,11 +26,12 @@ class EnergyConfig:
     Args:
         kind: `conv`, `conv-ae` (conv plus a reconstruction term, see `ConvEnergy`),
             `conv-large` (the paper's 64x64 network), `fc` (images), `kv` (a key-value
-            energy, see `KVEnergy`) or `rnn` (binary strings).
+            energy, see `KVEnergy`), `kv-conv` (the same with a convolutional written
+            layer, see `KVConvEnergy`) or `rnn` (binary strings).
         shape: one pattern's shape: (C, H, W) with H = W for images, (bits,) for `rnn`.
         dynamic: written channels (conv) or units (fc, rnn); None takes the default
             (conv and conv-ae 4 = 4,616 floats, conv-large 8 = 18,448, fc 16 = 4,112,
-            kv 72 = 4,608, rnn 64 = 8,256).
+            kv 72 = 4,608, kv-conv 8 = 4,608, rnn 64 = 8,256).
         signed: rnn only: the written layer reads 2x − 1 (a Hopfield net's ±1 coding)
             instead of x. The same functions (W(2x − 1) + b = 2Wx + b − W1), but each
             write step's update δ(2x − 1)ᵀ pushes towards a pattern's 0-bits as well as
@@ -63,6 +66,8 @@ def build_energy(config: EnergyConfig) -> nn.Module:
             net = FCEnergy(channels, size, d)
         elif config.kind == "kv":
             net = KVEnergy(channels, size, d)
+        elif config.kind == "kv-conv":
+            net = KVConvEnergy(channels, size, d)
         else:
             net = ConvEnergy(
                 channels,
