@@ -280,7 +280,12 @@ class KVEnergy(nn.Module):
         if not redraw:
             return 0.5 * (recalled - value).pow(2).sum(1)
         h = F.relu(self.expand(torch.cat([recalled, value], 1)))
-        h = h.view(-1, 4 * self.width, self.sides[0], self.sides[0])
+        return self._draw(h.view(-1, 4 * self.width, self.sides[0], self.sides[0]), maps, x)
+
+    def _draw(self, h: torch.Tensor, maps: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The image (x.shape) the decoder draws from its first map h (the encoder's last
+        map's shape): up through the skips from x's encoder `maps`, then the last pair of
+        convolutions that also sees x's pixels."""
         for up, side, skip in zip(self.ups, self.sides[1:], reversed(maps), strict=True):
             h = F.relu(up(torch.cat([h, skip], 1), output_size=[side, side]))
         return torch.sigmoid(self.out(torch.cat([h, x], 1)))
@@ -317,23 +322,15 @@ class KVConvEnergy(KVEnergy):
             nn.Conv2d(2 * dynamic, w, 3, padding=1),
         )
 
-    def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The encoder's last map (B, 4w, s, s), and its maps of x, finest first."""
-        maps = []
-        for layer in self.encoder[:-1]:  # not its Flatten
-            x = layer(x)
-            if isinstance(layer, nn.ReLU):
-                maps.append(x)
-        return x, maps
-
-    def _unit_keys(self, h: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.key(h), dim=1)  # a unit key at every position
+    def _last_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's last map of x (B, 4w, s, s): its output before the Flatten."""
+        return self._encode(x)[1][-1]
 
     def addresses(self, x: torch.Tensor) -> torch.Tensor:
         """The key maps k(x), flattened (B, KEYS·s²) and scaled to unit length: the
         mean over positions of the keys' products, by which a write from θ̄ = 0 weighs
         each stored pattern's values (up to the patches' overlap)."""
-        keys = self._unit_keys(self._maps(x)[0])
+        keys = self._unit_key(self._last_map(x))  # a unit key at every position
         return F.normalize(keys.flatten(1), dim=1)
 
     def associations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,8 +339,8 @@ class KVConvEnergy(KVEnergy):
         energy, with θ = `memory.weight` read as a (dynamic, KEYS·9) matrix (`F.unfold`
         orders a patch as the weight does), so that `memory.write` takes its delta-rule
         steps in closed form."""
-        h = self._maps(x)[0]
-        patches = F.unfold(self._unit_keys(h), 3, padding=1)  # (B, KEYS·9, s²)
+        h = self._last_map(x)
+        patches = F.unfold(self._unit_key(h), 3, padding=1)  # (B, KEYS·9, s²)
         values = self.value(h).flatten(2)  # (B, dynamic, s²)
         return patches.transpose(1, 2).flatten(0, 1), values.transpose(1, 2).flatten(0, 1)
 
@@ -352,13 +349,11 @@ class KVConvEnergy(KVEnergy):
     ) -> torch.Tensor:
         """The energies (B,); with `redraw`, the image (x.shape) drawn from the value map
         recalled by x's keys (or by `cue`'s, an earlier drawing of x) and x's own."""
-        h, maps = self._maps(x)
-        keys = self._unit_keys(h if cue is None else self._maps(cue)[0])
+        _, maps = self._encode(x)
+        h = maps[-1]
+        keys = self._unit_key(h if cue is None else self._last_map(cue))
         value = self.value(h)
         recalled = self.memory(keys)
         if not redraw:
             return 0.5 * (recalled - value).pow(2).sum(1).flatten(1).mean(1)
-        h = F.relu(self.expand(torch.cat([recalled, value], 1)))
-        for up, side, skip in zip(self.ups, self.sides[1:], reversed(maps), strict=True):
-            h = F.relu(up(torch.cat([h, skip], 1), output_size=[side, side]))
-        return torch.sigmoid(self.out(torch.cat([h, x], 1)))
+        return self._draw(F.relu(self.expand(torch.cat([recalled, value], 1))), maps, x)
