@@ -150,15 +150,19 @@ def test_sigterm_during_an_evaluation_stops_at_once_and_resumes_as_if_never_stop
             "--checkpoint-minutes", "0", "--device", "cpu", "--steps", str(steps)]  # fmt: skip
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run_ebmm("train", "-o", str(whole), *args).returncode == 0
+    # The whole run's clock between its last two evaluations spans one evaluation and
+    # one step (a fraction of a second, where an evaluation takes seconds): half of it
+    # lands inside an evaluation on this machine, however fast or loaded it is.
+    clock = [m["seconds"] for m in read_metrics(whole)]
+    into_the_evaluation = (clock[-1] - clock[-2]) / 2
     proc = _start("train", "-o", str(split), *args)
     deadline = time.monotonic() + 300
     # a checkpoint follows every step (and its evaluation, if any): wait for the one
-    # before the evaluation to cut, then into it (a step takes a fraction of a second,
-    # an evaluation several)
+    # before the evaluation to cut, then into it
     while _checkpoint_step(split) < cut_after and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(2.0)
+    time.sleep(into_the_evaluation)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
