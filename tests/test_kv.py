@@ -90,7 +90,8 @@ def test_a_kv_write_is_the_delta_rule_on_its_keys_and_values() -> None:
 
 def test_the_kv_conv_memory_is_a_3x3_convolution_over_a_map_of_unit_keys() -> None:
     """kv-conv's energy is ½ the mean over positions of ‖θ ⋆ K(x) − V(x)‖², θ the written
-    3x3 convolution over the encoder's last map of unit keys, and `associations` gives
+    3x3 convolution over a map of unit keys from the encoder's whole last map (each
+    position's key and value see every position), and `associations` gives
     one row per pattern and position whose product with θ (read as a matrix) is that
     convolution's output there, so that the closed-form write is the delta rule on it."""
     model, patterns, _ = _tiny_kv("kv-conv")
@@ -109,6 +110,12 @@ def test_the_kv_conv_memory_is_a_3x3_convolution_over_a_map_of_unit_keys() -> No
         flat = recalled.flatten(2).transpose(1, 2).flatten(0, 1)
         assert torch.allclose(rows @ matrix.T, flat, atol=1e-5)
         assert torch.allclose(targets, values.flatten(2).transpose(1, 2).flatten(0, 1))
+        # each position's key and value see the whole map, not their own position alone
+        # (trials 67-68: local keys left an occluded query's hole keyed apart)
+        moved = h.clone()
+        moved[:, :, 0, 0] += 1.0
+        for head in (net.key, net.value):
+            assert not torch.allclose(head(moved)[:, :, 1, 1], head(h)[:, :, 1, 1])
     written = write_memory(model, patterns).params["memory.weight"]
     assert written.shape == (8, 64, 3, 3) and torch.count_nonzero(written) > 0
 

@@ -291,6 +291,20 @@ class KVEnergy(nn.Module):
         return torch.sigmoid(self.out(torch.cat([h, x], 1)))
 
 
+class MapFromWhole(nn.Module):
+    """A map of `channels` at every position of a (B, w, side, side) map, each position's
+    a linear function of the whole map (one Linear over its w·side² floats): a head
+    whose output at a position depends on every position's input."""
+
+    def __init__(self, width: int, side: int, channels: int) -> None:
+        super().__init__()
+        self.side, self.channels = side, channels
+        self.linear = nn.Linear(width * side * side, channels * side * side)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h.flatten(1)).view(-1, self.channels, self.side, self.side)
+
+
 class KVConvEnergy(KVEnergy):
     """`kv` with a convolutional written layer (`kv-conv`): E(x; θ) = ½ mean over the
     positions p of ‖(θ ⋆ K(x))p − V(x)p‖², with K(x) a map of unit keys (64 channels at
@@ -306,18 +320,23 @@ class KVConvEnergy(KVEnergy):
     patterns' energy moves θ by η times the mean over every pattern and position of
     (vp − θ kp) kpᵀ, with kp the 3x3 patch of keys around p (`associations`), so each
     position stores its patch's key → value pair, and a query's patches recall theirs.
-    The encoder's last map sees nearly the whole image at each position, so the
-    association stays by character, shared over positions. The read draws the recalled
-    value map, beside the query's own, as `kv` does (its decoder starts from a 3x3
-    convolution of the two maps instead of a linear layer)."""
+    The key and value at each position are functions of the whole encoder output
+    (`MapFromWhole`), not of the position's own features: with keys from 1x1
+    convolutions (trials 67 and 68), the positions an occlusion covers keyed the query
+    apart from its stored character and the written memory read no better than the
+    unwritten one; from the whole image, the visible part finds the character at every
+    position (trial 69). The read draws the recalled value map, beside the query's own,
+    as `kv` does (its decoder starts from a 3x3 convolution of the two maps instead of a
+    linear layer)."""
 
     def _heads(self, flat: int, dynamic: int) -> tuple[nn.Module, ...]:
-        """`KVEnergy._heads` at every position of the encoder's last map: 1x1 key and
-        value heads, the written 3x3 convolution, and a 3x3 first decoder layer."""
-        w = 4 * self.width
+        """`KVEnergy._heads` at every position of the encoder's last map: key and value
+        maps from the whole map, the written 3x3 convolution, and a 3x3 first decoder
+        layer."""
+        w, side = 4 * self.width, self.sides[0]
         return (
-            nn.Conv2d(w, self.KEYS, 1),
-            nn.Conv2d(w, dynamic, 1),
+            MapFromWhole(w, side, self.KEYS),
+            MapFromWhole(w, side, dynamic),
             nn.Conv2d(self.KEYS, dynamic, 3, padding=1, bias=False),
             nn.Conv2d(2 * dynamic, w, 3, padding=1),
         )
