@@ -83,8 +83,8 @@ class RuleConfig:
             training step): after the T learned steps, this many Adam steps on the
             written floats (`model.refine_memory`). 0: the learned write alone. Why: the
             learned write can fall far short of what the energy and read hold; the
-            built-in omniglot-32 reads 64 characters to Hamming 15.3 refined 200 steps at
-            0.05, 22.2 from its learned write (README, issue 17).
+            built-in omniglot-32 reads 64 characters to Hamming 14.7 refined 200 steps at
+            0.05, 21.1 from its learned write (README, issue 17).
         refine_lr: Adam's rate for every refinement of this model's memories (its
             write's, `ebmm train --refine`'s, `--refine`'s of `ebmm write` and `compare`).
     """
