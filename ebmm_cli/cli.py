@@ -431,8 +431,9 @@ def train(
         str | None,
         typer.Option(
             show_default=False,
-            help="Train by a built-in model's recipe (omniglot-28, omniglot-32: the paper's "
-            "protocol, binary-128): its options, unless given here too (README).",
+            help="Train by a built-in model's recipe (omniglot-28, omniglot-32 and "
+            "omniglot-32-conv: the paper's protocol, binary-128): its options, unless given "
+            "here too (README).",
         ),
     ] = None,
     memory: Annotated[

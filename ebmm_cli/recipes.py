@@ -27,6 +27,14 @@ RECIPES: dict[str, dict[str, Any]] = {
                       rekeys=1, episodes_per_step=4, write_refine=200, write_refine_lr=0.05),
         "episodes": 20,
     },
+    "omniglot-32-conv": {
+        "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized; "
+                "a convolutional memory",
+        "train": dict(memory="kv-conv", dataset="omniglot", image_size=32, batch_size=64,
+                      distortion="occlude:16", binarize=True, loss="bce", write_lr=1.0,
+                      rekeys=1, episodes_per_step=4, write_refine=200, write_refine_lr=0.05),
+        "episodes": 20,
+    },
     "binary-128": {
         "what": "128-bit strings, 8 to 96 per memory, eraseblock:64 (8,256 floats)",
         "train": dict(dataset="binary", memory="rnn", batch_size=(8, 96),

@@ -12,8 +12,9 @@ also each model's paired difference from the pseudo-inverse Hopfield net, episod
               nearest neighbour, at 16/32/48/64/96 patterns (paper Table 1).
     omniglot  32x32, 64 images, occlude:16, conv at 2,308 / 4,616 / 16,156 floats, fc at
               2,313 / 4,626 / 16,191 floats and kv (ebmm's key-value memory, the recipe of the
-              built-in omniglot-32) at 2,304 / 4,608 / 16,128 floats against nearest
-              neighbour (full and PCA-compressed)
+              built-in omniglot-32) and kv-conv (the same, its written layer a 3x3
+              convolution: omniglot-32-conv) at 2,304 / 4,608 / 16,128 floats against
+              nearest neighbour (full and PCA-compressed)
               and Hopfield networks (paper Fig. 3, Hamming error), on characters
               thresholded at 0.5 (`--binarize`: the paper's are binary images).
     cifar10   32x32, 64 images, occlude:16, conv at 2,308 / 4,616 / 16,156 floats (paper
@@ -84,6 +85,11 @@ EXPERIMENTS: dict[str, dict] = {
                 # draws distinct characters; PAPER's --shots 0 draws any 64 images)
                 f"kv-{d}": ["--recipe", "omniglot-32", "--dynamic", str(d), *PAPER]
                 for d in (36, 72, 252)
+            },
+            **{
+                # the same with a 3x3 convolution as the written layer (omniglot-32-conv)
+                f"kv-conv-{d}": ["--recipe", "omniglot-32-conv", "--dynamic", str(d), *PAPER]
+                for d in (4, 8, 28)
             },
         },
         "train_data": ["--dataset", "omniglot", "--binarize"],

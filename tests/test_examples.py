@@ -194,28 +194,32 @@ def test_a_recipe_run_exports_as_a_builtin_and_another_run_is_refused(tmp_path: 
 
 
 @pytest.mark.slow
-def test_the_omniglot_32_recipe_runs_as_written_and_exports(
-    data_root: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("name", "memory"), [("omniglot-32", "kv"), ("omniglot-32-conv", "kv-conv")]
+)
+def test_the_omniglot_32_recipes_run_as_written_and_export(
+    name: str, memory: str, data_root: Path, tmp_path: Path
 ) -> None:
-    """The paper-protocol recipe (kv, binarized, BCE, one re-keying, a refining write) is
-    a command `ebmm train` accepts as written, switches spelled as switches, and its run
-    exports as the recipe's: the model is the kv memory the recipe names, at 4,608
-    written floats, whose own write refines its memory."""
+    """The paper-protocol recipes (kv, or kv-conv: its written layer a 3x3 convolution;
+    binarized, BCE, one re-keying, a refining write) are commands `ebmm train` accepts as
+    written, switches spelled as switches, and their runs export as the recipe's: the
+    model is the memory the recipe names, at 4,608 written floats, whose own write
+    refines its memory."""
     run, folder = tmp_path / "run", tmp_path / "models"
-    trained = builtin_models("train", "omniglot-32", "--steps", "1", "--out", str(run),
+    trained = builtin_models("train", name, "--steps", "1", "--out", str(run),
                              "--data-root", str(data_root))  # fmt: skip
     assert trained.returncode == 0, trained.stderr
-    exported = builtin_models("export", "omniglot-32", "--run", str(run), "--to", str(folder),
+    exported = builtin_models("export", name, "--run", str(run), "--to", str(folder),
                               "--episodes", "1", "--machine", "test",
                               "--data-root", str(data_root))  # fmt: skip
     assert exported.returncode == 0, exported.stderr
-    with safe_open(str(folder / "omniglot-32.safetensors"), "pt") as f:
+    with safe_open(str(folder / f"{name}.safetensors"), "pt") as f:
         provenance = json.loads(f.metadata()["provenance"])
     assert " --binarize --loss bce " in provenance["command"]
     assert "True" not in provenance["command"]
     assert provenance["memory_floats"] == 4608
-    model = load_model(folder / "omniglot-32.safetensors")
-    assert model.config.energy.kind == "kv" and model.config.rules.rekeys == 1
+    model = load_model(folder / f"{name}.safetensors")
+    assert model.config.energy.kind == memory and model.config.rules.rekeys == 1
     # its write refines (200 Adam steps at 0.05), and the held-out metrics measure that
     # write beside the learned steps (after one training step it reads worse, not better)
     assert (model.config.rules.refine, model.config.rules.refine_lr) == (200, 0.05)
