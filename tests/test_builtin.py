@@ -44,6 +44,8 @@ def test_the_built_ins_ship_small_in_half_precision_with_provenance() -> None:
             assert held["refined_hamming"] < held["hamming"] < held["query_hamming"]
     refines = {m["name"]: m["refine"] for m in listed}
     assert refines["omniglot-32"] == refines["omniglot-32-conv"] == 200
+    conv = next(m for m in listed if m["name"] == "omniglot-32-conv")  # issue 17's memory
+    assert (conv["memory"], conv["memory_floats"]) == ("kv-conv", 4608)
     table = run_ebmm("models")
     assert table.returncode == 0 and all(name in table.stdout for name in SHIPPED)
     refining = next(m for m in listed if m["name"] == "omniglot-32")["heldout"]
