@@ -13,6 +13,14 @@ from typing import Any
 
 from ebmm_cli.errors import EbmmError
 
+PAPER_OMNIGLOT: dict[str, Any] = dict(
+    dataset="omniglot", image_size=32, batch_size=64, distortion="occlude:16", binarize=True,
+    loss="bce", write_lr=1.0, rekeys=1, episodes_per_step=4, write_refine=200,
+    write_refine_lr=0.05,
+)  # fmt: skip
+"""The paper's Omniglot protocol as omniglot-32 trains it, beside its memory: one place,
+so that omniglot-32-conv differs from it by the memory alone."""
+
 RECIPES: dict[str, dict[str, Any]] = {
     "omniglot-28": {
         "what": "Omniglot 28x28, 5 characters, noise:7 (the report's protocol)",
@@ -22,17 +30,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "omniglot-32": {
         "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized",
-        "train": dict(memory="kv", dataset="omniglot", image_size=32, batch_size=64,
-                      distortion="occlude:16", binarize=True, loss="bce", write_lr=1.0,
-                      rekeys=1, episodes_per_step=4, write_refine=200, write_refine_lr=0.05),
+        "train": dict(memory="kv", **PAPER_OMNIGLOT),
         "episodes": 20,
     },
     "omniglot-32-conv": {
         "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized; "
                 "a convolutional memory",
-        "train": dict(memory="kv-conv", dataset="omniglot", image_size=32, batch_size=64,
-                      distortion="occlude:16", binarize=True, loss="bce", write_lr=1.0,
-                      rekeys=1, episodes_per_step=4, write_refine=200, write_refine_lr=0.05),
+        "train": dict(memory="kv-conv", **PAPER_OMNIGLOT),
         "episodes": 20,
     },
     "binary-128": {
