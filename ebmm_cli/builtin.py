@@ -16,8 +16,11 @@ from typing import Any
 from ebmm_cli.errors import EbmmError
 
 FOLDER = Path(__file__).parent / "models"
-DEFAULT = "omniglot-28"
-"""The model `ebmm write` uses without `--model`: Omniglot 28x28, the report's protocol."""
+DEFAULT = "omniglot-32"
+"""The model `ebmm write` uses without `--model`: the paper's Omniglot protocol (64
+characters of 32x32 per memory), whose memory carries its recall: its queries read from
+a memory of other characters stay broken (`examples/recall.py`). `omniglot-28` restores
+its queries as well from any memory, a denoiser's work, so it is not the default."""
 
 
 def names() -> list[str]:
@@ -43,7 +46,8 @@ def resolve(model: Path | str) -> Path:
 
 def describe(path: Path) -> dict[str, Any]:
     """What `ebmm models` lists of one model file: its protocol, pattern shape, memory
-    size, N range, the refining steps of its write and provenance (held-out metrics
+    size, N range, its read, the learned and refining steps of its write and its
+    provenance (held-out metrics, the unwritten control and the write's time
     included), from its header alone."""
     from ebmm_cli.store import read_header
 
@@ -61,6 +65,7 @@ def describe(path: Path) -> dict[str, Any]:
         "binarize": bool(config.get("binarize")),
         "patterns": rules.get("patterns"),
         "refine": rules.get("refine", 0),
+        "write_steps": rules.get("write_steps"),
         "memory_floats": provenance.get("memory_floats"),
         "size_bytes": path.stat().st_size,
         **{k: v for k, v in provenance.items() if k != "memory_floats"},

@@ -298,8 +298,10 @@ def distort(
     value: Annotated[
         str,
         typer.Option(
-            help="Fill of the occluded block: a number in [0, 1], "
-            "or [bold]uniform[/] for random values."
+            help="Fill of the occluded block in the file's own values: a number in [0, 1], "
+            "or [bold]uniform[/] for random values. 0 is black: on dark-on-light files "
+            "(Omniglot's PNGs, scans) a block of ink, not the paper's blank, which is 1 "
+            "there; --model picks the fill a model was trained with."
         ),
     ] = "0",
     prob: Annotated[float, typer.Option(help="Probability that saltpepper hits a pixel.")] = 0.1,
@@ -336,20 +338,41 @@ def distort(
         ),
     ] = Path("distorted"),
     force: Annotated[bool, typer.Option(help="Overwrite existing outputs (inputs never).")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Distort as this model was trained (a model file or a built-in's name): "
+            "its distortion, image size, polarity and thresholding, so that the queries are "
+            "the ones its read expects; files are written in the inputs' own polarity. "
+            "Replaces --kind, --block, --std, --value, --prob, --bits and --size.",
+            show_default=False,
+        ),
+    ] = None,
     skip_bad: SkipBad = False,
 ) -> None:
     """Write distorted copies of images, to use as queries. Never touches its inputs.
 
     Prints each written path, so [bold]ebmm distort imgs/ | ebmm read --memory m.safetensors -[/]
-    works.
+    works. [bold]ebmm distort --model M chars/ -o q && ebmm write --model M chars/ -o m &&
+    ebmm read --memory m q[/] is the paper's protocol on your own files.
     """
     from ebmm_cli.distort import Distortion, generator_for
     from ebmm_cli.imageio import collect_images, load_image, output_paths, save_image
 
-    distortion = Distortion(
-        kind=kind.value, block=block, std=std, value=_fill_value(value), prob=prob, bits=bits
-    )
-    distortion.validate()
+    if model is None:
+        distortion = Distortion(
+            kind=kind.value, block=block, std=std, value=_fill_value(value), prob=prob, bits=bits
+        )
+        distortion.validate()
+        as_trained = None
+    else:
+        given = [n for n in _DISTORT_KNOBS if _given(ctx, n)]
+        if given:
+            raise EbmmError(
+                f"--{given[0].replace('_', '-')}", "not with --model, which sets it as trained"
+            )
+        as_trained = _trained_queries(model)
+        distortion, size = as_trained.distortion, as_trained.size
     _hold(ctx, out)
     images = collect_images(inputs, sys.stdin, exclude=out)
     targets = output_paths(images, out, force)
@@ -365,15 +388,50 @@ def distort(
                 skipped += 1
                 advance()
                 continue
+            generator = generator_for(seed, image.rel.as_posix())
             try:
                 distortion.check_shape(tuple(x.shape))
+                if as_trained is None:
+                    query = distortion(x[None], generator)[0]
+                else:
+                    query = as_trained(x, generator)
             except EbmmError as e:
                 raise EbmmError(image.path, f"{e.subject} {e.problem}") from None
-            query = distortion(x[None], generator_for(seed, image.rel.as_posix()))[0]
             save_image(query, target)
             print(target, flush=True)
             advance()
     _count_skipped("distort", skipped)
+
+
+_DISTORT_KNOBS = ("kind", "block", "std", "value", "prob", "bits", "size")
+"""`ebmm distort`'s options that `--model` sets from the model instead."""
+
+
+def _trained_queries(model: str) -> Any:
+    """The queries `model` was trained on, as a function of one image file's tensor
+    (`distort.AsTrained`), from its header alone (no weights loaded)."""
+
+    from ebmm_cli import builtin
+    from ebmm_cli.distort import AsTrained, Distortion
+    from ebmm_cli.model import ModelConfig
+    from ebmm_cli.store import read_header
+
+    path = builtin.resolve(model)
+    meta = read_header(path)
+    try:
+        config = ModelConfig.from_json(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EbmmError(path, f"not an ebmm model file ({e})") from None
+    shape = config.energy.shape
+    if len(shape) != 3:
+        raise EbmmError(path, f"a model of {config.dataset} patterns, not of images")
+    return AsTrained(
+        distortion=Distortion.parse(config.distortion, shape),
+        channels=shape[0],
+        size=shape[-1],
+        invert=config.invert_files,
+        binarize=config.binarize,
+    )
 
 
 DataRoot = Annotated[
@@ -1020,7 +1078,7 @@ def write(
         Path | None,
         typer.Option(
             help="A trained model: model.safetensors from ebmm train, or a built-in's name "
-            "(ebmm models). Default: the built-in omniglot-28.",
+            "(ebmm models). Default: the built-in omniglot-32.",
             show_default=False,
         ),
     ] = None,
@@ -1076,7 +1134,7 @@ def write(
     if model is None:
         print(
             f"ebmm write: note: no --model given; using the built-in {builtin.DEFAULT} "
-            "(Omniglot 28x28, the report's protocol)",
+            "(Omniglot 32x32, 64 characters per memory, the paper's protocol)",
             file=sys.stderr,
         )
     model = builtin.resolve(model or builtin.DEFAULT)
@@ -1331,11 +1389,12 @@ def compare(
     unwritten: Annotated[
         bool,
         typer.Option(
-            help="Add a row per model that writes nothing and reads every query from its "
-            "initial weights: the gap to the model's own row is what its memory stores (its "
-            "slow weights alone may already beat the query).",
+            help="A row per model that writes nothing and reads every query from its "
+            "initial weights (the control, on by default): the gap to the model's own row is "
+            "what its memory stores; a model whose unwritten row reads as well is a denoiser, "
+            "not a memory.",
         ),
-    ] = False,
+    ] = True,
     refine: Annotated[
         int | None,
         typer.Option(
@@ -1543,40 +1602,59 @@ def models(
     from rich.table import Table
 
     table = Table(title=f"built-in models ({builtin.FOLDER})", title_justify="left")
-    for column in ("name", "protocol", "pattern", "memory floats", "N", "held-out", "trained"):
+    for column in ("name", "protocol", "memory", "read", "write", "held-out: written", "unwritten"):
         table.add_column(column)
     for m in found:
         shape = "x".join(str(v) for v in m["shape"])
-        held = m.get("heldout", {})
+        floats = f", {m['memory_floats']:,} floats" if m["memory_floats"] else ""
         table.add_row(
             m["name"],
-            f"{m['dataset']}{' binarized' if m['binarize'] else ''}, {m['memory']}, "
-            f"{m['distortion']}, {m['read']} read"
-            + (f", write refined {m['refine']} steps" if m["refine"] else ""),
-            shape,
-            f"{m['memory_floats']:,}" if m["memory_floats"] else "-",
-            _range(m["patterns"]) if m["patterns"] else "-",
-            _held_out(held),
-            f"{m.get('steps', '?')} steps, {m.get('minutes', '?')} min, {m.get('machine', '?')}",
+            f"{m['dataset']} {shape}{' binarized' if m['binarize'] else ''}, "
+            f"{m['distortion']}, N {_range(m['patterns']) if m['patterns'] else '?'}",
+            f"{m['memory']}{floats}",
+            _READS.get(m["read"], m["read"]),
+            _write_cost(m),
+            _held_out(m.get("heldout", {})),
+            _unwritten(m.get("heldout", {})),
         )
     Console(width=200).print(table)
 
 
+_READS = {"gd": "energy descent", "redraw": "decoder (kv draw)", "decoder": "decoder (MAML)"}
+"""What each `--read` is, in the words of `ebmm models`: only `gd` is the paper's read."""
+
+
+def _write_cost(m: dict[str, Any]) -> str:
+    """A built-in's write: its learned steps, any refining Adam steps, and the seconds
+    one write of N patterns took where `examples/builtin_models.py controls` timed it."""
+    text = f"{m['write_steps']} learned steps" + (
+        f" + {m['refine']} Adam steps" if m["refine"] else ""
+    )
+    if "write" in m:
+        text += f"; {m['write']['seconds']:.2g} s for {m['write']['patterns']}"
+    return text
+
+
 def _held_out(held: dict[str, Any]) -> str:
-    """A built-in's held-out metrics in a table cell: the ratios to the query's; for a
-    model whose write refines, its write's (`refined_*`), then the learned steps'."""
+    """A built-in's held-out numbers from its own write (its refined write's, for a
+    model whose write refines, then the learned steps'): Hamming error for binary
+    patterns, else squared error as a fraction of the query's."""
     if not held:
         return "-"
-    refined = "refined_mse" in held
-    key = "refined_" if refined else ""
-    parts = [f"MSE {held[key + 'mse'] / held['query_mse']:.3f} of the query's"]
+    key = "refined_" if "refined_mse" in held else ""
     if "hamming" in held:
-        parts.append(f"Hamming {held[key + 'hamming']:.1f} (query {held['query_hamming']:.1f})")
-    if "ssim" in held:
-        parts.append(f"SSIM {held[key + 'ssim']:.3f} (query {held['query_ssim']:.3f})")
-    if refined and "hamming" in held:
-        parts.append(f"learned steps alone: Hamming {held['hamming']:.1f}")
-    return ", ".join(parts)
+        text = f"Hamming {held[key + 'hamming']:.1f} (query {held['query_hamming']:.1f})"
+        return text + (f"; learned steps {held['hamming']:.1f}" if key else "")
+    return f"MSE {held[key + 'mse'] / held['query_mse']:.2f} of the query's"
+
+
+def _unwritten(held: dict[str, Any]) -> str:
+    """The same held-out queries read with nothing written, in `_held_out`'s units."""
+    if "unwritten_mse" not in held:
+        return "-"
+    if "hamming" in held:
+        return f"Hamming {held['unwritten_hamming']:.1f}"
+    return f"MSE {held['unwritten_mse'] / held['query_mse']:.2f} of the query's"
 
 
 def _model_labels(paths: list[Path]) -> list[str]:

@@ -272,6 +272,35 @@ class Distortion:
         return f"{self.kind}:{arg}"
 
 
+@dataclass(frozen=True)
+class AsTrained:
+    """The queries a model was trained on, made from an image file: `ebmm distort --model`.
+
+    Why: a model reads queries in its own space (ink = 1, thresholded, its size), and a
+    distortion means something else in a file's values: `occlude`'s block of 0 is the
+    paper's blank in the model's space, but on Omniglot's dark-on-light PNGs a 0 is ink.
+    So the image goes to the model's space as `ebmm write` takes it (resized, inverted,
+    thresholded), is distorted there as in training, and comes back in the file's own
+    polarity, so that `ebmm read` maps it to exactly the query the model was trained on.
+    """
+
+    distortion: Distortion
+    channels: int
+    size: int
+    invert: bool
+    binarize: bool
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One image (C, size, size) in [0, 1], in its file's values, distorted."""
+        if x.shape[0] != self.channels and x.shape[0] != 1:
+            raise EbmmError("--model", f"takes {self.channels} channel(s), not {x.shape[0]}")
+        x = x.expand(self.channels, -1, -1)
+        x = 1.0 - x if self.invert else x
+        x = (x > 0.5).float() if self.binarize else x
+        query = self.distortion(x[None], generator)[0].clamp(0.0, 1.0)
+        return 1.0 - query if self.invert else query
+
+
 def generator_for(seed: int, key: str) -> torch.Generator:
     """A generator seeded from (seed, key): one image's draw depends on nothing else.
 

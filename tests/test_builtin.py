@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ebmm_cli import builtin
-from ebmm_cli.cli import _held_out
+from ebmm_cli.cli import _held_out, _unwritten
 from ebmm_cli.store import load_model
 from tests.conftest import run_ebmm
 
@@ -42,16 +42,24 @@ def test_the_built_ins_ship_small_in_half_precision_with_provenance() -> None:
         assert model.config.rules.patterns is not None
         if m["refine"]:  # its write refines: the listing shows that write's metrics
             assert held["refined_hamming"] < held["hamming"] < held["query_hamming"]
+        # the control beside it, and what a write costs
+        assert held["unwritten_mse"] > 0 and held["unwritten_hamming"] > 0, m["name"]
+        assert m["write"]["seconds"] > 0 and m["write"]["patterns"] > 0, m["name"]
     refines = {m["name"]: m["refine"] for m in listed}
     assert refines["omniglot-32"] == refines["omniglot-32-conv"] == 200
     conv = next(m for m in listed if m["name"] == "omniglot-32-conv")  # issue 17's memory
     assert (conv["memory"], conv["memory_floats"]) == ("kv-conv", 4608)
     table = run_ebmm("models")
     assert table.returncode == 0 and all(name in table.stdout for name in SHIPPED)
-    refining = next(m for m in listed if m["name"] == "omniglot-32")["heldout"]
+    memory = next(m for m in listed if m["name"] == "omniglot-32")
+    refining = memory["heldout"]
     cell = _held_out(refining)  # the table's cell, which the terminal wraps
-    assert cell.startswith(f"MSE {refining['refined_mse'] / refining['query_mse']:.3f} of")
-    assert f"learned steps alone: Hamming {refining['hamming']:.1f}" in cell
+    assert cell.startswith(f"Hamming {refining['refined_hamming']:.1f} (query")
+    assert f"learned steps {refining['hamming']:.1f}" in cell
+    assert _unwritten(refining) == f"Hamming {refining['unwritten_hamming']:.1f}"
+    # the default model is a memory: with nothing written its read stays broken
+    assert memory["name"] == builtin.DEFAULT and memory["read"] == "redraw"
+    assert refining["unwritten_hamming"] > refining["refined_hamming"] + 15
 
 
 def test_a_built_in_name_works_where_a_model_path_does(
@@ -60,14 +68,16 @@ def test_a_built_in_name_works_where_a_model_path_does(
     chars = omniglot_dir / "Latin" / "character01"
     five = [str(p) for p in sorted(chars.glob("*.png"))[:5]]
     memory = tmp_path / "m.safetensors"
-    wrote = run_ebmm("write", *five, "-o", str(memory))  # no --model: the default
+    wrote = run_ebmm("write", *five, "--refine", "0", "-o", str(memory))  # the default model
     assert wrote.returncode == 0, wrote.stderr
-    assert "using the built-in omniglot-28" in wrote.stderr
+    assert "using the built-in omniglot-32" in wrote.stderr
     queries = tmp_path / "q"
-    assert run_ebmm("distort", *five, "-o", str(queries)).returncode == 0
+    distorted = run_ebmm("distort", "--model", "omniglot-32", *five, "-o", str(queries))
+    assert distorted.returncode == 0, distorted.stderr
     read = run_ebmm("read", str(queries), "--memory", str(memory), "-o", str(tmp_path / "r"))
     assert read.returncode == 0, read.stderr
-    named = run_ebmm("write", *five, "--model", "omniglot-28", "-o", str(tmp_path / "n.st"))
+    named = run_ebmm("write", *five, "--model", "omniglot-32", "--refine", "0",
+                     "-o", str(tmp_path / "n.st"))  # fmt: skip
     assert named.returncode == 0 and "using the built-in" not in named.stderr
     assert (tmp_path / "n.st").read_bytes() == memory.read_bytes()
     compared = run_ebmm("compare", "--model", "omniglot-28", "--data-root", str(data_root),
@@ -113,8 +123,10 @@ def test_the_demo_shows_recall_with_the_built_in_model(
     ssim = re.search(r"SSIM to original\D+1\D+([0-9.]+)\D+([0-9.]+)", result.stdout)
     assert float(ssim[2]) > float(ssim[1]), result.stdout  # retrieved above the query
     blank = float(re.search(r"nothing written: ([0-9.]+) of the query", result.stdout)[1])
+    other = float(re.search(r"other characters' memory = ([0-9.]+)", result.stdout)[1])
     if model != "omniglot-28":  # the memory recalls: the unwritten read stays near the query
         assert ratio <= 0.35 and blank > 0.6, result.stdout
+        assert other <= 0.6, result.stdout  # and another memory's read stays broken
         hamming = re.search(r"Hamming error\D+0\D+([0-9.]+)\D+([0-9.]+)", result.stdout)
         assert float(hamming[2]) < float(hamming[1]) / 2, result.stdout
     else:  # a denoiser: the unwritten read repairs as much, within 0.02 (README)
