@@ -9,10 +9,15 @@
     python examples/builtin_models.py export omniglot-28 --run runs/omniglot-28 \
         --machine "2-core CPU, 1 torch thread"
 
+    # 3. the controls `ebmm models` shows beside the held-out numbers: the same queries
+    #    read with nothing written, and the seconds one write of N patterns takes here
+    python examples/builtin_models.py controls omniglot-28 --machine "2-core CPU"
+
 The export refuses a run whose configuration is not the recipe's, and records in the
 file's header (`provenance`): the recipe's `ebmm train` command, the commit exported
 from and the ebmm version trained with, steps, minutes, machine, and the held-out
 metrics of the float16 file (and of float32, to show the narrowing costs nothing).
+`controls` rewrites that header alone (the tensors stay as they are).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ import ebmm_cli  # noqa: F401  first: OpenMP's threads sleep, not spin (ebmm_cli
 import torch
 
 from ebmm_cli import builtin
+from ebmm_cli.compare import ModelMethod
 from ebmm_cli.evaluation import evaluate_sets, heldout_sets
 from ebmm_cli.memory import RuleConfig
 from ebmm_cli.meta import _datasets, read_metrics
@@ -41,7 +48,8 @@ from ebmm_cli.runconfig import TrainConfig, train_config
 from ebmm_cli.store import load_checkpoint, load_model, read_header, save_model
 
 KEPT = ("mse", "query_mse", "ssim", "query_ssim", "hamming", "query_hamming", "nonfinite",
-        "refined_mse", "refined_ssim", "refined_hamming")  # fmt: skip
+        "refined_mse", "refined_ssim", "refined_hamming", "unwritten_mse",
+        "unwritten_hamming")  # fmt: skip
 
 
 def _command(name: str) -> str:
@@ -133,6 +141,38 @@ def export(
     return target
 
 
+def controls(name: str, machine: str, data_root: str | None, folder: Path = builtin.FOLDER) -> Path:
+    """Add to a built-in's provenance what tells a memory from a denoiser and what its
+    write costs: the held-out queries read with nothing written (`unwritten_*`, on the
+    export's own episodes) and the seconds of one write of N patterns, its own (learned
+    steps, then any refinement), on `machine`. Only the header changes."""
+    target = folder / f"{name}.safetensors"
+    model = load_model(target)
+    provenance = json.loads(read_header(target)["provenance"])
+    held = provenance["heldout"]
+    config = train_config(**RECIPES[name]["train"], steps=1, data_root=data_root, device="cpu")
+    _, data, _ = _datasets(config)
+    sets = heldout_sets(data, config, model.distortion, held["episodes"])
+    merged = evaluate_sets(model, sets)
+    for key in ("unwritten_mse", "unwritten_hamming"):
+        held[key] = round(float(merged[key]), 5)
+        for n, row in held.get("by_n", {}).items():
+            row[key] = round(float(merged["by_n"][n][key]), 4)
+    patterns = next(iter(sets.values()))[0].patterns
+    own = ModelMethod(model, name, refine=model.config.rules.refine)
+    own.write(patterns)  # the first call pays for loading kernels
+    start = time.perf_counter()
+    own.write(patterns)
+    provenance["write"] = {
+        "patterns": len(patterns),
+        "seconds": round(time.perf_counter() - start, 3),
+        "machine": machine,
+    }
+    save_model(model, target, dtype=torch.float16, provenance=provenance)
+    print(json.dumps({"heldout": held, "write": provenance["write"]}, indent=2))
+    return target
+
+
 def _budget(config: TrainConfig) -> str:
     """The run's budget as options (the learning rate decays over it, so it is part of
     the recipe even when the run was stopped, or resumed, before its end)."""
@@ -181,7 +221,7 @@ def _git(*args: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("train", "export"))
+    parser.add_argument("action", choices=("train", "export", "controls"))
     parser.add_argument("name", choices=sorted(RECIPES))
     parser.add_argument("--out", type=Path, help="train: the run folder")
     parser.add_argument("--run", type=Path, help="export: the run folder")
@@ -195,6 +235,8 @@ def main() -> None:
     if args.action == "train":
         budget = ["--steps", str(args.steps)] if args.steps else ["--minutes", str(args.minutes)]
         train(args.name, args.out or Path("runs") / args.name, budget, args.data_root)
+    elif args.action == "controls":
+        controls(args.name, args.machine, args.data_root, args.to)
     else:
         export(args.name, args.run, args.machine, args.data_root, args.to, args.episodes)
 

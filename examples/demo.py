@@ -10,13 +10,12 @@
    training distortion, and reads them back. The episodes and queries are `ebmm
    compare`'s (seed 0), and the write and read are its model rows, so the numbers are
    those of `ebmm compare --model NAME --unwritten` on as many episodes;
-3. saves `grid.png` (rows: original, query, retrieved, read with nothing written) and
-   prints Hamming error (for a binarized model), MSE and SSIM of the query, the
-   retrieval and the same read from the unwritten memory, and the mean energies of
-   originals, queries and retrievals. The gap between the retrieval and the unwritten
-   read is what the memory recalls: for `omniglot-32`, whose unwritten memory recalls
-   nothing, strokes the query hides; for `omniglot-28`, a denoiser, almost none
-   (README, "Built-in models").
+3. saves `grid.png` (rows: original, query, retrieved, read from a memory of other
+   characters, read with nothing written) and prints Hamming error (for a binarized
+   model), MSE and SSIM of the query, the retrieval and the two controls, and the mean
+   energies of originals, queries and retrievals. The gap between the retrieval and the
+   controls is what the memory recalls: for `omniglot-32` the strokes the query hides;
+   for `omniglot-28`, a denoiser, almost none (README, "Built-in models").
 
     python examples/demo.py --data-root ../shared/data --out demo
     python examples/demo.py --data-root ../shared/data --out demo --model omniglot-28
@@ -30,6 +29,7 @@ import math
 import os
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import ebmm_cli  # noqa: F401  first: OpenMP's threads sleep, not spin (ebmm_cli's docstring)
@@ -50,9 +50,8 @@ from ebmm_cli.model import Model
 from ebmm_cli.runconfig import train_config
 from ebmm_cli.store import load_model
 
-DEFAULT_MODEL = "omniglot-32"
-"""The built-in whose memory recalls what a query hides (issue 17); `omniglot-28`, the
-default of `ebmm write`, mostly denoises whatever it is shown."""
+DEFAULT_MODEL = builtin.DEFAULT
+"""The CLI's default model, whose memory recalls what a query hides."""
 SHOWN = 16
 """Characters of each episode in the grid: 64 columns of 32x32 would not fit a screen."""
 
@@ -95,7 +94,7 @@ def main() -> None:
             image_size=config.energy.shape[-1],
             patterns=(n,),
             distortion=config.distortion,
-            episodes=args.episodes or math.ceil(SHOWN / n),
+            episodes=(args.episodes or math.ceil(SHOWN / n)) + 1,  # the last: a foil
             seed=args.seed,
             binarize=config.binarize,
         ),
@@ -105,21 +104,22 @@ def main() -> None:
     unwritten = ModelMethod(model, name, unwritten=True)
     how = f"then {config.rules.refine} refining Adam steps" if config.rules.refine else "only"
     print(
-        f"writing {len(episodes)} episode(s) of {n} evaluation characters with its own "
+        f"writing {len(episodes) - 1} episode(s) of {n} evaluation characters with its own "
         f"write ({config.rules.write_steps} learned steps, {how}), reading {config.distortion} "
         "queries ...",
         file=sys.stderr,
         flush=True,
     )
     rows, metrics, energies, seconds = [], [], [], 0.0
-    for episode in episodes:
+    for episode, foil in pairwise(episodes):
         shape = (-1, *episode.shape)
         start = time.monotonic()
         memory = own.write(episode.patterns)
         seconds += time.monotonic() - start
         retrieved = own.read(memory, episode.queries)
+        other = own.read(own.write(foil.patterns), episode.queries)
         blank = unwritten.read(unwritten.write(episode.patterns), episode.queries)
-        outs = (episode.queries, retrieved, blank)
+        outs = (episode.queries, retrieved, other, blank)
         metrics.append([episode_metrics(x, episode.patterns, episode.shape) for x in outs])
         with torch.no_grad():
             energies.append(
@@ -129,8 +129,9 @@ def main() -> None:
                 ]
             )
         rows.append(torch.cat([x[:SHOWN].view(shape) for x in (episode.patterns, *outs)]))
-    # One block of 4 rows (original, query, retrieved, nothing written) per episode.
-    blocks = [make_grid(r, nrow=len(r) // 4, padding=2, pad_value=0.5) for r in rows]
+    # One block of 5 rows (original, query, retrieved, other memory, nothing written) per
+    # episode.
+    blocks = [make_grid(r, nrow=len(r) // 5, padding=2, pad_value=0.5) for r in rows]
     grid = make_grid(torch.stack(blocks), nrow=len(blocks), padding=6, pad_value=1.0)[:1]
     grid = F.interpolate(grid[None], scale_factor=3, mode="nearest")[0]
     save_image(grid, args.out / "grid.png")
@@ -139,30 +140,32 @@ def main() -> None:
         return sum(m[column][key] for m in metrics) / len(metrics)
 
     pixels = math.prod(config.energy.shape)
-    title = (
-        f"{len(episodes)} held-out episode(s) of {n} evaluation characters, {pixels:,} pixels each"
-    )
+    title = f"{len(rows)} held-out episode(s) of {n} evaluation characters, {pixels:,} pixels each"
     table = Table(title=title)
     table.add_column("")
-    for column in ("original", "query", "retrieved", "nothing written"):
+    for column in ("original", "query", "retrieved", "other memory", "nothing written"):
         table.add_column(column, justify="right")
     if config.binarize:
         table.add_row(
             "Hamming error",
             "0",
-            *(f"{mean(c, 'hamming'):.1f}" for c in range(3)),
+            *(f"{mean(c, 'hamming'):.1f}" for c in range(4)),
         )
-    table.add_row("MSE to original", "0", *(f"{mean(c, 'mse'):.4f}" for c in range(3)))
+    table.add_row("MSE to original", "0", *(f"{mean(c, 'mse'):.4f}" for c in range(4)))
     if "ssim" in metrics[0][0]:
-        table.add_row("SSIM to original", "1", *(f"{mean(c, 'ssim'):.3f}" for c in range(3)))
+        table.add_row("SSIM to original", "1", *(f"{mean(c, 'ssim'):.3f}" for c in range(4)))
     table.add_row(
-        "mean energy", *(f"{sum(e[i] for e in energies) / len(energies):.3f}" for i in range(3)), ""
+        "mean energy",
+        *(f"{sum(e[i] for e in energies) / len(energies):.3f}" for i in range(3)),
+        "",
+        "",
     )
     Console().print(table)
-    query, written, blank = (mean(c, "mse") for c in range(3))
+    query, written, other, blank = (mean(c, "mse") for c in range(4))
     print(f"retrieved MSE / query MSE = {written / query:.3f}")
+    print(f"retrieved MSE / MSE read from other characters' memory = {written / other:.3f}")
     print(f"read with nothing written: {blank / query:.3f} of the query's MSE")
-    print(f"write: {seconds / len(episodes):.1f} s per episode")
+    print(f"write: {seconds / len(rows):.1f} s per episode")
     print(args.out / "grid.png")
 
 
