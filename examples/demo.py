@@ -51,7 +51,7 @@ from ebmm_cli.runconfig import train_config
 from ebmm_cli.store import load_model
 
 DEFAULT_MODEL = "omniglot-32"
-"""The built-in whose memory recalls what a query hides (issue 17); `omniglot-28`, the
+"""The built-in whose memory recalls what a query hides; `omniglot-28`, the
 default of `ebmm write`, mostly denoises whatever it is shown."""
 SHOWN = 16
 """Characters of each episode in the grid: 64 columns of 32x32 would not fit a screen."""
