@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# One lent-GPU session's batch (the numbers in the README marked "H100"): the binary,
+# One GPU's batch (the numbers in the README marked "H100"): the binary,
 # Omniglot and CIFAR-10 reproductions trained side by side on one GPU, then the
 # meta-training speed benchmark alone on it. Needs the data zips under .gpu-data/ and,
 # where the machine lacks them, wheels of typer/piqa/pydantic under .whl/.
-#   MINUTES=4.5 OUT=/tmp/out examples/gpu_batch.sh
+#   MINUTES=4.5 OUT=gpu-out examples/gpu_batch.sh
 # The batch behind docs/results/h100-2026-11-26 ran this at commit bd4cbff: then with a
 # third binary model (rnn-64 at lr 3e-3) and the rnn's written layer reading x, not 2x - 1.
 set -u
 MINUTES=${MINUTES:-4.5}
 OUT=${OUT:?set OUT}
-work=/tmp/ebmm-gpu
+mkdir -p "$OUT"
+work=$(mktemp -d)
 mkdir -p "$work"
 source examples/gpu_env.sh
 export OMP_NUM_THREADS=2
