@@ -27,15 +27,15 @@ from ebmm_cli.choices import (
     DISTORTIONS,
     LOSSES,
     MEMORIES,
-    PENALTY_MEMORIES,
     READS,
-    SCHEDULES,
+    SETTINGS,
 )
 from ebmm_cli.errors import EbmmError
 
 if TYPE_CHECKING:  # torch loads only inside the commands that need it
     from ebmm_cli.meta import Trainer
     from ebmm_cli.model import Model
+    from ebmm_cli.runconfig import TrainConfig
 
 
 class _Failure(typer.TyperException):
@@ -207,10 +207,8 @@ def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
 Kind = _choices("Kind", DISTORTIONS)
 Memory = _choices("Memory", MEMORIES)
 ReadKind = _choices("ReadKind", READS)
-Schedule = _choices("Schedule", SCHEDULES)
 Loss = _choices("Loss", LOSSES)
 CudaGraph = _choices("CudaGraph", CUDA_GRAPHS)
-PenaltyMemory = _choices("PenaltyMemory", PENALTY_MEMORIES)
 
 CudaGraphOption = Annotated[
     CudaGraph,
@@ -416,6 +414,9 @@ def _only_with_resume(ctx: typer.Context) -> None:
 _RUN_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.jsonl")
 
 
+_SETTINGS_HELP = "; ".join(f"[bold]{key}[/]: {what}" for key, (_, what) in SETTINGS.items())
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -440,15 +441,13 @@ def train(
         Memory | None,
         typer.Option(
             show_default=False,
-            help="Energy network: [bold]conv[/] (ResNet, "
-            "convolutional memory; the default for images), [bold]conv-ae[/] (conv plus a "
-            "term for how well the written layers redraw the image), [bold]conv-large[/] (the "
-            "paper's 64x64 ImageNet network; the default for imagenet64), [bold]fc[/] "
-            "(fully-connected memory), [bold]kv[/] (a key-value energy: the write stores "
-            "key → value pairs in one matrix, the read draws the value a query's key "
-            "recalls), [bold]kv-conv[/] (kv whose written layer is a 3x3 convolution over "
-            "a map of keys, each from the whole image), [bold]rnn[/] (gated RNN for "
-            "128-bit strings; the default for binary).",
+            help="Energy network: [bold]conv[/] (ResNet, convolutional memory; the default "
+            "for images), [bold]conv-large[/] (the paper's 64x64 ImageNet network; the "
+            "default for imagenet64), [bold]fc[/] (fully-connected memory), [bold]kv[/] (a "
+            "key-value energy: the write stores key → value pairs in one matrix, the read "
+            "draws the value a query's key recalls), [bold]kv-conv[/] (kv whose written "
+            "layer is a 3x3 convolution over a map of keys, each from the whole image), "
+            "[bold]rnn[/] (gated RNN for 128-bit strings; the default for binary).",
         ),
     ] = None,
     dataset: DatasetName = "omniglot",
@@ -459,9 +458,8 @@ def train(
             min=8,
             max=1024,
             show_default=False,
-            help="Image side: "
-            "28 (the report) or 32 (the paper). Default: 28 for Omniglot and folders, 32 for "
-            "CIFAR.",
+            help="Image side: 28 (the report) or 32 (the paper). Default: 28 for Omniglot "
+            "and folders, 32 for CIFAR.",
         ),
     ] = None,
     invert: Annotated[
@@ -484,36 +482,27 @@ def train(
         typer.Option(
             metavar="N|LEAST-MOST",
             help="N, patterns written per episode (the report 5, the paper 64), or a range "
-            "such as 8-96: N drawn per step, log-uniformly, and held-out evaluation at four "
-            "N (the capacity curve).",
+            "such as 8-96: N drawn per step, log-uniformly, the learned write rates scaled "
+            "with N, and held-out evaluation at four N (the capacity curve).",
         ),
     ] = "5",
-    rates_see_n: Annotated[
-        bool,
-        typer.Option(
-            help="With a range of --batch-size: scale the learned write rates by "
-            "(N / N̄)^κ, one learned κ per term of the write loss (the default), or keep "
-            "the same rates at every N.",
-        ),
-    ] = True,
-    shots: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="Images per class in an episode; 0 ignores "
-            "classes (CIFAR-10 has too few for 64 distinct).",
-        ),
-    ] = 1,
     write_steps: Annotated[int, typer.Option(min=1, help="T, gradient steps of writing.")] = 5,
-    read_steps: Annotated[int, typer.Option(min=1, help="K, gradient steps of reading.")] = 5,
+    read_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="K, gradient steps of the gradient read (default 5; the redraw read takes none).",
+        ),
+    ] = None,
     read: Annotated[
         ReadKind | None,
         typer.Option(
             show_default=False,
             help="[bold]gd[/]: descend the energy (the paper; the default but for kv and "
             "kv-conv); [bold]decoder[/]: a MAML-adapted decoder (the report); "
-            "[bold]redraw[/]: the image the energy draws from what the memory recalls (the "
-            "kv memories' default; kv, kv-conv or conv-ae).",
+            "[bold]redraw[/]: the image the energy draws from what the memory recalls (kv "
+            "and kv-conv, their default).",
         ),
     ] = None,
     rekeys: Annotated[
@@ -525,45 +514,18 @@ def train(
             "one). 0: one.",
         ),
     ] = 0,
-    schedule: Annotated[
-        Schedule,
-        typer.Option(
-            help="[bold]learned[/]: meta-learn write rates, "
-            "α, β, read steps and momenta (the paper); [bold]fixed[/]: the report's constants "
-            "(write rate 0.5/0.05, α = 0.5 ×0.95, γ₁ = 500 halved)."
-        ),
-    ] = Schedule("learned"),
-    write_lr: Annotated[
-        float | None,
-        typer.Option(
-            show_default=False,
-            help="Write rate η: the starting value of the learned rates, or the fixed one. "
-            "Default: 0.01 learned, 0.5 (conv 0.05) fixed; binary strings need ~1. "
-            "kv, kv-conv: 1, in units of 1/λmax of the episode's keys (below 2 is stable).",
-        ),
-    ] = None,
-    read_lr: Annotated[
-        float | None,
-        typer.Option(
-            show_default=False,
-            help="First read step size γ(1), learned from there or fixed. Default: 2 learned, "
-            "500 fixed.",
-        ),
-    ] = None,
     distortion: Annotated[
         str | None,
         typer.Option(
             show_default=False,
-            help="Query distortion "
-            "KIND:N: noise:7 (default for images), occlude:16 (the paper), saltpepper:0.1, "
-            "eraseblock:64 (default for binary).",
+            help="Query distortion KIND:N: noise:7 (default for images), occlude:16 (the "
+            "paper), saltpepper:0.1, eraseblock:64 (default for binary).",
         ),
     ] = None,
     loss: Annotated[
         Loss,
         typer.Option(
-            help="mse (the paper), ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report), l1: "
-            "mean absolute error, the expected Hamming error of a randomly rounded read, or "
+            help="mse (the paper), ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report), or "
             "bce: binary cross-entropy, for binary images drawn through a sigmoid (kv)."
         ),
     ] = Loss("mse"),
@@ -572,9 +534,8 @@ def train(
         typer.Option(
             min=1,
             show_default=False,
-            help="Written "
-            "channels/units; sets the memory size (conv: 1,154 floats each; fc: 257; rnn: 129). "
-            "Default: conv 4, fc 16, rnn 64.",
+            help="Written channels/units; sets the memory size (conv: 1,154 floats each; fc: "
+            "257; rnn: 129). Default: conv 4, fc 16, rnn 64.",
         ),
     ] = None,
     steps: Annotated[
@@ -589,90 +550,14 @@ def train(
             "--steps/--minutes comes first).",
         ),
     ] = None,
-    first_order: Annotated[
-        bool,
-        typer.Option(
-            help="Do not backpropagate through the write's own gradients (faster, less exact)."
-        ),
-    ] = False,
-    prior_minutes: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            help="Spend the first this many of --minutes on a prior phase: nothing is "
-            "written, queries are read from the initial weights, so the energy learns to "
-            "restore the data's patterns in cheap steps before meta-training proper. 0: none.",
-        ),
-    ] = 0.0,
-    recognition: Annotated[
-        float,
-        typer.Option(
-            help="Weight of a recognition term in the meta-loss: each written memory is "
-            "also scored on lowering the energy of what it stored more than that of novel "
-            "patterns (held-out metrics report it as `recognition`). 0: the paper's loss.",
-        ),
-    ] = 0.0,
-    completion: Annotated[
-        float,
-        typer.Option(
-            help="Weight of a completion term in the meta-loss: the write must lower the "
-            "energy of each query completed (part of the way) with its own stored "
-            "content more than with another stored pattern's, so that it pulls the read "
-            "towards what it stored. 0: the paper's loss.",
-        ),
-    ] = 0.0,
     contrast: Annotated[
         float,
         typer.Option(
-            help="Weight of a contrast term in the meta-loss: each stored pattern must have "
+            help="Weight of the contrast term of the meta-loss: each stored pattern must have "
             "lower energy than the point where the read of its query ended, so that what "
             "was stored becomes the energy's minimum. 0: the paper's loss.",
         ),
     ] = 0.0,
-    contrast_steps: Annotated[
-        int,
-        typer.Option(
-            help="With --contrast: compare each stored pattern with where this many plain "
-            "descent steps from the read's end lead instead (long descents end far below "
-            "and away from what was stored). 0: the read's end.",
-        ),
-    ] = 0,
-    identification: Annotated[
-        float,
-        typer.Option(
-            help="Weight of an identification term in the meta-loss: the write's "
-            "per-pattern gradients (kv: its unit keys) must tell each query's own stored "
-            "pattern from the others (held-out metrics report the fraction that do as "
-            "`identification`). "
-            "0: the paper's loss.",
-        ),
-    ] = 0.0,
-    prior_penalty: Annotated[
-        float,
-        typer.Option(
-            help="Weight of a penalty in the meta-loss on the energy's prior repairing "
-            "queries on its own: the queries are also read from the unwritten memory, and "
-            "whatever that read improves on the query is penalised, so the prior gains "
-            "nothing by repairing a query alone. Gradient read only. 0: the paper's loss.",
-        ),
-    ] = 0.0,
-    penalty_memory: Annotated[
-        PenaltyMemory,
-        typer.Option(
-            help="What --prior-penalty reads the queries from: the unwritten memory, or a "
-            "foil: a memory written with another episode's patterns, so that a write that "
-            "helps any batch alike gains nothing either. One more write and read per step.",
-        ),
-    ] = PenaltyMemory.unwritten,
-    refine: Annotated[
-        int,
-        typer.Option(
-            help="Train through refined memories: each episode's written memory is refined "
-            "this many steps (as `ebmm write --refine` does) before the read whose loss "
-            "trains the model, whose gradient there also reaches the write (held-out "
-            "metrics add `refined_*`). Not with the decoder read. 0: off.",
-        ),
-    ] = 0,
     write_refine: Annotated[
         int,
         typer.Option(
@@ -683,31 +568,6 @@ def train(
             "seconds per write. Not with the decoder read. 0: the learned write alone.",
         ),
     ] = 0,
-    write_refine_lr: Annotated[
-        float | None,
-        typer.Option(
-            show_default=False,
-            help="Adam's rate for every refinement of the model's memories (its write's, "
-            "--refine's). Default 0.01.",
-        ),
-    ] = None,
-    redraw: Annotated[
-        float,
-        typer.Option(
-            help="Weight of a redraw term in the meta-loss (--memory conv-ae): the image "
-            "the written bottleneck redraws from each query must be its stored pattern "
-            "(held-out metrics add `redrawn_*`). 0: off.",
-        ),
-    ] = 0.0,
-    redraw_stored: Annotated[
-        float,
-        typer.Option(
-            help="Weight of the same redraw term for the stored patterns (--memory "
-            "conv-ae): what the written bottleneck redraws from each stored pattern must "
-            "be that pattern, which teaches its decoder to draw characters at all "
-            "(held-out metrics add `redrawn_stored_hamming`). 0: off.",
-        ),
-    ] = 0.0,
     init: Annotated[
         str | None,
         typer.Option(
@@ -717,41 +577,21 @@ def train(
             "or a built-in fine-tuned. Its network and rules must match this run's.",
         ),
     ] = None,
-    lr: Annotated[
-        float,
-        typer.Option(
-            help="AdamW learning rate of the network (the paper's "
-            "5e-5 suits its 2e6 steps; this default suits runs of minutes to hours)."
-        ),
-    ] = 1e-3,
-    rule_lr: Annotated[
-        float,
-        typer.Option(
-            help="AdamW learning rate of the rule parameters (rates, α, β, step sizes, momenta)."
-        ),
-    ] = 3e-2,
     eval_every: Annotated[
         int, typer.Option(min=1, help="Held-out evaluation and model save every this many steps.")
     ] = 25,
     eval_episodes: Annotated[
         int, typer.Option(min=1, help="Held-out episodes per evaluation.")
     ] = 20,
-    checkpoint_minutes: Annotated[
-        float,
+    settings: Annotated[
+        list[str] | None,
         typer.Option(
-            min=0.0,
-            help="Save a checkpoint at least this often (0: after every step). A killed run "
-            "loses at most this much.",
+            "--set",
+            metavar="KEY=VALUE",
+            show_default=False,
+            help="Rates and run mechanics few runs change, repeatable: " + _SETTINGS_HELP + ".",
         ),
-    ] = 2.0,
-    episodes_per_step: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Episodes written and read per meta-step (per process under torchrun); "
-            "the step follows their mean loss.",
-        ),
-    ] = 1,
+    ] = None,
     seed: Annotated[
         int,
         typer.Option(
@@ -780,10 +620,8 @@ def train(
     Several processes: torchrun --nproc-per-node N -m ebmm_cli train ... (each process
     draws its own episodes; gradients are averaged; rank 0 writes the files).
     """
-    from ebmm_cli import builtin
     from ebmm_cli.meta import Trainer, init_distributed
-    from ebmm_cli.recipes import recipe_options
-    from ebmm_cli.runconfig import check_budget, parse_batch_size, train_config
+    from ebmm_cli.runconfig import check_budget
 
     if not resume or steps is not None or minutes is not None:
         check_budget(steps, minutes)  # a resumed run keeps its own budget unless given one
@@ -803,57 +641,40 @@ def train(
     else:
         if any((out / name).exists() for name in _RUN_FILES):
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
-        options = dict(
-            dataset=dataset,
-            memory=memory.value if memory else None,
-            data_root=data_root,
-            image_size=image_size,
-            invert=invert,
-            binarize=binarize,
-            batch_size=parse_batch_size(batch_size),
-            shots=shots,
-            write_steps=write_steps,
-            read_steps=read_steps,
-            read=read.value if read else None,
-            rekeys=rekeys,
-            schedule=schedule.value,
-            write_lr=write_lr,
-            read_lr=read_lr,
-            distortion=distortion,
-            loss=loss.value,
-            dynamic=dynamic,
-            steps=steps,
-            minutes=minutes,
-            first_order=first_order,
-            prior_minutes=prior_minutes,
-            rates_see_n=rates_see_n,
-            recognition=recognition,
-            completion=completion,
-            contrast=contrast,
-            contrast_steps=contrast_steps,
-            identification=identification,
-            init=str(builtin.resolve(init).resolve()) if init is not None else None,
-            prior_penalty=prior_penalty,
-            penalty_memory=penalty_memory.value,
-            refine=refine,
-            write_refine=write_refine,
-            write_refine_lr=write_refine_lr,
-            redraw=redraw,
-            redraw_stored=redraw_stored,
-            lr=lr,
-            rule_lr=rule_lr,
-            seed=seed,
-            device=distributed or device,
-            eval_every=eval_every,
-            eval_episodes=eval_episodes,
-            checkpoint_minutes=checkpoint_minutes,
-            episodes_per_step=episodes_per_step,
-            cuda_graph=cuda_graph.value,
-        )
-        if recipe is not None:  # the recipe's options, where the command line is silent
-            chosen = recipe_options(recipe)
-            options.update({k: v for k, v in chosen.items() if not _given(ctx, k)})
-        trainer = Trainer.create(train_config(**options), out)
+        options = {k: v for k, v in ctx.params.items() if k not in _NOT_TRAIN_CONFIG}
+        options.update(device=distributed or device)
+        trainer = Trainer.create(_train_config(ctx, options, recipe, settings or []), out)
+    _run_training(trainer, out, profile)
+
+
+_NOT_TRAIN_CONFIG = ("out", "recipe", "settings", "resume", "profile")
+"""`train`'s parameters that are not `runconfig.train_config` keywords."""
+
+
+def _train_config(
+    ctx: typer.Context, options: dict[str, Any], recipe: str | None, settings: list[str]
+) -> TrainConfig:
+    """The run's `TrainConfig` from `train`'s parameters (`options`, enums as their
+    values), its `--set` settings, and the `recipe`'s options where neither was given."""
+    from ebmm_cli import builtin
+    from ebmm_cli.recipes import recipe_options
+    from ebmm_cli.runconfig import parse_batch_size, parse_settings, train_config
+
+    options = {k: v.value if isinstance(v, StrEnum) else v for k, v in options.items()}
+    options["batch_size"] = parse_batch_size(options["batch_size"])
+    if options["init"] is not None:
+        options["init"] = str(builtin.resolve(options["init"]).resolve())
+    chosen = parse_settings(settings)
+    options.update(chosen)
+    if recipe is not None:  # the recipe's options, where the command line is silent
+        given = {k for k in options if _given(ctx, k)} | set(chosen)
+        options.update({k: v for k, v in recipe_options(recipe).items() if k not in given})
+    return train_config(**options)
+
+
+def _run_training(trainer: Trainer, out: Path, profile: bool) -> None:
+    """Run `trainer` with progress, profiling and a clean stop on Ctrl-C or SIGTERM (rank
+    0; other ranks just run), then print the model's path and the last held-out loss."""
     if trainer.rank > 0:  # rank 0 shows progress and the summary
         trainer.run()
         return
