@@ -5,7 +5,7 @@
 #      checkpoint (copied to .gpu-runs/binary: checkpoint.safetensors, metrics.jsonl);
 #   2. issue 17: the default recipe at the paper's protocol (Omniglot 32x32, 64
 #      characters, occlude:16, conv 4,616 floats), one and eight episodes per step, for
-#      the same minutes. --shots 0: random characters, since learn2learn (the class
+#      the same minutes. shots=0: random characters, since learn2learn (the class
 #      sampler) is not installed there;
 #   3. at the same time, the CUDA tests of tests/test_fast_path.py;
 #   4. alone once the runs have stopped, examples/bench.py eager against graphs.
@@ -36,8 +36,8 @@ timeout -s TERM -k 40 "$stop" python3 -m ebmm_cli train --out "$work/binary" --r
     --device "$DEVICE" >"$work/binary.out" 2>&1 &
 for eps in 1 8; do
     timeout -s TERM -k 40 $((stop + 30)) python3 -m ebmm_cli train --memory conv --dataset omniglot \
-        --image-size 32 --batch-size 64 --shots 0 --distortion occlude:16 \
-        --episodes-per-step "$eps" --minutes "$MINUTES" --eval-every 100 --eval-episodes 10 \
+        --image-size 32 --batch-size 64 --set shots=0 --distortion occlude:16 \
+        --set episodes_per_step="$eps" --minutes "$MINUTES" --eval-every 100 --eval-episodes 10 \
         --device "$DEVICE" --out "$work/omni-eps$eps" >"$work/omni-eps$eps.out" 2>&1 &
 done
 if [ "$DEVICE" = cuda ]; then
