@@ -85,8 +85,8 @@ class ModelConfig:
             # `rekeys` came with the write rates in units of 1/λmax: an
             # older kv file's rates (absolute, up to 41) would blow every write up
             raise ValueError(
-                "a kv model from before its write rates were in units of 1/λmax "
-                "(2026-12-03); its rates would mean otherwise: retrain it"
+                "a kv model from before its write rates were in units of 1/λmax; "
+                "its rates would mean otherwise: retrain it"
             )
         for what, value in (("memory", raw["energy"]["kind"]), ("loss", raw.get("loss"))):
             if value in REMOVED:

@@ -108,7 +108,7 @@ def test_the_kv_conv_memory_is_a_3x3_convolution_over_a_map_of_unit_keys() -> No
         assert torch.allclose(rows @ matrix.T, flat, atol=1e-5)
         assert torch.allclose(targets, values.flatten(2).transpose(1, 2).flatten(0, 1))
         # each position's key and value see the whole map, not their own position alone
-        # (trials 67-68: local keys left an occluded query's hole keyed apart)
+        # (local keys left an occluded query's hole keyed apart)
         moved = h.clone()
         moved[:, :, 0, 0] += 1.0
         for head in (net.key, net.value):
@@ -124,7 +124,7 @@ def test_a_kv_write_rate_acts_alike_on_every_episode_whatever_its_keys(copies: b
     error θ − θ* along the top eigendirection of the keys (θ* the least-squares memory),
     whether the 64 keys are one (copies of one pattern, λmax 1) or spread out (λmax
     ~0.07). With absolute rates the factor was 1 − 1.5 λmax, and a rate tuned on typical
-    episodes blew up on those with the most similar keys (docs/TRAINING.md, trial 57).
+    episodes blew up on those with the most similar keys (docs/TRAINING.md, the kv family).
     Below rate 2, each step lowers the stored energy on either kind."""
     torch.manual_seed(0)
     net = build_energy(EnergyConfig("kv", (1, 16, 16)))
@@ -220,7 +220,7 @@ def test_rekeys_redraw_each_drawing_by_the_key_of_the_one_before(memory: str) ->
 
 def test_a_kv_model_from_before_the_rate_units_is_refused_by_name(tmp_path: Path) -> None:
     """A kv file saved before the write rates were in units of 1/λmax (its rules have
-    no `rekeys`) is refused with one line naming it: its absolute rates (trial 57: up
+    no `rekeys`) is refused with one line naming it: its absolute rates (up
     to 41) would blow every write up under the new units."""
     model, _, _ = _tiny_kv()
     path = tmp_path / "old.safetensors"
