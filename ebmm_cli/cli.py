@@ -241,7 +241,7 @@ RefineLr = Annotated[
     typer.Option(
         show_default=False,
         help="Adam's rate for the refinement (default: the model's own, 0.01 unless it "
-        "was trained with --write-refine-lr).",
+        "was trained with --set write_refine_lr).",
     ),
 ]
 SkipBad = Annotated[

@@ -614,7 +614,7 @@ def start_from(model: Model, path: Path) -> None:
         "its parameters",
         against="this run",
         hint="; --init needs the same --memory, --dynamic, --image-size, --write-steps, "
-        "--read-steps, --schedule and --read",
+        "--read-steps, --set schedule and --read",
     )
     model.load_state_dict(theirs)
 

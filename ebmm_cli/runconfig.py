@@ -181,8 +181,8 @@ def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 def check_rate(option: str, value: float) -> None:
-    """One bound for every step size a user gives (`--write-lr`, `--read-lr`, the
-    refinement's rates of `train`, `write` and `compare`): above 0 and at most 1e6, so
+    """One bound for every step size a user gives (`train --set write_lr`, `read_lr`,
+    the refinement's rates of `train`, `write` and `compare`): above 0 and at most 1e6, so
     a NaN, an infinity or a sign slip stops with a one-line error before any work."""
     if not 0 < value <= 1e6:  # NaN too
         raise EbmmError(option, f"must be in (0, 1e6], got {value:g}")

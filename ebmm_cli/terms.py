@@ -7,9 +7,10 @@ also reports the term's unweighted value on its held-out episodes, as `heldout_N
 The gradient joins the step; the training loss recorded stays the read's, so curves stay
 comparable with and without terms.
 
-`TERMS` lists them; meta-training, held-out evaluation and the option checks go through
-it, so adding or removing a term touches this file, `TrainConfig` and `ebmm train`'s
-option. Terms that were tried and did not help are in docs/TRAINING.md.
+`TERMS` lists them; meta-training and held-out evaluation go through it, so a term's
+code is here alone, and adding or removing one touches only its weight besides: the
+`TrainConfig` field, its check in `train_config` and `ebmm train`'s option. Terms that
+were tried and did not help are in docs/TRAINING.md.
 """
 
 from __future__ import annotations
