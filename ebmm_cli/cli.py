@@ -222,6 +222,16 @@ CudaGraphOption = Annotated[
 
 # Seeds are offset (per process, held-out streams) and must stay within torch's int64.
 SEED_LIMIT = 2**62
+Seed = Annotated[
+    int,
+    typer.Option(
+        min=-SEED_LIMIT,
+        max=SEED_LIMIT,
+        help="Random seed of every draw the command makes: the same seed and inputs give "
+        "the same outputs, byte for byte.",
+    ),
+]
+Force = Annotated[bool, typer.Option(help="Overwrite existing outputs (inputs never).")]
 
 
 def _fill_value(text: str) -> float | None:
@@ -316,15 +326,7 @@ def distort(
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[
-        int,
-        typer.Option(
-            min=-SEED_LIMIT,
-            max=SEED_LIMIT,
-            help="Random seed; the same seed gives byte-identical "
-            "outputs. Each image's draw depends on the seed and its relative path only.",
-        ),
-    ] = 0,
+    seed: Seed = 0,
     out: Annotated[
         Path,
         typer.Option(
@@ -333,10 +335,11 @@ def distort(
             help="Output folder; each file keeps its path relative to its input folder, as a PNG.",
         ),
     ] = Path("distorted"),
-    force: Annotated[bool, typer.Option(help="Overwrite existing outputs (inputs never).")] = False,
+    force: Force = False,
     skip_bad: SkipBad = False,
 ) -> None:
     """Write distorted copies of images, to use as queries. Never touches its inputs.
+    Each image's draw depends on --seed and its path relative to its input only.
 
     Prints each written path, so [bold]ebmm distort imgs/ | ebmm read --memory m.safetensors -[/]
     works.
@@ -592,12 +595,7 @@ def train(
             help="Rates and run mechanics few runs change, repeatable: " + _SETTINGS_HELP + ".",
         ),
     ] = None,
-    seed: Annotated[
-        int,
-        typer.Option(
-            min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the initialisation and of all episodes."
-        ),
-    ] = 0,
+    seed: Seed = 0,
     device: Device = "auto",
     cuda_graph: CudaGraphOption = CudaGraph.auto,
     resume: Annotated[
@@ -848,14 +846,9 @@ def write(
     out: Annotated[Path, typer.Option("--out", "-o", help="The memory file to create.")] = Path(
         "memory.safetensors"
     ),
-    seed: Annotated[
-        int,
-        typer.Option(
-            min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the decoder read's adaptation queries."
-        ),
-    ] = 0,
+    seed: Seed = 0,
     device: Device = "auto",
-    force: Annotated[bool, typer.Option(help="Overwrite an existing memory file.")] = False,
+    force: Force = False,
     append: Annotated[
         bool,
         typer.Option(
@@ -999,7 +992,7 @@ def read(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Queries read at once.")] = 64,
     device: Device = "auto",
-    force: Annotated[bool, typer.Option(help="Overwrite existing outputs.")] = False,
+    force: Force = False,
     skip_bad: SkipBad = False,
 ) -> None:
     """Retrieve stored images from distorted queries; prints each written path."""
@@ -1212,9 +1205,7 @@ def compare(
         ),
     ] = None,
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting.")] = 20,
-    seed: Annotated[
-        int, typer.Option(min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the episodes and queries.")
-    ] = 0,
+    seed: Seed = 0,
     device: Device = "auto",
     cuda_graph: CudaGraphOption = CudaGraph.auto,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON {config, rows}.")] = False,
@@ -1236,9 +1227,7 @@ def compare(
             "the error against memory size, or against --patterns when sweeping.",
         ),
     ] = None,
-    force: Annotated[
-        bool, typer.Option(help="Overwrite existing --markdown, --grid and --plot files.")
-    ] = False,
+    force: Force = False,
 ) -> None:
     """Run models and baselines on the same seeded episodes and queries; one table."""
     import json
