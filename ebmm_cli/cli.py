@@ -985,7 +985,11 @@ def read(
     ] = Path("retrieved"),
     steps: Annotated[
         int | None,
-        typer.Option(min=1, show_default=False, help="K, read steps (default: the model's)."),
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="K, steps of the gradient read (default: the model's; other reads take none).",
+        ),
     ] = None,
     save_iterates: Annotated[
         bool, typer.Option(help="Also write NAME.iterates.png: a strip of x(0) ... x(K).")
@@ -1006,6 +1010,9 @@ def read(
     _hold(ctx, out)
     net, mem = load_memory(memory)
     shape = _image_shape(net, memory)
+    if steps is not None and net.config.rules.read != "gd":  # it would be ignored
+        raise EbmmError("--steps", f"is the gradient read's; {memory} reads by its model's "
+                        f"{net.config.rules.read} read, which takes no steps")  # fmt: skip
     found = collect_images(queries, sys.stdin, exclude=out)
     targets = output_paths(found, out, force)
     strips = (

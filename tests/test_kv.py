@@ -343,3 +343,25 @@ def test_train_and_compare_a_kv_memory_through_the_cli(
     assert refused.returncode == 2
     assert len(refused.stderr.strip().splitlines()) == 1 and "--rekeys" in refused.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_read_refuses_steps_that_the_redraw_read_would_ignore(tmp_path: Path) -> None:
+    """`ebmm read --steps K` on a memory of the redraw read is a one-line error naming
+    the option, and nothing is written: that read takes no steps."""
+    from typer.testing import CliRunner
+
+    from ebmm_cli.cli import app
+    from ebmm_cli.imageio import save_image
+    from ebmm_cli.store import save_memory
+
+    model, patterns, queries = _tiny_kv()
+    path = tmp_path / "m.safetensors"
+    save_memory(model, write_memory(model, patterns), path)
+    save_image(queries[0], tmp_path / "q.png")
+    out = tmp_path / "out"
+    args = ["read", "--memory", str(path), str(tmp_path / "q.png"), "-o", str(out), "--steps", "3"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "--steps: is the gradient read's" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
