@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MEMORIES = ("conv", "conv-ae", "conv-large", "fc", "kv", "kv-conv", "rnn")
+MEMORIES = ("conv", "conv-large", "fc", "kv", "kv-conv", "rnn")
 KV_MEMORIES = ("kv", "kv-conv")
 """The key-value energies: they read by `redraw` unless told otherwise, re-key
 (`--rekeys`), and write by the delta rule at rate 1 without the gradient-norm term."""
 READS = ("gd", "decoder", "redraw")
 SCHEDULES = ("learned", "fixed")
-LOSSES = ("mse", "ssim+mse", "l1", "bce")
+LOSSES = ("mse", "ssim+mse", "bce")
 DISTORTIONS = (
     "noise",
     "occlude",
@@ -29,9 +29,23 @@ DISTORTIONS = (
 DATASETS = ("omniglot", "fc100", "cifar10", "imagenet64", "binary")
 CUDA_GRAPHS = ("auto", "on", "off")
 """`--cuda-graph`: auto (on for CUDA), on (CUDA required), off (launch every kernel)."""
-PENALTY_MEMORIES = ("unwritten", "foil")
-"""`--penalty-memory`: what the prior penalty reads the queries from: θ̄ (nothing
-written) or a memory written with a foil episode (other patterns)."""
+
+SETTINGS: dict[str, tuple[type, str]] = {
+    "lr": (float, "AdamW rate of the network, 1e-3 (the paper's 5e-5 suits its 2e6 steps)"),
+    "rule_lr": (float, "AdamW rate of the rules (rates, α, β, step sizes, momenta), 0.03"),
+    "write_lr": (float, "write rate η, learned from there or fixed: 0.01 learned, 0.5 "
+                 "(conv 0.05) fixed; kv and kv-conv 1, in units of 1/λmax of the keys"),
+    "read_lr": (float, "first read step γ(1) of the gradient read: 2 learned, 500 fixed"),
+    "write_refine_lr": (float, "Adam's rate of every refinement of the model's memories, 0.01"),
+    "schedule": (str, "learned (the paper) or fixed (the report's constants)"),
+    "first_order": (bool, "do not backpropagate through the write's own gradients, false"),
+    "shots": (int, "images per class in an episode, 1; 0 ignores classes"),
+    "episodes_per_step": (int, "episodes written and read per meta-step (per process), 1"),
+    "checkpoint_minutes": (float, "save a checkpoint at least this often, 2 (0: every step)"),
+    "rates_see_n": (bool, "over a range of N, scale the learned write rates with N, true"),
+}  # fmt: skip
+"""`ebmm train --set KEY=VALUE`: the rates and run mechanics that few runs change, each
+a `runconfig.train_config` keyword, with its type and what it is (and its default)."""
 
 
 @dataclass(frozen=True)

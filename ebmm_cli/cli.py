@@ -27,15 +27,15 @@ from ebmm_cli.choices import (
     DISTORTIONS,
     LOSSES,
     MEMORIES,
-    PENALTY_MEMORIES,
     READS,
-    SCHEDULES,
+    SETTINGS,
 )
 from ebmm_cli.errors import EbmmError
 
 if TYPE_CHECKING:  # torch loads only inside the commands that need it
     from ebmm_cli.meta import Trainer
     from ebmm_cli.model import Model
+    from ebmm_cli.runconfig import TrainConfig
 
 
 class _Failure(typer.TyperException):
@@ -207,10 +207,8 @@ def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
 Kind = _choices("Kind", DISTORTIONS)
 Memory = _choices("Memory", MEMORIES)
 ReadKind = _choices("ReadKind", READS)
-Schedule = _choices("Schedule", SCHEDULES)
 Loss = _choices("Loss", LOSSES)
 CudaGraph = _choices("CudaGraph", CUDA_GRAPHS)
-PenaltyMemory = _choices("PenaltyMemory", PENALTY_MEMORIES)
 
 CudaGraphOption = Annotated[
     CudaGraph,
@@ -224,6 +222,16 @@ CudaGraphOption = Annotated[
 
 # Seeds are offset (per process, held-out streams) and must stay within torch's int64.
 SEED_LIMIT = 2**62
+Seed = Annotated[
+    int,
+    typer.Option(
+        min=-SEED_LIMIT,
+        max=SEED_LIMIT,
+        help="Random seed of every draw the command makes: the same seed and inputs give "
+        "the same outputs, byte for byte.",
+    ),
+]
+Force = Annotated[bool, typer.Option(help="Overwrite existing outputs (inputs never).")]
 
 
 def _fill_value(text: str) -> float | None:
@@ -243,7 +251,7 @@ RefineLr = Annotated[
     typer.Option(
         show_default=False,
         help="Adam's rate for the refinement (default: the model's own, 0.01 unless it "
-        "was trained with --write-refine-lr).",
+        "was trained with --set write_refine_lr).",
     ),
 ]
 SkipBad = Annotated[
@@ -320,15 +328,7 @@ def distort(
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[
-        int,
-        typer.Option(
-            min=-SEED_LIMIT,
-            max=SEED_LIMIT,
-            help="Random seed; the same seed gives byte-identical "
-            "outputs. Each image's draw depends on the seed and its relative path only.",
-        ),
-    ] = 0,
+    seed: Seed = 0,
     out: Annotated[
         Path,
         typer.Option(
@@ -337,7 +337,7 @@ def distort(
             help="Output folder; each file keeps its path relative to its input folder, as a PNG.",
         ),
     ] = Path("distorted"),
-    force: Annotated[bool, typer.Option(help="Overwrite existing outputs (inputs never).")] = False,
+    force: Force = False,
     model: Annotated[
         str | None,
         typer.Option(
@@ -351,6 +351,7 @@ def distort(
     skip_bad: SkipBad = False,
 ) -> None:
     """Write distorted copies of images, to use as queries. Never touches its inputs.
+    Each image's draw depends on --seed and its path relative to its input only.
 
     Prints each written path, so [bold]ebmm distort imgs/ | ebmm read --memory m.safetensors -[/]
     works. [bold]ebmm distort --model M chars/ -o q && ebmm write --model M chars/ -o m &&
@@ -474,6 +475,9 @@ def _only_with_resume(ctx: typer.Context) -> None:
 _RUN_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.jsonl")
 
 
+_SETTINGS_HELP = "; ".join(f"[bold]{key}[/]: {what}" for key, (_, what) in SETTINGS.items())
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -498,15 +502,13 @@ def train(
         Memory | None,
         typer.Option(
             show_default=False,
-            help="Energy network: [bold]conv[/] (ResNet, "
-            "convolutional memory; the default for images), [bold]conv-ae[/] (conv plus a "
-            "term for how well the written layers redraw the image), [bold]conv-large[/] (the "
-            "paper's 64x64 ImageNet network; the default for imagenet64), [bold]fc[/] "
-            "(fully-connected memory), [bold]kv[/] (a key-value energy: the write stores "
-            "key → value pairs in one matrix, the read draws the value a query's key "
-            "recalls), [bold]kv-conv[/] (kv whose written layer is a 3x3 convolution over "
-            "a map of keys, each from the whole image), [bold]rnn[/] (gated RNN for "
-            "128-bit strings; the default for binary).",
+            help="Energy network: [bold]conv[/] (ResNet, convolutional memory; the default "
+            "for images), [bold]conv-large[/] (the paper's 64x64 ImageNet network; the "
+            "default for imagenet64), [bold]fc[/] (fully-connected memory), [bold]kv[/] (a "
+            "key-value energy: the write stores key → value pairs in one matrix, the read "
+            "draws the value a query's key recalls), [bold]kv-conv[/] (kv whose written "
+            "layer is a 3x3 convolution over a map of keys, each from the whole image), "
+            "[bold]rnn[/] (gated RNN for 128-bit strings; the default for binary).",
         ),
     ] = None,
     dataset: DatasetName = "omniglot",
@@ -517,9 +519,8 @@ def train(
             min=8,
             max=1024,
             show_default=False,
-            help="Image side: "
-            "28 (the report) or 32 (the paper). Default: 28 for Omniglot and folders, 32 for "
-            "CIFAR.",
+            help="Image side: 28 (the report) or 32 (the paper). Default: 28 for Omniglot "
+            "and folders, 32 for CIFAR.",
         ),
     ] = None,
     invert: Annotated[
@@ -542,36 +543,27 @@ def train(
         typer.Option(
             metavar="N|LEAST-MOST",
             help="N, patterns written per episode (the report 5, the paper 64), or a range "
-            "such as 8-96: N drawn per step, log-uniformly, and held-out evaluation at four "
-            "N (the capacity curve).",
+            "such as 8-96: N drawn per step, log-uniformly, the learned write rates scaled "
+            "with N, and held-out evaluation at four N (the capacity curve).",
         ),
     ] = "5",
-    rates_see_n: Annotated[
-        bool,
-        typer.Option(
-            help="With a range of --batch-size: scale the learned write rates by "
-            "(N / N̄)^κ, one learned κ per term of the write loss (the default), or keep "
-            "the same rates at every N.",
-        ),
-    ] = True,
-    shots: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="Images per class in an episode; 0 ignores "
-            "classes (CIFAR-10 has too few for 64 distinct).",
-        ),
-    ] = 1,
     write_steps: Annotated[int, typer.Option(min=1, help="T, gradient steps of writing.")] = 5,
-    read_steps: Annotated[int, typer.Option(min=1, help="K, gradient steps of reading.")] = 5,
+    read_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="K, gradient steps of the gradient read (default 5; the redraw read takes none).",
+        ),
+    ] = None,
     read: Annotated[
         ReadKind | None,
         typer.Option(
             show_default=False,
             help="[bold]gd[/]: descend the energy (the paper; the default but for kv and "
             "kv-conv); [bold]decoder[/]: a MAML-adapted decoder (the report); "
-            "[bold]redraw[/]: the image the energy draws from what the memory recalls (the "
-            "kv memories' default; kv, kv-conv or conv-ae).",
+            "[bold]redraw[/]: the image the energy draws from what the memory recalls (kv "
+            "and kv-conv, their default).",
         ),
     ] = None,
     rekeys: Annotated[
@@ -583,45 +575,18 @@ def train(
             "one). 0: one.",
         ),
     ] = 0,
-    schedule: Annotated[
-        Schedule,
-        typer.Option(
-            help="[bold]learned[/]: meta-learn write rates, "
-            "α, β, read steps and momenta (the paper); [bold]fixed[/]: the report's constants "
-            "(write rate 0.5/0.05, α = 0.5 ×0.95, γ₁ = 500 halved)."
-        ),
-    ] = Schedule("learned"),
-    write_lr: Annotated[
-        float | None,
-        typer.Option(
-            show_default=False,
-            help="Write rate η: the starting value of the learned rates, or the fixed one. "
-            "Default: 0.01 learned, 0.5 (conv 0.05) fixed; binary strings need ~1. "
-            "kv, kv-conv: 1, in units of 1/λmax of the episode's keys (below 2 is stable).",
-        ),
-    ] = None,
-    read_lr: Annotated[
-        float | None,
-        typer.Option(
-            show_default=False,
-            help="First read step size γ(1), learned from there or fixed. Default: 2 learned, "
-            "500 fixed.",
-        ),
-    ] = None,
     distortion: Annotated[
         str | None,
         typer.Option(
             show_default=False,
-            help="Query distortion "
-            "KIND:N: noise:7 (default for images), occlude:16 (the paper), saltpepper:0.1, "
-            "eraseblock:64 (default for binary).",
+            help="Query distortion KIND:N: noise:7 (default for images), occlude:16 (the "
+            "paper), saltpepper:0.1, eraseblock:64 (default for binary).",
         ),
     ] = None,
     loss: Annotated[
         Loss,
         typer.Option(
-            help="mse (the paper), ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report), l1: "
-            "mean absolute error, the expected Hamming error of a randomly rounded read, or "
+            help="mse (the paper), ssim+mse = 0.5 MSE + 0.5 (1 - SSIM) (the report), or "
             "bce: binary cross-entropy, for binary images drawn through a sigmoid (kv)."
         ),
     ] = Loss("mse"),
@@ -630,9 +595,8 @@ def train(
         typer.Option(
             min=1,
             show_default=False,
-            help="Written "
-            "channels/units; sets the memory size (conv: 1,154 floats each; fc: 257; rnn: 129). "
-            "Default: conv 4, fc 16, rnn 64.",
+            help="Written channels/units; sets the memory size (conv: 1,154 floats each; fc: "
+            "257; rnn: 129). Default: conv 4, fc 16, rnn 64.",
         ),
     ] = None,
     steps: Annotated[
@@ -647,90 +611,14 @@ def train(
             "--steps/--minutes comes first).",
         ),
     ] = None,
-    first_order: Annotated[
-        bool,
-        typer.Option(
-            help="Do not backpropagate through the write's own gradients (faster, less exact)."
-        ),
-    ] = False,
-    prior_minutes: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            help="Spend the first this many of --minutes on a prior phase: nothing is "
-            "written, queries are read from the initial weights, so the energy learns to "
-            "restore the data's patterns in cheap steps before meta-training proper. 0: none.",
-        ),
-    ] = 0.0,
-    recognition: Annotated[
-        float,
-        typer.Option(
-            help="Weight of a recognition term in the meta-loss: each written memory is "
-            "also scored on lowering the energy of what it stored more than that of novel "
-            "patterns (held-out metrics report it as `recognition`). 0: the paper's loss.",
-        ),
-    ] = 0.0,
-    completion: Annotated[
-        float,
-        typer.Option(
-            help="Weight of a completion term in the meta-loss: the write must lower the "
-            "energy of each query completed (part of the way) with its own stored "
-            "content more than with another stored pattern's, so that it pulls the read "
-            "towards what it stored. 0: the paper's loss.",
-        ),
-    ] = 0.0,
     contrast: Annotated[
         float,
         typer.Option(
-            help="Weight of a contrast term in the meta-loss: each stored pattern must have "
+            help="Weight of the contrast term of the meta-loss: each stored pattern must have "
             "lower energy than the point where the read of its query ended, so that what "
             "was stored becomes the energy's minimum. 0: the paper's loss.",
         ),
     ] = 0.0,
-    contrast_steps: Annotated[
-        int,
-        typer.Option(
-            help="With --contrast: compare each stored pattern with where this many plain "
-            "descent steps from the read's end lead instead (long descents end far below "
-            "and away from what was stored). 0: the read's end.",
-        ),
-    ] = 0,
-    identification: Annotated[
-        float,
-        typer.Option(
-            help="Weight of an identification term in the meta-loss: the write's "
-            "per-pattern gradients (kv: its unit keys) must tell each query's own stored "
-            "pattern from the others (held-out metrics report the fraction that do as "
-            "`identification`). "
-            "0: the paper's loss.",
-        ),
-    ] = 0.0,
-    prior_penalty: Annotated[
-        float,
-        typer.Option(
-            help="Weight of a penalty in the meta-loss on the energy's prior repairing "
-            "queries on its own: the queries are also read from the unwritten memory, and "
-            "whatever that read improves on the query is penalised, so the prior gains "
-            "nothing by repairing a query alone. Gradient read only. 0: the paper's loss.",
-        ),
-    ] = 0.0,
-    penalty_memory: Annotated[
-        PenaltyMemory,
-        typer.Option(
-            help="What --prior-penalty reads the queries from: the unwritten memory, or a "
-            "foil: a memory written with another episode's patterns, so that a write that "
-            "helps any batch alike gains nothing either. One more write and read per step.",
-        ),
-    ] = PenaltyMemory.unwritten,
-    refine: Annotated[
-        int,
-        typer.Option(
-            help="Train through refined memories: each episode's written memory is refined "
-            "this many steps (as `ebmm write --refine` does) before the read whose loss "
-            "trains the model, whose gradient there also reaches the write (held-out "
-            "metrics add `refined_*`). Not with the decoder read. 0: off.",
-        ),
-    ] = 0,
     write_refine: Annotated[
         int,
         typer.Option(
@@ -741,31 +629,6 @@ def train(
             "seconds per write. Not with the decoder read. 0: the learned write alone.",
         ),
     ] = 0,
-    write_refine_lr: Annotated[
-        float | None,
-        typer.Option(
-            show_default=False,
-            help="Adam's rate for every refinement of the model's memories (its write's, "
-            "--refine's). Default 0.01.",
-        ),
-    ] = None,
-    redraw: Annotated[
-        float,
-        typer.Option(
-            help="Weight of a redraw term in the meta-loss (--memory conv-ae): the image "
-            "the written bottleneck redraws from each query must be its stored pattern "
-            "(held-out metrics add `redrawn_*`). 0: off.",
-        ),
-    ] = 0.0,
-    redraw_stored: Annotated[
-        float,
-        typer.Option(
-            help="Weight of the same redraw term for the stored patterns (--memory "
-            "conv-ae): what the written bottleneck redraws from each stored pattern must "
-            "be that pattern, which teaches its decoder to draw characters at all "
-            "(held-out metrics add `redrawn_stored_hamming`). 0: off.",
-        ),
-    ] = 0.0,
     init: Annotated[
         str | None,
         typer.Option(
@@ -775,47 +638,22 @@ def train(
             "or a built-in fine-tuned. Its network and rules must match this run's.",
         ),
     ] = None,
-    lr: Annotated[
-        float,
-        typer.Option(
-            help="AdamW learning rate of the network (the paper's "
-            "5e-5 suits its 2e6 steps; this default suits runs of minutes to hours)."
-        ),
-    ] = 1e-3,
-    rule_lr: Annotated[
-        float,
-        typer.Option(
-            help="AdamW learning rate of the rule parameters (rates, α, β, step sizes, momenta)."
-        ),
-    ] = 3e-2,
     eval_every: Annotated[
         int, typer.Option(min=1, help="Held-out evaluation and model save every this many steps.")
     ] = 25,
     eval_episodes: Annotated[
         int, typer.Option(min=1, help="Held-out episodes per evaluation.")
     ] = 20,
-    checkpoint_minutes: Annotated[
-        float,
+    settings: Annotated[
+        list[str] | None,
         typer.Option(
-            min=0.0,
-            help="Save a checkpoint at least this often (0: after every step). A killed run "
-            "loses at most this much.",
+            "--set",
+            metavar="KEY=VALUE",
+            show_default=False,
+            help="Rates and run mechanics few runs change, repeatable: " + _SETTINGS_HELP + ".",
         ),
-    ] = 2.0,
-    episodes_per_step: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Episodes written and read per meta-step (per process under torchrun); "
-            "the step follows their mean loss.",
-        ),
-    ] = 1,
-    seed: Annotated[
-        int,
-        typer.Option(
-            min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the initialisation and of all episodes."
-        ),
-    ] = 0,
+    ] = None,
+    seed: Seed = 0,
     device: Device = "auto",
     cuda_graph: CudaGraphOption = CudaGraph.auto,
     resume: Annotated[
@@ -838,10 +676,8 @@ def train(
     Several processes: torchrun --nproc-per-node N -m ebmm_cli train ... (each process
     draws its own episodes; gradients are averaged; rank 0 writes the files).
     """
-    from ebmm_cli import builtin
     from ebmm_cli.meta import Trainer, init_distributed
-    from ebmm_cli.recipes import recipe_options
-    from ebmm_cli.runconfig import check_budget, parse_batch_size, train_config
+    from ebmm_cli.runconfig import check_budget
 
     if not resume or steps is not None or minutes is not None:
         check_budget(steps, minutes)  # a resumed run keeps its own budget unless given one
@@ -861,57 +697,40 @@ def train(
     else:
         if any((out / name).exists() for name in _RUN_FILES):
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
-        options = dict(
-            dataset=dataset,
-            memory=memory.value if memory else None,
-            data_root=data_root,
-            image_size=image_size,
-            invert=invert,
-            binarize=binarize,
-            batch_size=parse_batch_size(batch_size),
-            shots=shots,
-            write_steps=write_steps,
-            read_steps=read_steps,
-            read=read.value if read else None,
-            rekeys=rekeys,
-            schedule=schedule.value,
-            write_lr=write_lr,
-            read_lr=read_lr,
-            distortion=distortion,
-            loss=loss.value,
-            dynamic=dynamic,
-            steps=steps,
-            minutes=minutes,
-            first_order=first_order,
-            prior_minutes=prior_minutes,
-            rates_see_n=rates_see_n,
-            recognition=recognition,
-            completion=completion,
-            contrast=contrast,
-            contrast_steps=contrast_steps,
-            identification=identification,
-            init=str(builtin.resolve(init).resolve()) if init is not None else None,
-            prior_penalty=prior_penalty,
-            penalty_memory=penalty_memory.value,
-            refine=refine,
-            write_refine=write_refine,
-            write_refine_lr=write_refine_lr,
-            redraw=redraw,
-            redraw_stored=redraw_stored,
-            lr=lr,
-            rule_lr=rule_lr,
-            seed=seed,
-            device=distributed or device,
-            eval_every=eval_every,
-            eval_episodes=eval_episodes,
-            checkpoint_minutes=checkpoint_minutes,
-            episodes_per_step=episodes_per_step,
-            cuda_graph=cuda_graph.value,
-        )
-        if recipe is not None:  # the recipe's options, where the command line is silent
-            chosen = recipe_options(recipe)
-            options.update({k: v for k, v in chosen.items() if not _given(ctx, k)})
-        trainer = Trainer.create(train_config(**options), out)
+        options = {k: v for k, v in ctx.params.items() if k not in _NOT_TRAIN_CONFIG}
+        options.update(device=distributed or device)
+        trainer = Trainer.create(_train_config(ctx, options, recipe, settings or []), out)
+    _run_training(trainer, out, profile)
+
+
+_NOT_TRAIN_CONFIG = ("out", "recipe", "settings", "resume", "profile")
+"""`train`'s parameters that are not `runconfig.train_config` keywords."""
+
+
+def _train_config(
+    ctx: typer.Context, options: dict[str, Any], recipe: str | None, settings: list[str]
+) -> TrainConfig:
+    """The run's `TrainConfig` from `train`'s parameters (`options`, enums as their
+    values), its `--set` settings, and the `recipe`'s options where neither was given."""
+    from ebmm_cli import builtin
+    from ebmm_cli.recipes import recipe_options
+    from ebmm_cli.runconfig import parse_batch_size, parse_settings, train_config
+
+    options = {k: v.value if isinstance(v, StrEnum) else v for k, v in options.items()}
+    options["batch_size"] = parse_batch_size(options["batch_size"])
+    if options["init"] is not None:
+        options["init"] = str(builtin.resolve(options["init"]).resolve())
+    chosen = parse_settings(settings)
+    options.update(chosen)
+    if recipe is not None:  # the recipe's options, where the command line is silent
+        given = {k for k in options if _given(ctx, k)} | set(chosen)
+        options.update({k: v for k, v in recipe_options(recipe).items() if k not in given})
+    return train_config(**options)
+
+
+def _run_training(trainer: Trainer, out: Path, profile: bool) -> None:
+    """Run `trainer` with progress, profiling and a clean stop on Ctrl-C or SIGTERM (rank
+    0; other ranks just run), then print the model's path and the last held-out loss."""
     if trainer.rank > 0:  # rank 0 shows progress and the summary
         trainer.run()
         return
@@ -1085,14 +904,9 @@ def write(
     out: Annotated[Path, typer.Option("--out", "-o", help="The memory file to create.")] = Path(
         "memory.safetensors"
     ),
-    seed: Annotated[
-        int,
-        typer.Option(
-            min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the decoder read's adaptation queries."
-        ),
-    ] = 0,
+    seed: Seed = 0,
     device: Device = "auto",
-    force: Annotated[bool, typer.Option(help="Overwrite an existing memory file.")] = False,
+    force: Force = False,
     append: Annotated[
         bool,
         typer.Option(
@@ -1229,14 +1043,18 @@ def read(
     ] = Path("retrieved"),
     steps: Annotated[
         int | None,
-        typer.Option(min=1, show_default=False, help="K, read steps (default: the model's)."),
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="K, steps of the gradient read (default: the model's; other reads take none).",
+        ),
     ] = None,
     save_iterates: Annotated[
         bool, typer.Option(help="Also write NAME.iterates.png: a strip of x(0) ... x(K).")
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Queries read at once.")] = 64,
     device: Device = "auto",
-    force: Annotated[bool, typer.Option(help="Overwrite existing outputs.")] = False,
+    force: Force = False,
     skip_bad: SkipBad = False,
 ) -> None:
     """Retrieve stored images from distorted queries; prints each written path."""
@@ -1250,6 +1068,9 @@ def read(
     _hold(ctx, out)
     net, mem = load_memory(memory)
     shape = _image_shape(net, memory)
+    if steps is not None and net.config.rules.read != "gd":  # it would be ignored
+        raise EbmmError("--steps", f"is the gradient read's; {memory} reads by its model's "
+                        f"{net.config.rules.read} read, which takes no steps")  # fmt: skip
     found = collect_images(queries, sys.stdin, exclude=out)
     targets = output_paths(found, out, force)
     strips = (
@@ -1450,9 +1271,7 @@ def compare(
         ),
     ] = None,
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting.")] = 20,
-    seed: Annotated[
-        int, typer.Option(min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the episodes and queries.")
-    ] = 0,
+    seed: Seed = 0,
     device: Device = "auto",
     cuda_graph: CudaGraphOption = CudaGraph.auto,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON {config, rows}.")] = False,
@@ -1474,9 +1293,7 @@ def compare(
             "the error against memory size, or against --patterns when sweeping.",
         ),
     ] = None,
-    force: Annotated[
-        bool, typer.Option(help="Overwrite existing --markdown, --grid and --plot files.")
-    ] = False,
+    force: Force = False,
 ) -> None:
     """Run models and baselines on the same seeded episodes and queries; one table."""
     import json

@@ -165,8 +165,8 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
     Why both: the percentiles are how far one episode can stray, which more episodes do
     not narrow; the standard error is how well the mean is known, which they do. A bar
-    on the mean is met or missed by the second (issue 17's notes once read a p95 as if it
-    were the mean's bound). 0 for a single episode, whose spread is unknown."""
+    on the mean is met or missed by the second (a p95 is easily misread as the mean's
+    bound). 0 for a single episode, whose spread is unknown."""
     t = torch.tensor(values, dtype=torch.float64)
     se = float(t.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
     return {

@@ -242,28 +242,6 @@ class Distortion:
             return erase_bits(x, self.bits, generator, block)
         return randomize_bits(x, self.bits, generator, block)
 
-    def with_mask(
-        self, x: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The queries `self(x, generator)` and a float mask, 1 at every position the
-        distortion drew (its block, its bits), whether or not that changed x's value there
-        (an occluding 0 over a pixel that was 0 still counts). The generator ends where
-        the queries alone leave it.
-
-        Found by distorting all-ones and all-zeros patterns with the same draws: every
-        kind here either replaces a drawn position's value or moves it, so a drawn
-        position differs from 1 in the first or from 0 in the second."""
-        state = generator.get_state()
-        queries = self(x, generator)
-        after = generator.get_state()
-        masks = []
-        for fill in (1.0, 0.0):
-            generator.set_state(state)
-            plain = torch.full_like(x, fill)
-            masks.append(self(plain, generator) != plain)
-        generator.set_state(after)
-        return queries, (masks[0] | masks[1]).to(x.dtype)
-
     def spec(self) -> str:
         """The short `KIND:N` form, as `parse` reads it."""
         arg = {"noise": self.block, "occlude": self.block, "saltpepper": self.prob}.get(

@@ -18,28 +18,19 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import Episodes
 from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
-from ebmm_cli.memory import energy, recognition_margins, redrawn, write_kernel
+from ebmm_cli.memory import energy
 from ebmm_cli.metrics import hamming, iterates_loss, ssim
-from ebmm_cli.model import (
-    Memory,
-    Model,
-    refine_memory,
-    retrieve,
-    unwritten_memory,
-    write_memory,
-)
+from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig
+from ebmm_cli.terms import TERMS
 
 
 @dataclass
 class Batch:
-    """One episode on the device: clean patterns and their distorted queries, and where
-    the training's completion term needs them, the positions the distortion drew
-    (`Distortion.with_mask`)."""
+    """One episode on the device: clean patterns and their distorted queries."""
 
     patterns: torch.Tensor
     queries: torch.Tensor
-    masks: torch.Tensor | None = None
 
 
 def heldout_batches(
@@ -64,7 +55,9 @@ def heldout_batches(
     return batches
 
 
-def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> dict[str, float]:
+def evaluate_episodes(
+    model: Model, batches: list[Batch], terms: dict[str, float] | None = None
+) -> dict[str, float]:
     """Mean over episodes of: the training loss of the retrieval, MSE, Hamming error and
     SSIM of the retrieval and of the query, and the mean energy (under the written memory) of the
     originals, the queries and the retrievals (the report's table). Episodes whose write
@@ -74,43 +67,21 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
     Also `unwritten_mse` and `unwritten_hamming`: the same queries read from θ̄ (and an
     unadapted decoder), a memory that holds nothing. The gap to `mse` is what the write
     stores; without it a run can beat the query on the energy's prior alone, with a
-    write that does nothing (issue 17's trial 4).
+    write that does nothing.
 
-    And `recognition`: over pairs of a stored pattern and a novel one (the next
-    episode's patterns, which this memory never saw), the fraction in which the write
-    lowered the stored pattern's energy more (`recognition_margins`; ties count half).
-    0.5: the write treats what it stored like anything else; 1: every stored pattern
-    stands out. It needs no read, so it shows whether a write stores anything before
-    any retrieval can.
-
-    And `identification` (N > 1): the fraction of queries whose own stored pattern has
-    the largest inner product with the query among the episode's, in the write's
-    per-pattern gradients (`memory.write_kernel`; kv: in its keys): what a first-order
-    write could tell apart at all. 1/N: nothing.
-
-    With `refine` R > 0 (a run trained through refined memories, `TrainConfig.refine`)
-    also `refined_mse`, `refined_hamming` (and `refined_ssim` for images): the same
-    queries read from the memory refined R steps (`refine_memory`, seeded per episode),
-    the read such a model is trained for.
-
-    A `conv-ae` model adds `redrawn_mse`, `redrawn_hamming`, `redrawn_ssim` and
-    `unwritten_redrawn_hamming`: the image its written (and its unwritten) bottleneck
-    redraws from each query (`memory.redrawn`), what its reconstruction term pulls the
-    read towards; and `redrawn_stored_hamming`, what it redraws from the stored patterns
-    themselves (how well its decoder draws a character it was given whole)."""
+    And for each of the run's auxiliary `terms` (`terms.TERMS`, by name), its unweighted
+    value on the episode, under the term's name."""
     model.eval()
     kind = model.config.loss
     sums: dict[str, float] = {}
     finite = 0
     blank = unwritten_memory(model)
-    for index, batch in enumerate(batches):
-        novel = batches[(index + 1) % len(batches)].patterns
+    for batch in batches:
         try:
             memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
             memory = memory.detach()
             iterates = retrieve(model, memory, batch.queries)
             unwritten = retrieve(model, blank, batch.queries)[-1]
-            refined = _refined_values(model, memory, batch, refine, index) if refine else {}
         except FloatingPointError:
             continue
         finite += 1
@@ -126,21 +97,9 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
                 "unwritten_mse": (unwritten - batch.patterns).pow(2).mean(),
                 "unwritten_hamming": hamming(unwritten, batch.patterns).mean(),
             }
-            if batch.patterns.shape[0] > 1:
-                values["identification"] = identified(model, batch)
-            if len(batches) > 1:
-                margins = recognition_margins(model.energy, memory.params, batch.patterns, novel)
-                values["recognition"] = (margins < 0).float().mean() + 0.5 * (
-                    margins == 0
-                ).float().mean()
-            if model.config.energy.kind == "conv-ae":
-                drawn = redrawn(model.energy, memory.params, batch.queries)
-                values.update(_errors(drawn, batch.patterns, "redrawn_"))
-                drawn = redrawn(model.energy, blank.params, batch.queries)
-                values["unwritten_redrawn_hamming"] = hamming(drawn, batch.patterns).mean()
-                drawn = redrawn(model.energy, memory.params, batch.patterns)
-                values["redrawn_stored_hamming"] = hamming(drawn, batch.patterns).mean()
-        values.update(refined)
+            for name in terms or {}:
+                term = TERMS[name].loss
+                values[name] = term(model.energy, memory.params, batch.patterns, batch.queries, out)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     keys = sums or dict.fromkeys(("loss", "mse", "query_mse"), math.nan)
@@ -149,34 +108,13 @@ def evaluate_episodes(model: Model, batches: list[Batch], refine: int = 0) -> di
     return totals
 
 
-def _refined_values(
-    model: Model, memory: Memory, batch: Batch, steps: int, seed: int
-) -> dict[str, torch.Tensor]:
-    """`evaluate_episodes`' `refined_*` metrics of one episode: its memory refined
-    `steps` steps, then read."""
-    generator = torch.Generator().manual_seed(seed)
-    refined = refine_memory(model, memory, batch.patterns, steps, generator=generator)
-    with torch.no_grad():
-        return _errors(retrieve(model, refined, batch.queries)[-1], batch.patterns, "refined_")
-
-
 def _errors(out: torch.Tensor, patterns: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
     """The episode's mean MSE, Hamming error and (images) SSIM of `out` against
-    `patterns`, each key prefixed: the same three for the retrievals, the queries and
-    the refined memory's retrievals."""
+    `patterns`, each key prefixed: the same three for the retrievals and the queries."""
     values = {"mse": (out - patterns).pow(2).mean(), "hamming": hamming(out, patterns).mean()}
     if patterns.dim() == 4:
         values["ssim"] = ssim(out, patterns).mean()
     return {prefix + k: v for k, v in values.items()}
-
-
-def identified(model: Model, batch: Batch) -> torch.Tensor:
-    """The fraction of `batch`'s queries whose own pattern has the largest
-    <g(q), g(xi)> among its stored patterns (`write_kernel`: raw inner products, as a
-    write sums them; kv: its unit keys' products)."""
-    scores = write_kernel(model.energy, batch.patterns, batch.queries).detach()
-    own = torch.arange(scores.shape[0], device=scores.device)
-    return (scores.argmax(1) == own).float().mean()
 
 
 def heldout_sets(
@@ -187,11 +125,13 @@ def heldout_sets(
     return {n: heldout_batches(data, config, distortion, count, n) for n in config.sizes()}
 
 
-def evaluate_sets(model: Model, sets: dict[int, list[Batch]], refine: int = 0) -> dict[str, Any]:
+def evaluate_sets(
+    model: Model, sets: dict[int, list[Batch]], terms: dict[str, float] | None = None
+) -> dict[str, Any]:
     """`evaluate_episodes` at each N of `heldout_sets`: each metric's mean over the sizes
     (each N weighs the same; `nonfinite` is summed), and every size's own metrics under
     `by_n` (the capacity curve). One size: its metrics as they are."""
-    results = {n: evaluate_episodes(model, batches, refine) for n, batches in sets.items()}
+    results = {n: evaluate_episodes(model, batches, terms) for n, batches in sets.items()}
     if len(results) == 1:
         return next(iter(results.values()))
     first = next(iter(results.values()))

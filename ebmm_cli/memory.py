@@ -19,6 +19,9 @@ for conv), α = 0.5 decayed by 0.95 per step, no β, γ(1) = 500 halved per step
 momentum. Everything here is plain torch over an explicit dict of memory parameters
 (`torch.func.functional_call`), shared by meta-training and the command line;
 `create_graph=True` keeps the graph for backpropagating through write and read.
+The key-value energies (`kv`, `kv-conv`) take the same write in closed form, and read by
+drawing what the memory recalls: `kv.py`, to which `write_flags` and `read_flags` hand
+them over.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ebmm_cli import kv
 from ebmm_cli.energy import memory_layers
 
 Params = dict[str, torch.Tensor]
@@ -46,7 +50,7 @@ REFINE_LR = 1e-2
 (`RuleConfig.refine_lr`): on the built-in binary-128, 25 steps at 0.01 leave fewer error
 bits at 32 to 96 patterns than at 0.03, and 0.1 diverges (worse than the query;
 `examples/refine_sweep.py`, one episode per N). The built-in omniglot-32 refines best at
-0.03 to 0.05 (`docs/TRAINING.md`, the twenty-second session)."""
+0.03 to 0.05 (`docs/TRAINING.md`, the refinement's rates)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class RuleConfig:
         rekeys: the `redraw` read of `kv`: this many more drawings after the first, each
             recalled by the key of the drawing before (the value, maps and pixels stay
             the query's): a completed drawing's key lies nearer its stored key than the
-            occluded query's (docs/TRAINING.md, trial 62). 0: one drawing.
+            occluded query's (docs/TRAINING.md, the kv family). 0: one drawing.
         write_lr: initial (learned) or constant (fixed) write rate η.
         alpha: weight of the gradient-norm term; fixed: decayed by `alpha_decay` per step.
             0 drops the term for good (learned too: it is neither computed nor learned).
@@ -78,15 +82,16 @@ class RuleConfig:
             None in files from before it was recorded. Over a range (least < most) the
             learned rates see N: see `Rules.write_schedule`.
         rates_see_n: over a range of N, whether the learned rates scale with N (the
-            default); False keeps the same rates at every N (the ablation of issue 19).
+            default); False keeps the same rates at every N (an ablation: files that
+            say so read as they were trained).
         refine: the model's own write in `ebmm write` and `ebmm compare` (not in a
             training step): after the T learned steps, this many Adam steps on the
             written floats (`model.refine_memory`). 0: the learned write alone. Why: the
             learned write can fall far short of what the energy and read hold; the
             built-in omniglot-32 reads 64 characters to Hamming 14.7 refined 200 steps at
-            0.05, 21.1 from its learned write (README, issue 17).
+            0.05, 21.1 from its learned write (docs/TRAINING.md, the kv family).
         refine_lr: Adam's rate for every refinement of this model's memories (its
-            write's, `ebmm train --refine`'s, `--refine`'s of `ebmm write` and `compare`).
+            write's, and `--refine`'s of `ebmm write` and `compare`).
     """
 
     write_steps: int = 5
@@ -223,164 +228,6 @@ def initial_memory(net: nn.Module) -> Params:
 def energy(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
     """E(x; θ) for a batch: (B, ...) patterns -> (B,) energies, with θ = `memory`."""
     return functional_call(net, memory, (x,))
-
-
-def redrawn(
-    net: nn.Module, memory: Params, x: torch.Tensor, cue: torch.Tensor | None = None
-) -> torch.Tensor:
-    """What a conv-ae energy's written bottleneck, with θ = `memory`, redraws from the
-    patterns x (B, ...): D(h(x; θ)), the image its reconstruction term pulls x towards;
-    for a kv energy, the image drawn from the value θ recalls by x's key (its read), or
-    by `cue`'s key (a drawing before: `RuleConfig.rekeys`)."""
-    extra = {"redraw": True} if cue is None else {"redraw": True, "cue": cue}
-    return functional_call(net, memory, (x,), extra)
-
-
-def energy_moved(net: nn.Module, memory: Params, x: torch.Tensor) -> torch.Tensor:
-    """ΔE(x) = E(x; θ) − E(x; θ̄): how much writing `memory` moved each pattern's energy
-    (B,). Differences of these cancel each pattern's prior (some characters simply have
-    lower energy), so only what the write did remains."""
-    return energy(net, memory, x) - energy(net, initial_memory(net), x)
-
-
-def recognition_margins(
-    net: nn.Module, memory: Params, stored: torch.Tensor, novel: torch.Tensor
-) -> torch.Tensor:
-    """ΔE(xi) − ΔE(yj) for every stored pattern xi and novel pattern yj, (N, M), with ΔE
-    the `energy_moved` by writing `memory`.
-
-    Negative: the write lowered xi's energy more than yj's, i.e. it recognises what it
-    stored. A write that lowers every energy alike, stored or not, has margins near 0:
-    it holds nothing a read could recall (issue 17)."""
-    return energy_moved(net, memory, stored)[:, None] - energy_moved(net, memory, novel)[None, :]
-
-
-def write_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Each pattern's gradient ∇θ E(xi; θ̄) over the written parameters θ, flattened:
-    (B, ...) -> (B, P), P the memory's floats. Functional, so it runs under `vmap` and
-    its values keep their graph to the slow weights.
-
-    Why: a write's first step moves θ̄ by −η/N Σi g(xi), so it changes the energy at q by
-    about −η/N Σi <g(q), g(xi)>. To first order the write is a kernel memory with these
-    features; a read can only be pulled towards what was stored if g(q) tells a query's
-    own stored pattern from the others (issue 17)."""
-    theta = initial_memory(net)
-
-    def one(params: Params, xi: torch.Tensor) -> torch.Tensor:
-        return functional_call(net, params, (xi[None],)).squeeze(0)
-
-    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0))(theta, x)
-    return torch.cat([grads[name].flatten(1) for name in theta], 1)
-
-
-def write_kernel(
-    net: nn.Module, stored: torch.Tensor, queries: torch.Tensor, cosine: bool = False
-) -> torch.Tensor:
-    """<g(qj), g(xi)> for every query qj and stored pattern xi, (M, N), g the
-    `write_features` (one pass over queries and stored patterns together); with `cosine`
-    their cosines. Row j should peak at column j where qj is xj's query.
-
-    An energy with `addresses` (kv: its unit keys) is scored by those instead: its write
-    gradients are value times key products, but what a query recalls is weighed by the
-    keys alone (issue 17, trial 56)."""
-    both = torch.cat([queries, stored])
-    addresses = getattr(net, "addresses", None)
-    features = addresses(both) if addresses is not None else write_features(net, both)
-    if cosine:
-        features = F.normalize(features, dim=1)
-    return features[: queries.shape[0]] @ features[queries.shape[0] :].T
-
-
-def identification_logits(
-    net: nn.Module, stored: torch.Tensor, queries: torch.Tensor, temperature: float = 0.05
-) -> torch.Tensor:
-    """cos(g(qj), g(xi)) / `temperature` (`write_kernel`), (N, N): the identification
-    term's logits, row j's target column j.
-
-    Cosines, not the inner products the write sums, so that a term on them cannot win by
-    growing the features; meta-training otherwise aligns them all (`docs/TRAINING.md`,
-    "Why the conv write stores nothing")."""
-    return write_kernel(net, stored, queries, cosine=True) / temperature
-
-
-def endpoint_margins(
-    net: nn.Module, memory: Params, stored: torch.Tensor, ends: torch.Tensor
-) -> torch.Tensor:
-    """E(xi; θ) − E(x̂i; θ) for each stored pattern xi and the point x̂i where the read of
-    its query ended (N,), both under the written memory θ.
-
-    Positive: the read stopped somewhere the energy ranks below the truth, so descending
-    further from there cannot reach it. Trained Omniglot reads stop there at every
-    query, and plain descent from the query ends below the stored pattern on Omniglot
-    and binary strings alike (issue 17): their stored patterns are not the energy's
-    minima but points a short read passes."""
-    return energy(net, memory, stored) - energy(net, memory, ends)
-
-
-def long_descent(
-    net: nn.Module, memory: Params, starts: torch.Tensor, steps: int, size: float = 0.02
-) -> torch.Tensor:
-    """Where `steps` plain projected gradient steps on E(·; θ) take `starts` (B, ...),
-    without a graph: each step moves by `size` / mean |∇x E| at the start, per pattern,
-    so a flat and a steep energy are descended alike. Functional (`torch.func`), so it
-    runs under `vmap` over episodes too.
-
-    The learned read stops after K small steps; a long descent shows where the energy
-    actually leads. On trained Omniglot memories it ends below the stored character and
-    ~110 pixels from it (issue 17, `docs/TRAINING.md`): the contrast term
-    (`TrainConfig.contrast_steps`) takes its negatives here."""
-    memory = {k: v.detach() for k, v in memory.items()}
-
-    def grad(x: torch.Tensor) -> torch.Tensor:
-        return torch.func.grad(lambda y: functional_call(net, memory, (y,)).sum())(x)
-
-    x = starts.detach()
-    scale = None
-    for _ in range(steps):
-        g = grad(x)
-        if scale is None:
-            mean = g.abs().flatten(1).mean(1).clamp_min(1e-12)
-            scale = (size / mean).view(-1, *[1] * (g.dim() - 1))
-        x = (x - scale * g).clamp(0.0, 1.0).detach()
-    return x
-
-
-def completion_margins(
-    net: nn.Module,
-    memory: Params,
-    stored: torch.Tensor,
-    queries: torch.Tensor,
-    masks: torch.Tensor,
-    lam: torch.Tensor,
-    others: int = 3,
-) -> torch.Tensor:
-    """ΔE(own) − ΔE(other) for each query, completed part of the way (λ) with its own
-    stored pattern's content against another stored pattern's: (others, N).
-
-        own_i   = qi + λi mi (xi − qi),   other_ij = qi + λi mi (xj − qi),   j = i − r,
-
-    r = 1 … `others` (indices mod N), mi the positions the distortion drew (1) and ΔE
-    the `energy_moved` by the write. Negative: what the write did to the energy favours
-    the query's own content. For small λ the margin is λ ∇ΔE(qi) · mi (xi − xj): the
-    write's own pull on the read's first step, pointing at what was stored rather than
-    at another stored pattern. Recognition compares
-    whole clean patterns; this compares what the read moves through (issue 17).
-
-    Args:
-        stored: the written patterns x (N, ...).
-        queries: their distorted queries q (N, ...).
-        masks: 1 where the distortion drew a position, else 0 (N, ...;
-            `Distortion.with_mask`).
-        lam: λ per query (N,), in [0, 1].
-        others: how many other stored patterns each query is contrasted with (at most
-            N − 1; none for N = 1, which gives an empty (0, 1)).
-    """
-    n = stored.shape[0]
-    lam = lam.view(n, *([1] * (stored.dim() - 1)))
-    contents = [stored, *(stored.roll(r, 0) for r in range(1, min(others, n - 1) + 1))]
-    points = torch.cat([queries + lam * masks * (x - queries) for x in contents])
-    moved = energy_moved(net, memory, points).view(-1, n)
-    return moved[0][None] - moved[1:]
 
 
 def energy_grad(
@@ -630,25 +477,24 @@ def write_flags(
 ) -> tuple[Params, torch.Tensor]:
     """`write` without the check: θ(T), and each step's finiteness of E and ∇x E as a
     (T, 2) bool tensor on the device, for `raise_first_non_finite` once the caller may
-    wait for the device (after replaying a captured write, say)."""
+    wait for the device (after replaying a captured write, say). An energy with
+    `associations` (kv) takes the same steps in closed form: `kv.delta_write`."""
     theta_bar = initial_memory(net)
     theta = dict(theta_bar)
     if start is not None:  # a stored memory is a constant: differentiate from it
         theta = {
             k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in start.items()
         }
-    layers = list(memory_layers(net).values())
     rates, alphas, betas = rules.write_schedule(patterns.shape[0])
     grad_norm = rules.config.alpha > 0
-    associations = getattr(net, "associations", None)
-    if associations is not None:  # kv: energy rates in units of 1/λmax, for every episode
-        keys, values = associations(patterns)
-        lam = delta_curvature(keys).reshape(1)
-        rates = rates / torch.cat([lam, lam.new_ones(len(WRITE_TERMS) - 1)])
-        if not grad_norm:
-            return _delta_write(
-                theta, theta_bar, keys, values, rates, betas, create_graph, functional
-            )
+    if getattr(net, "associations", None) is not None:  # kv: the delta rule, in kv.py
+        if grad_norm:
+            raise ValueError("a key-value energy writes without the gradient-norm term (α = 0)")
+        theta, flags = kv.delta_write(
+            net, theta, theta_bar, patterns, rates, betas, create_graph, functional
+        )
+        return theta, _stack_flags(flags, 2, patterns.device)
+    layers = list(memory_layers(net).values())
     finite: list[torch.Tensor] = []
     for eta, alpha, beta in zip(rates, alphas, betas, strict=True):
         theta, grads = write_step(
@@ -658,67 +504,6 @@ def write_flags(
         if not functional:  # under vmap the flags would be batched; nobody checks them
             finite.append(grads.finite())
     return theta, _stack_flags(finite, 2, patterns.device)
-
-
-def top_eigenvalue(gram: torch.Tensor, squarings: int = 7) -> torch.Tensor:
-    """The largest eigenvalue of a symmetric positive semi-definite matrix, by squaring
-    it `squarings` times (rescaled to unit trace each time): tr(G P) / tr(P) with
-    P ∝ G^(2^squarings) weighs each eigenvalue λi by λi^128, so the largest dominates
-    even with a gap of 5%. Why not `eigvalsh`: a fixed number of matmuls needs no start
-    vector, no host sync (CUDA graphs) and works under `vmap`."""
-    power = gram
-    for _ in range(squarings):
-        power = power @ power
-        power = power / power.diagonal().sum().clamp_min(1e-30)
-    return (gram * power).sum() / power.diagonal().sum().clamp_min(1e-30)
-
-
-def delta_curvature(keys: torch.Tensor) -> torch.Tensor:
-    """λmax of (1/N) Σi ki kiᵀ for the stored keys (N, d) of an energy ½‖θ k − v‖²: the
-    largest curvature of the mean energy in θ, by which `write_flags` divides the energy
-    term's rates (a constant: no gradient). Why: a delta-rule step with rate η shrinks
-    the residual along an eigenvalue λ of that matrix by 1 − ηλ; rates meta-learned in
-    absolute units reached ηλmax = 3.3-4.5, tuned to the typical episode, and the
-    episodes with the most similar keys (a larger λmax) blew up (docs/TRAINING.md,
-    trial 57). Divided, a rate is in units of 1/λmax (1: the top direction solved in one
-    step), the same polynomial in λ/λmax for every episode."""
-    keys = keys.detach()
-    return top_eigenvalue(keys.T @ keys / keys.shape[0])
-
-
-def _delta_write(
-    theta: Params,
-    theta_bar: Params,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    rates: torch.Tensor,
-    betas: torch.Tensor,
-    create_graph: bool,
-    functional: bool,
-) -> tuple[Params, torch.Tensor]:
-    """`write_flags` for an energy E = ½‖θ k(x) − v(x)‖² (`associations`, one written
-    matrix θ; kv-conv's 3x3 convolution read as one, (out, in·9)) without the
-    gradient-norm term: the same steps (4), each
-    θ − η (1/N) Σi (θ ki − vi) kiᵀ − η_prior β 2 (θ − θ̄), taken in closed form on the
-    keys and values of one encoder pass. Why: the autograd write ran the encoder forward
-    and backward (to the pixels, for ∇x E) at each of the T steps, and meta-training
-    differentiated all of them again. The flags check each step's residual and gradient.
-    Without `create_graph` the gradient is a constant, as in `_write_grads`."""
-    ((name, w),) = theta.items()
-    shape = w.shape
-    w, start = w.reshape(shape[0], -1), theta_bar[name].reshape(shape[0], -1)
-    n = keys.shape[0]
-    finite: list[torch.Tensor] = []
-    for eta, beta in zip(rates, betas, strict=True):
-        r_energy, _, r_prior = eta[0]
-        residual = keys @ w.T - values  # (N, dynamic): θ ki − vi
-        grad = residual.T @ keys / n
-        if not create_graph:
-            grad = grad.detach()
-        if not functional:
-            finite.append(torch.stack([residual.isfinite().all(), grad.isfinite().all()]))
-        w = w - r_energy * grad - r_prior * beta * 2 * (w - start)
-    return {name: w.reshape(shape)}, _stack_flags(finite, 2, keys.device)
 
 
 def _stack_flags(finite: list[torch.Tensor], checks: int, device: torch.device) -> torch.Tensor:
@@ -770,20 +555,12 @@ def read_flags(
     functional: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """`read` without the check: the iterates, and each step's finiteness of ∇x E as a
-    (K, 1) bool tensor on the device (see `write_flags`). The `redraw` read (`kv`) has
-    one iterate, the image the energy draws from each query under the memory, and one
-    more for each of `RuleConfig.rekeys`, each drawn by the key of the one before; it
-    checks each image."""
-    if rules.config.read == "redraw":  # what the memory redraws, re-keyed `rekeys` times
-        iterates, flags = [], []
-        x = None
-        for _ in range(1 + rules.config.rekeys):
-            x = redrawn(net, memory, queries, cue=x)
-            if not create_graph:
-                x = x.detach()
-            if not functional:
-                flags.append(x.isfinite().all()[None])
-            iterates.append(x)
+    (K, 1) bool tensor on the device (see `write_flags`). The `redraw` read of the
+    key-value energies is `kv.redraw_read`: 1 + `RuleConfig.rekeys` drawings, each
+    checked."""
+    if rules.config.read == "redraw":  # kv's read: what the memory recalls, drawn (kv.py)
+        rekeys = rules.config.rekeys
+        iterates, flags = kv.redraw_read(net, memory, queries, rekeys, create_graph, functional)
         return iterates, _stack_flags(flags, 1, queries.device)
     gammas, psis = rules.read_schedule()
     k_steps = steps if steps is not None else len(gammas)

@@ -6,9 +6,8 @@ minimises the loss summed over all read iterates (paper eq. 2, applied step-wise
 backpropagating through the read and, by default, through the write's own gradient
 steps (second order; `first_order` treats each write gradient as a constant).
 Outer optimiser: AdamW, weight decay 1e-6, gradient clipping by global norm 0.05 (the
-paper's). A run may begin with a prior phase (`TrainConfig.prior_minutes`): the same
-loss with nothing written, every query read from θ̄. The library never prints: progress
-goes to a callback.
+paper's). Auxiliary terms of the loss (`terms.TERMS`) join it where a run weighs them.
+The library never prints: progress goes to a callback.
 
 Distributed (torchrun, `init_distributed`): every process holds the same model, draws
 its own episodes, and all-reduces its gradients before the identical clipped AdamW step
@@ -27,13 +26,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data import BinaryStrings, Episodes, load_dataset
@@ -41,22 +38,9 @@ from ebmm_cli.device import resolve_device
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.evaluation import Batch, evaluate_sets, heldout_sets, plot_curves
 from ebmm_cli.graphs import replayed_step
-from ebmm_cli.memory import (
-    Params,
-    completion_margins,
-    endpoint_margins,
-    identification_logits,
-    initial_memory,
-    long_descent,
-    read,
-    read_episodes,
-    recognition_margins,
-    redrawn,
-    write,
-    write_episodes,
-)
+from ebmm_cli.memory import read_episodes, write_episodes
 from ebmm_cli.metrics import reconstruction_loss
-from ebmm_cli.model import Memory, Model, refine_memory, retrieve, write_memory
+from ebmm_cli.model import Model, retrieve, write_memory
 from ebmm_cli.runconfig import TrainConfig
 from ebmm_cli.store import (
     load_checkpoint,
@@ -65,6 +49,7 @@ from ebmm_cli.store import (
     save_checkpoint,
     save_model,
 )
+from ebmm_cli.terms import episode_terms, weights
 
 # Rank r > 0 draws its episodes from seed + r * RANK_SEED_STRIDE: streams that never meet
 # each other's, or the held-out ones (seed + 10,000 and + 20,000), for any sane seed.
@@ -107,18 +92,7 @@ class MetaStep:
         self.model = model
         self.loss = config.model.loss
         self.second_order = not config.first_order
-        self.recognition = config.recognition
-        self.completion = config.completion
-        self.contrast = config.contrast
-        self.identification = config.identification
-        self.contrast_steps = config.contrast_steps
-        self.refine = config.refine
-        self.redraw = config.redraw
-        self.redraw_stored = config.redraw_stored
-        self.prior_penalty = config.prior_penalty
-        self.against_foil = config.prior_penalty > 0 and config.penalty_memory == "foil"
-        # steps that take one more episode's patterns (and so run eagerly)
-        self.draws_foils = config.recognition > 0 or self.against_foil
+        self.terms = weights(config)
         self.device = device
         self.world = world
         rule_params = list(model.rules.parameters())
@@ -153,46 +127,22 @@ class MetaStep:
             else:
                 group["lr"] = base * scale
 
-    def __call__(
-        self,
-        batches: list[Batch],
-        generator: torch.Generator,
-        prior: bool = False,
-        foils: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def __call__(self, batches: list[Batch], generator: torch.Generator) -> torch.Tensor:
         """One meta-gradient step on the mean loss of `batches` (and, distributed, of
         every process's batches). `generator` draws the decoder read's adaptation queries.
-        `prior`: a step of the prior phase (`TrainConfig.prior_minutes`): nothing is
-        written, every query is read from θ̄. `foils`: novel patterns (M, ...) for the
-        recognition term (`TrainConfig.recognition`) and the foil-written prior penalty
-        (`TrainConfig.penalty_memory`), the same for every episode. The completion term
-        (`TrainConfig.completion`) takes each batch's `masks`; the contrast term
-        (`TrainConfig.contrast`) and the unwritten prior penalty need nothing more than
-        the queries.
 
         Returns:
             The mean loss, a 0-dim tensor on the device: NaN if the loss or the gradient
-            was not finite anywhere, and then nothing changed. The recognition,
-            completion and contrast terms and the prior penalty join the gradient, not
-            the loss returned, so curves stay comparable.
+            was not finite anywhere, and then nothing changed. The run's auxiliary terms
+            (`terms.TERMS`) join the gradient, not the loss returned, so curves stay
+            comparable.
         """
         patterns = torch.stack([b.patterns for b in batches])
         queries = torch.stack([b.queries for b in batches])
-        masks = None
-        if self.completion:
-            if any(b.masks is None for b in batches):
-                raise ValueError("the completion term needs each batch's masks")
-            masks = torch.stack([b.masks for b in batches])
-        return self.episodes(patterns, queries, generator, prior, foils, masks)
+        return self.episodes(patterns, queries, generator)
 
     def episodes(
-        self,
-        patterns: torch.Tensor,
-        queries: torch.Tensor,
-        generator: torch.Generator | None,
-        prior: bool = False,
-        foils: torch.Tensor | None = None,
-        masks: torch.Tensor | None = None,
+        self, patterns: torch.Tensor, queries: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
         """`__call__` on stacked episodes, (E, N, ...) each: the form a CUDA graph
         captures (fixed-shape tensors in, a tensor out, no host sync). Several episodes
@@ -203,22 +153,14 @@ class MetaStep:
         count = patterns.shape[0]
         share = 1.0 / (count * self.world)
         together = count > 1 and self.model.decoder is None
-        groups = [slice(0, count)] if together or prior else [slice(i, i + 1) for i in range(count)]
+        groups = [slice(0, count)] if together else [slice(i, i + 1) for i in range(count)]
         total = torch.zeros((), device=patterns.device)
         finite = torch.ones((), dtype=torch.bool, device=patterns.device)
         for group in groups:  # group by group: one group's graph at a time
-            if prior:
-                losses, iterates = self._prior_losses(patterns[group], queries[group])
-                objective = losses.sum()
-            else:
-                losses, iterates, extra = self._episode_losses(
-                    patterns[group],
-                    queries[group],
-                    generator,
-                    foils,
-                    None if masks is None else masks[group],
-                )
-                objective = losses.sum() + extra.sum()
+            losses, iterates, extra = self._episode_losses(
+                patterns[group], queries[group], generator
+            )
+            objective = losses.sum() + extra.sum()
             finite = finite & objective.isfinite()
             (objective * share).backward()
             total = total + losses.detach().sum() / iterates * share
@@ -247,17 +189,6 @@ class MetaStep:
     def _state(self, param: torch.nn.Parameter) -> list[torch.Tensor]:
         return [v for v in self.optimizer.state.get(param, {}).values() if torch.is_tensor(v)]
 
-    def _prior_losses(
-        self, patterns: torch.Tensor, queries: torch.Tensor, memory: Params | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """`_episode_losses` with every E·N query read together from one `memory`,
-        default θ̄ (nothing written: no write and no second order through it, so a step
-        costs a fraction of a meta-step's)."""
-        net = self.model.energy
-        memory = initial_memory(net) if memory is None else memory
-        iterates = read(net, self.model.rules, memory, queries.flatten(0, 1), create_graph=True)
-        return self._summed(iterates, patterns), len(iterates)
-
     def _summed(self, iterates: list[torch.Tensor], patterns: torch.Tensor) -> torch.Tensor:
         """Each episode's loss summed over the read iterates (each (E·N, ...) or
         (E, N, ...)), shape (E,)."""
@@ -270,32 +201,13 @@ class MetaStep:
         )
 
     def _episode_losses(
-        self,
-        patterns: torch.Tensor,
-        queries: torch.Tensor,
-        generator: torch.Generator | None,
-        foils: torch.Tensor | None = None,
-        masks: torch.Tensor | None = None,
+        self, patterns: torch.Tensor, queries: torch.Tensor, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Write each episode, read its queries: each episode's loss summed over read
         iterates, shape (E,) (NaN where a write or read left the reals), the number of
-        iterates, and each episode's weighted auxiliary terms (E,): `recognition` times
-        the mean of softplus(`recognition_margins`) against `foils`, plus `completion`
-        times the mean of softplus(`completion_margins`) with the queries' `masks` and
-        λ ~ U(0, 1) per query, plus `contrast` times the mean of
-        softplus(`endpoint_margins`) against where each read ended, detached (the term
-        moves the energy under the read's endpoint, not the read; with `contrast_steps`,
-        where a `long_descent` from there ended), plus `prior_penalty`
-        times how far the same queries read from θ̄ (or from a memory written with
-        `foils`) improve on the queries themselves (the loss summed over iterates; 0
-        where that read is no better). Zeros where a term is off; recognition and
-        completion have no pairs at N = 1. Plus `identification` times the cross-entropy
-        of each query's own stored pattern under `identification_logits` (none at N = 1
-        either). Plus `redraw` times the loss of what the written bottleneck redraws
-        from each query (`redrawn`) against its stored pattern, and `redraw_stored` times
-        the same from each stored pattern itself. One episode goes through
-        `write_memory` (any read); several through `write_episodes` and `read_episodes`
-        (the gradient read)."""
+        iterates, and each episode's weighted auxiliary terms (E,; `terms.episode_terms`,
+        zeros without any). One episode goes through `write_memory` (any read); several
+        through `write_episodes` and `read_episodes` (the gradient read)."""
         second = self.second_order
         energy_net = self.model.energy
         if patterns.shape[0] == 1:
@@ -308,86 +220,14 @@ class MetaStep:
                 replay=False,
             )
             memories = {k: v[None] for k, v in memory.params.items()}
-            if self.refine:
-                memories = self._through_refined(memories, patterns, generator)
-                memory = Memory({k: v[0] for k, v in memories.items()}, None, memory.patterns)
             iterates = [x[None] for x in retrieve(self.model, memory, queries[0], True)]
         else:
             rules = self.model.rules
             memories = write_episodes(energy_net, rules, patterns, create_graph=second)
-            if self.refine:
-                memories = self._through_refined(memories, patterns, generator)
             iterates = read_episodes(energy_net, rules, memories, queries, create_graph=True)
         losses = self._summed(iterates, patterns)
-        extra = torch.zeros_like(losses)
-        if foils is not None and self.recognition:
-            margins = torch.func.vmap(lambda m, x: recognition_margins(energy_net, m, x, foils))(
-                memories, patterns
-            )
-            extra = extra + self.recognition * F.softplus(margins).flatten(1).mean(1)
-        if masks is not None and self.completion and patterns.shape[1] > 1:
-            lam = torch.rand(patterns.shape[:2], device=patterns.device)
-            margins = torch.func.vmap(partial(completion_margins, energy_net))(
-                memories, patterns, queries, masks, lam
-            )
-            extra = extra + self.completion * F.softplus(margins).flatten(1).mean(1)
-        if self.identification and patterns.shape[1] > 1:
-            logits = torch.func.vmap(partial(identification_logits, energy_net))(patterns, queries)
-            own = torch.arange(patterns.shape[1], device=patterns.device)
-            own = own.repeat(patterns.shape[0])
-            nll = F.cross_entropy(logits.flatten(0, 1), own, reduction="none")
-            extra = extra + self.identification * nll.view(patterns.shape[0], -1).mean(1)
-        for weight, inputs in ((self.redraw, queries), (self.redraw_stored, patterns)):
-            if weight:
-                drawn = torch.func.vmap(partial(redrawn, energy_net))(memories, inputs)
-                extra = extra + weight * self._summed([drawn], patterns)
-        if self.contrast:
-            ends = iterates[-1].detach()
-            if self.contrast_steps:
-                ends = torch.func.vmap(
-                    lambda m, x: long_descent(energy_net, m, x, self.contrast_steps)
-                )(memories, ends)
-            margins = torch.func.vmap(partial(endpoint_margins, energy_net))(
-                memories, patterns, ends
-            )
-            extra = extra + self.contrast * F.softplus(margins).mean(1)
-        if self.prior_penalty:
-            control_memory = None  # θ̄
-            if self.against_foil:  # what a write of any batch does for these queries
-                if foils is None:
-                    raise ValueError("the prior penalty against a foil needs foils")
-                # the write keeps its graph, so the rates learn not to help what they
-                # did not store
-                rules = self.model.rules
-                control_memory = write(energy_net, rules, foils, create_graph=second, check=False)
-            control, count = self._prior_losses(patterns, queries, control_memory)
-            baseline = count * self._summed([queries], patterns)
-            extra = extra + self.prior_penalty * F.relu(baseline - control)
+        extra = episode_terms(energy_net, self.terms, memories, patterns, queries, iterates[-1])
         return losses, len(iterates), extra
-
-    def _through_refined(
-        self, memories: Params, patterns: torch.Tensor, generator: torch.Generator | None
-    ) -> Params:
-        """Each episode's written memory (E, ...) refined `refine` steps
-        (`model.refine_memory`, which starts from a detached copy; its distortions drawn
-        from `generator`), as a straight-through: the value is the refined memory, cut
-        from the graph, and the gradient at it reaches the write as if the write had
-        produced it."""
-        if generator is None:
-            raise ValueError("training through refined memories needs the step's generator")
-        refined = [
-            refine_memory(
-                self.model,
-                Memory({k: v[e] for k, v in memories.items()}, None, patterns.shape[1]),
-                patterns[e],
-                self.refine,
-                generator=generator,
-            ).params
-            for e in range(patterns.shape[0])
-        ]
-        return {
-            k: v + (torch.stack([r[k] for r in refined]) - v).detach() for k, v in memories.items()
-        }
 
     def _all_reduce(
         self, params: list[torch.nn.Parameter], total: torch.Tensor, finite: torch.Tensor
@@ -432,20 +272,10 @@ class Trainer:
         # On CUDA (--cuda-graph auto|on) the held-out write and read, and a single
         # process's meta-step, replay CUDA graphs; a distributed step's all-reduce is
         # left outside graphs, and the decoder read (which draws adaptation queries on
-        # the host) and a step with the recognition or completion term or the penalty
-        # against a foil (their foils, masks and λ are more inputs than the captured
-        # step takes) run eagerly; so does the identification term (per-pattern
-        # gradients inside a captured step: never tried on a GPU), and `refine` (an
-        # optimiser inside the step, drawing distortions on the host).
+        # the host) runs eagerly.
         self.step_fn: Callable[[list[Batch], torch.Generator], torch.Tensor] = self.meta_step
         graphs = self.model.use_cuda_graphs(config.cuda_graph)
-        eager = (
-            config.completion
-            or config.identification
-            or config.refine
-            or self.meta_step.draws_foils
-        )
-        if graphs and self.world == 1 and not eager:
+        if graphs and self.world == 1:
             self.step_fn = replayed_step(self.meta_step)
         train_data, held_data, self.heldout_split = _datasets(config)
         split = "train"
@@ -469,8 +299,6 @@ class Trainer:
         self.window: list[float] = []
         self.pending: list[torch.Tensor] = []
         self.last_loss: float | None = None
-        # Whether the last step belonged to the prior phase (`TrainConfig.prior_minutes`).
-        self.prior = False
         self.metrics: list[dict[str, Any]] = []
         # True while evaluating: a stop then loses nothing a resume needs (the resumed
         # run evaluates that step again first), so the CLI's SIGTERM need not wait.
@@ -575,12 +403,8 @@ class Trainer:
     def batch(self, n: int | None = None) -> Batch:
         """The next training episode of `n` patterns (default: the configured N)."""
         patterns, _ = self.episodes.sample(n)
-        if not self.config.completion:
-            queries = self.model.distortion(patterns, self.generator)
-            return Batch(patterns.to(self.device), queries.to(self.device))
-        # the same queries, and the positions drawn (for the completion term)
-        queries, masks = self.model.distortion.with_mask(patterns, self.generator)
-        return Batch(*(t.to(self.device) for t in (patterns, queries, masks)))
+        queries = self.model.distortion(patterns, self.generator)
+        return Batch(patterns.to(self.device), queries.to(self.device))
 
     def _from_rank0(self, *values: float) -> list[float]:
         """Rank 0's `values` on every process: decisions that must agree (stop, the
@@ -596,7 +420,7 @@ class Trainer:
         (see `evaluate_sets`)."""
         self.evaluating = True
         try:
-            return evaluate_sets(self.model, self.heldout, self.config.refine)
+            return evaluate_sets(self.model, self.heldout, weights(self.config))
         finally:
             self.evaluating = False
 
@@ -643,16 +467,7 @@ class Trainer:
                 self.stepping = True
                 n = self.episodes.draw_size()  # one N per step: its episodes go together
                 batches = [self.batch(n) for _ in range(cfg.episodes_per_step)]
-                self.prior = self.elapsed < cfg.prior_minutes * 60
-                if self.prior:  # eager: no graph of this kind of step
-                    self.pending.append(self.meta_step(batches, self.generator, prior=True))
-                elif cfg.completion or self.meta_step.draws_foils:  # eager too: more inputs
-                    # foils (the recognition term's, the foil penalty's): one more episode
-                    drawn = self.meta_step.draws_foils
-                    foils = self.episodes.sample(n)[0].to(self.device) if drawn else None
-                    self.pending.append(self.meta_step(batches, self.generator, foils=foils))
-                else:
-                    self.pending.append(self.step_fn(batches, self.generator))
+                self.pending.append(self.step_fn(batches, self.generator))
                 self.step += 1
                 if self.device.type != "cuda":
                     self._settle()
@@ -728,7 +543,6 @@ class Trainer:
             "heldout_loss": heldout["loss"],
             "heldout_split": self.heldout_split,
             "skipped": self.skipped,
-            **({"prior": self.prior} if self.config.prior_minutes else {}),
             **{f"heldout_{k}": v for k, v in heldout.items() if k != "loss"},
         }
         self.metrics.append(record)
@@ -800,7 +614,7 @@ def start_from(model: Model, path: Path) -> None:
         "its parameters",
         against="this run",
         hint="; --init needs the same --memory, --dynamic, --image-size, --write-steps, "
-        "--read-steps, --schedule and --read",
+        "--read-steps, --set schedule and --read",
     )
     model.load_state_dict(theirs)
 

@@ -34,10 +34,7 @@ def _ssim_metric(channels: int, device: torch.device) -> torch.nn.Module:
 def reconstruction_loss(kind: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-pattern loss (B,): `mse` (mean squared error over pixels; the paper's squared
     error up to scale), `ssim+mse` = 0.5 MSE + 0.5 (1 - SSIM) (the report, piqa SSIM), or
-    `l1`, the mean absolute error: for a binary target and x in [0, 1], |x - t| is the
-    chance that x, rounded at random, is wrong, so `l1` is the expected Hamming error per
-    pixel, and unlike the squared error it does not pay a read to hedge at 0.5 where it is
-    unsure. `bce`, the binary cross-entropy of a target in [0, 1] under pixel
+    `bce`, the binary cross-entropy of a target in [0, 1] under pixel
     probabilities x, for binary images drawn through a sigmoid (`kv`'s redraw): its
     gradient does not vanish where the sigmoid saturates on the wrong side, as the
     squared error's does. The names are `choices.LOSSES`."""
@@ -47,10 +44,7 @@ def reconstruction_loss(kind: str, x: torch.Tensor, target: torch.Tensor) -> tor
         p = x.clamp(_EPS, 1.0 - _EPS)
         nll = -(target * p.log() + (1.0 - target) * (1.0 - p).log())
         return nll.flatten(1).mean(1)
-    diff = (x - target).flatten(1)
-    if kind == "l1":
-        return diff.abs().mean(1)
-    mse = diff.pow(2).mean(1)
+    mse = (x - target).flatten(1).pow(2).mean(1)
     if kind == "mse":
         return mse
     return 0.5 * mse + 0.5 * (1.0 - ssim(x, target))

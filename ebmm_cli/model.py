@@ -36,6 +36,10 @@ from ebmm_cli.memory import (
 )
 from ebmm_cli.metrics import iterates_loss
 
+REMOVED = ("conv-ae", "l1")
+"""A memory and a loss that were tried and did not help, and were removed: a file that
+used one is refused by name."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -46,7 +50,7 @@ class ModelConfig:
         rules: the write and read rules.
         distortion: the distortion it was meta-trained on (`KIND:N`); the decoder read
             also adapts to it when writing.
-        loss: the meta-training loss, `mse`, `ssim+mse` or `l1`.
+        loss: the meta-training loss, `mse`, `ssim+mse` or `bce`.
         dataset: what it was meta-trained on.
         invert_files: image files hold dark strokes on light (Omniglot's PNGs, a folder
             trained with `--invert`) while the model sees ink = 1; the CLI inverts files
@@ -78,12 +82,18 @@ class ModelConfig:
         """Parse `to_json`'s output; raises ValueError, TypeError or KeyError if malformed."""
         raw = json.loads(text)
         if raw["energy"]["kind"] == "kv" and "rekeys" not in raw["rules"]:
-            # `rekeys` came with the write rates in units of 1/λmax (commit ba523fb): an
+            # `rekeys` came with the write rates in units of 1/λmax: an
             # older kv file's rates (absolute, up to 41) would blow every write up
             raise ValueError(
-                "a kv model from before its write rates were in units of 1/λmax "
-                "(2026-12-03); its rates would mean otherwise: retrain it"
+                "a kv model from before its write rates were in units of 1/λmax; "
+                "its rates would mean otherwise: retrain it"
             )
+        for what, value in (("memory", raw["energy"]["kind"]), ("loss", raw.get("loss"))):
+            if value in REMOVED:
+                raise ValueError(
+                    f"it was trained with --{what} {value}, which ebmm no longer has "
+                    "(docs/TRAINING.md: it did not help)"
+                )
         energy_raw = dict(raw.pop("energy"))
         energy_raw["shape"] = tuple(int(v) for v in energy_raw["shape"])
         return cls(energy=EnergyConfig(**energy_raw), rules=RuleConfig(**raw.pop("rules")), **raw)
@@ -218,7 +228,7 @@ def refine_memory(
     write leaves 6.6 bits (`examples/refine_sweep.py`, README); the kv omniglot-32 reads
     64 characters to Hamming 14.7 instead of 21.1 (its own write refines: `RuleConfig.
     refine`), where the conv model before it, whose energy could not hold the batch,
-    gained 0.2 (issue 17). The write then costs `steps`
+    gained 0.2. The write then costs `steps`
     reads with their backward pass instead of T energy gradients: seconds, not
     milliseconds. It sees only the stored patterns and the distortion the model was
     trained for, as the decoder read's adaptation does (`adapt_decoder`); refining an

@@ -2,15 +2,16 @@
 model (`ebmm models`) was made with, and `examples/builtin_models.py` exports its run.
 
 Why named: the paper's Omniglot protocol needs twelve options beyond `ebmm train`'s
-defaults (issue 17: the default conv memory stores nothing a query finds at 64
-characters, docs/TRAINING.md); a recipe is those options under one name, the same for a
-user, the export and `examples/reproduce.py`.
+defaults (the default conv memory stores nothing a query finds at 64 characters,
+docs/TRAINING.md); a recipe is those options under one name, the same for a user, the
+export and `examples/reproduce.py`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ebmm_cli.choices import SETTINGS
 from ebmm_cli.errors import EbmmError
 
 PAPER_OMNIGLOT: dict[str, Any] = dict(
@@ -59,9 +60,13 @@ def recipe_options(name: str) -> dict[str, Any]:
 
 
 def recipe_arguments(name: str) -> list[str]:
-    """The recipe as `ebmm train` options, spelled out (switches as switches)."""
+    """The recipe as `ebmm train` options, spelled out (switches as switches, the
+    settings of `choices.SETTINGS` as `--set KEY=VALUE`)."""
     args = []
     for key, value in recipe_options(name).items():
+        if key in SETTINGS:
+            args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+            continue
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):  # a switch: `--binarize`, not `--binarize True`
             args += [flag] if value else []

@@ -19,9 +19,9 @@ from ebmm_cli.choices import (
     KV_MEMORIES,
     LOSSES,
     MEMORIES,
-    PENALTY_MEMORIES,
     READS,
     SCHEDULES,
+    SETTINGS,
     dataset_defaults,
 )
 from ebmm_cli.data import check_dataset, load_dataset
@@ -51,81 +51,8 @@ class TrainConfig:
     `Episodes.draw_size`), the same N for all of the step's episodes, which are written
     together; held-out evaluation then runs at several N (`capacity_sizes`).
 
-    `prior_minutes` of training time come first as a prior phase: nothing is written,
-    every query is read from θ̄ and the loss is the same, so the slow weights learn what
-    the data look like (an energy whose descent restores a distorted pattern) at a
-    fraction of a meta-step's cost, before they learn to be written (issue 17).
-
-    `recognition` weighs an auxiliary term of the meta-loss: each step draws one more
-    episode of novel patterns, and each written memory pays softplus(ΔE(xi) − ΔE(yj))
-    over every pair of a stored xi and a novel yj (`memory.recognition_margins`). It
-    rewards a write that lowers the energy of what it stored more than that of anything
-    else, a signal the read's loss gives only weakly while the energy's prior alone can
-    repair a query (issue 17). 0: the paper's loss alone.
-
-    `completion` weighs another: each query, completed part of the way with its own
-    stored pattern's content, must have had its energy lowered by the write more than
-    the same query completed with another stored pattern's
-    (`memory.completion_margins`): the write must pull the read towards what it stored,
-    not only recognise it. Its positions come from the distortion
-    (`Distortion.with_mask`). 0: off.
-
-    `contrast` weighs a third: softplus(E(xi) − E(x̂i)) under the written memory, x̂i
-    where the read of xi's query ended (`memory.endpoint_margins`): each stored pattern
-    must lie lower in the energy than where its read stopped, so that the stored
-    patterns become the energy's minima rather than points a short read passes on the
-    way to a lower fill (issue 17). It needs nothing but the read, so the step keeps
-    its CUDA graph. 0: off. `contrast_steps` L > 0 takes x̂i further: L plain descent
-    steps from where the read ended, under the written memory, without a graph
-    (`memory.long_descent`), since long descents on trained Omniglot memories end far
-    below and away from the stored character where the K-step read does not yet show
-    it. 0: the read's own end.
-
-    `identification` weighs another: the write's per-pattern gradients over the written
-    weights (`memory.write_features`; kv: its unit keys) must tell each query's own
-    stored pattern from the episode's others, a cross-entropy over their cosines
-    (`memory.identification_logits`). To first order a write is a kernel memory with
-    those features, and meta-training otherwise makes them parallel: every query then
-    pulls towards what all stored patterns share (issue 17). 0: off.
-
-    `prior_penalty` weighs a fourth: the same queries are also read from θ̄, the memory
-    before any write, and the penalty is how much that read improves on the queries
-    themselves (the loss summed over the read's iterates; nothing where it does not).
-    The energy's prior alone then gains nothing by repairing a query: it takes away the
-    shortcut every Omniglot run takes first (a faint average fill; issue 17), though a
-    write that switches the same fill on for any batch is still rewarded (trial 20 in
-    `docs/TRAINING.md`). A model's unwritten read may be worse than the query, as a
-    binary model's is. Gradient read only. 0: off.
-
-    `penalty_memory` is what the penalty reads the queries from: `unwritten` (θ̄, above)
-    or `foil`, a memory written with another episode's patterns (the recognition term's
-    foils, drawn every step). Against a foil a write that switches a generic fill on for
-    any batch gains nothing either (trial 20's way around the unwritten control); only
-    what the write stored of the queries' own patterns can lower the loss.
-
-    `refine` R > 0 trains through refined memories: each episode's written memory is
-    refined R steps (`model.refine_memory`, detached) before the read whose loss trains
-    the model, and the loss's gradient at the refined memory reaches the write as if it
-    had written that memory (a straight-through, first-order bilevel step). Why: on the
-    paper's Omniglot protocol no memory of a default-trained energy restores the block,
-    however it is found (issue 17); this trains the slow weights for what the best
-    memory the read can use does, and the write towards it. Held-out metrics add the
-    refined memory's (`refined_*`). 0: off.
-
-    `redraw` weighs a term for `conv-ae`: the image its written bottleneck redraws from
-    each query (`memory.redrawn`) must be the stored pattern, by the run's loss. The
-    reconstruction in the energy is otherwise trained only through the read, and on
-    Omniglot it stayed far from any character (squared error ~250 of 1,024 pixels after
-    1,500 steps), so its pull was noise; this asks the written bottleneck directly to
-    restore what the query lacks, which is the memory's whole job. Held-out metrics add
-    the redrawn image's errors (`redrawn_*`). 0: off.
-
-    `redraw_stored` weighs the same term for the stored patterns themselves: what the
-    written bottleneck redraws from each stored pattern must be that pattern. With
-    `redraw` alone the decoder learned to draw characters only from queries with a hole
-    (trial 49: its redraw erred 54.7 pixels, worse than the query's 45.3), so it never
-    drew even the visible strokes exactly; clean patterns teach it to draw at all, at no
-    extra write. Held-out metrics add `redrawn_stored_hamming`. 0: off.
+    Auxiliary terms of the meta-loss (`terms.TERMS`) have a weight field each, named as
+    the term (`contrast`); 0: the paper's loss alone.
 
     `init` is the model file the run's weights started from (`--init`; None: a fresh He
     initialisation), kept so that a run says where it began.
@@ -163,17 +90,7 @@ class TrainConfig:
     checkpoint_minutes: float = 2.0
     episodes_per_step: int = 1
     cuda_graph: str = "auto"
-    prior_minutes: float = 0.0
-    recognition: float = 0.0
-    completion: float = 0.0
     contrast: float = 0.0
-    contrast_steps: int = 0
-    identification: float = 0.0
-    prior_penalty: float = 0.0
-    penalty_memory: str = "unwritten"
-    refine: int = 0
-    redraw: float = 0.0
-    redraw_stored: float = 0.0
     init: str | None = None
 
     def to_json(self) -> str:
@@ -183,9 +100,24 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
+        """Parse `to_json`'s output. A run from before an option was removed resumes if
+        it left that option at its neutral value; ValueError if it used it."""
         data = json.loads(text)
+        for key, neutral in REMOVED_OPTIONS.items():
+            if key in data and data.pop(key) != neutral:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"the run trained with {flag}, which ebmm no longer has")
         data["model"] = ModelConfig.from_json(json.dumps(data["model"]))
         return cls(**data)
+
+
+REMOVED_OPTIONS: dict[str, object] = {
+    "prior_minutes": 0.0, "recognition": 0.0, "completion": 0.0, "contrast_steps": 0,
+    "identification": 0.0, "prior_penalty": 0.0, "penalty_memory": "unwritten",
+    "refine": 0, "redraw": 0.0, "redraw_stored": 0.0,
+}  # fmt: skip
+"""`TrainConfig` fields of training terms and phases that did not help (docs/TRAINING.md)
+and were removed, with the value that left each off: what older checkpoints may hold."""
 
 
 def capacity_sizes(least: int | None, most: int, shots: int | None = None) -> list[int]:
@@ -214,6 +146,34 @@ def parse_batch_size(text: str) -> tuple[int, int]:
     return values
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_settings(texts: list[str]) -> dict[str, object]:
+    """`ebmm train --set KEY=VALUE ...`: {keyword: value} of `choices.SETTINGS` (a key
+    may be spelled with dashes), each value parsed by its type; checked further by
+    `train_config`."""
+    chosen: dict[str, object] = {}
+    for text in texts:
+        key, eq, value = text.partition("=")
+        key, value = key.strip().replace("-", "_"), value.strip()
+        if not eq or key not in SETTINGS:
+            raise EbmmError(
+                "--set", f"expected KEY=VALUE, KEY one of {', '.join(SETTINGS)}; got {text!r}"
+            )
+        kind = SETTINGS[key][0]
+        try:
+            if kind is bool:
+                if value.lower() not in (*_TRUE, *_FALSE):
+                    raise ValueError(value)
+                chosen[key] = value.lower() in _TRUE
+            else:
+                chosen[key] = kind(value)
+        except ValueError:
+            raise EbmmError("--set", f"{key} takes a {kind.__name__}, got {value!r}") from None
+    return chosen
+
+
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise EbmmError(option, f"unknown value {value!r}; use one of {', '.join(allowed)}")
@@ -221,8 +181,8 @@ def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 def check_rate(option: str, value: float) -> None:
-    """One bound for every step size a user gives (`--write-lr`, `--read-lr`, the
-    refinement's rates of `train`, `write` and `compare`): above 0 and at most 1e6, so
+    """One bound for every step size a user gives (`train --set write_lr`, `read_lr`,
+    the refinement's rates of `train`, `write` and `compare`): above 0 and at most 1e6, so
     a NaN, an infinity or a sign slip stops with a one-line error before any work."""
     if not 0 < value <= 1e6:  # NaN too
         raise EbmmError(option, f"must be in (0, 1e6], got {value:g}")
@@ -233,7 +193,7 @@ def rule_config(
     memory: str = "conv",
     schedule: str = "learned",
     write_steps: int = 5,
-    read_steps: int = 5,
+    read_steps: int | None = None,
     read: str = "gd",
     rekeys: int = 0,
     write_lr: float | None = None,
@@ -243,23 +203,30 @@ def rule_config(
 ) -> RuleConfig:
     """The write and read rules: the paper's learned schedule, or the report's fixed one
     (`RuleConfig.report`, whose write rate depends on the `memory`); `write_lr` and
-    `read_lr` override the schedule's starting (or constant) values.
+    `read_lr` override the schedule's starting (or constant) values. `read_steps` and
+    `read_lr` belong to the gradient read (default 5 steps); the `redraw` read takes no
+    steps and refuses them, rather than ignore them.
 
     The `kv` memories write without the gradient-norm term (α = 0; with it, kv's
-    meta-training diverged within five steps, docs/TRAINING.md trial 54) and from a write
-    rate of 1: each step is a delta-rule step with its rate in units of the episode's
-    1/λmax (`memory.write`), so 1 solves the top direction in one step and
+    meta-training diverged within five steps, docs/TRAINING.md, the kv family) and from a
+    write rate of 1: each step is a delta-rule step with its rate in units of the
+    episode's 1/λmax (`kv.delta_write`), so 1 solves the top direction in one step and
     every rate below 2 is stable (a start at 0.5, in absolute units then, made the
-    written read worse than the unwritten one for its first 200 steps, docs/TRAINING.md
-    trial 54).
+    written read worse than the unwritten one for its first 200 steps).
 
     `write_refine` and `write_refine_lr` are the model's own refinement of its written
     memories (`RuleConfig.refine`, `refine_lr`)."""
-    _choice("--schedule", schedule, SCHEDULES)
+    _choice("--set schedule", schedule, SCHEDULES)
     _choice("--read", read, READS)
     for option, value in (("--write-steps", write_steps), ("--read-steps", read_steps)):
-        if value < 1:
+        if value is not None and value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
+    if read == "redraw":
+        for option, value in (("--read-steps", read_steps), ("--set read_lr", read_lr)):
+            if value is not None:
+                raise EbmmError(
+                    option, "is the gradient read's; the redraw read takes no steps (--rekeys)"
+                )
     if rekeys < 0:
         raise EbmmError("--rekeys", f"must be at least 0, got {rekeys}")
     if rekeys and (memory not in KV_MEMORIES or read != "redraw"):
@@ -271,18 +238,18 @@ def rule_config(
     if write_refine and read == "decoder":
         raise EbmmError("--write-refine", "needs a read through the energy, not --read decoder")
     chosen: dict[str, object] = {
-        "write_steps": write_steps, "read_steps": read_steps, "read": read, "rekeys": rekeys,
-        "refine": write_refine,
+        "write_steps": write_steps, "read_steps": read_steps or 5, "read": read,
+        "rekeys": rekeys, "refine": write_refine,
     }  # fmt: skip
     if write_refine_lr is not None:
-        check_rate("--write-refine-lr", write_refine_lr)
+        check_rate("--set write_refine_lr", write_refine_lr)
         chosen["refine_lr"] = write_refine_lr
     if memory in KV_MEMORIES:
         chosen.update(alpha=0.0, write_lr=1.0)
-    for option, value in (("--write-lr", write_lr), ("--read-lr", read_lr)):
+    for key, value in (("write_lr", write_lr), ("read_lr", read_lr)):
         if value is not None:
-            check_rate(option, value)
-            chosen[option[2:].replace("-", "_")] = value
+            check_rate(f"--set {key}", value)
+            chosen[key] = value
     if schedule == "fixed":
         return RuleConfig.report(memory, **chosen)
     return RuleConfig(**chosen)
@@ -318,7 +285,7 @@ def model_config(
         raise EbmmError("--memory", "binary strings take --memory rnn, and rnn takes only them")
     _choice("--loss", loss, LOSSES)
     if loss == "ssim+mse" and memory == "rnn":
-        raise EbmmError("--loss", "ssim+mse needs images; use mse or l1 for binary strings")
+        raise EbmmError("--loss", "ssim+mse needs images; use mse for binary strings")
     if dynamic is not None and dynamic < 1:
         raise EbmmError("--dynamic", f"must be at least 1, got {dynamic}")
     if invert and dataset in DATASETS:
@@ -329,10 +296,8 @@ def model_config(
         )
     if binarize and memory == "rnn":
         raise EbmmError("--binarize", "is for images; binary strings are binary already")
-    if rules is not None and rules.read == "redraw" and memory not in (*KV_MEMORIES, "conv-ae"):
-        raise EbmmError(
-            "--read", "redraw needs --memory kv, kv-conv or conv-ae (an energy that draws)"
-        )
+    if rules is not None and rules.read == "redraw" and memory not in KV_MEMORIES:
+        raise EbmmError("--read", "redraw needs --memory kv or kv-conv (an energy that draws)")
     if memory == "rnn":
         shape: tuple[int, ...] = (128,)
     else:
@@ -372,7 +337,7 @@ def train_config(
     batch_size: int | tuple[int, int] = 5,
     shots: int = 1,
     write_steps: int = 5,
-    read_steps: int = 5,
+    read_steps: int | None = None,
     read: str | None = None,
     rekeys: int = 0,
     schedule: str = "learned",
@@ -393,20 +358,10 @@ def train_config(
     checkpoint_minutes: float = 2.0,
     episodes_per_step: int = 1,
     cuda_graph: str = "auto",
-    prior_minutes: float = 0.0,
     rates_see_n: bool = True,
-    recognition: float = 0.0,
-    completion: float = 0.0,
     contrast: float = 0.0,
-    contrast_steps: int = 0,
-    identification: float = 0.0,
-    prior_penalty: float = 0.0,
-    penalty_memory: str = "unwritten",
-    refine: int = 0,
     write_refine: int = 0,
     write_refine_lr: float | None = None,
-    redraw: float = 0.0,
-    redraw_stored: float = 0.0,
     init: str | None = None,
 ) -> TrainConfig:
     """A meta-training run from `ebmm train`'s options (the same names, keyword only).
@@ -430,38 +385,15 @@ def train_config(
         ("--batch-size", least),
         ("--eval-every", eval_every),
         ("--eval-episodes", eval_episodes),
-        ("--episodes-per-step", episodes_per_step),
+        ("--set episodes_per_step", episodes_per_step),
     ):
         if value < 1:
             raise EbmmError(option, f"must be at least 1, got {value}")
-    check_prior(prior_minutes, minutes, read)
-    for option, weight in (
-        ("--recognition", recognition),
-        ("--completion", completion),
-        ("--contrast", contrast),
-        ("--identification", identification),
-        ("--prior-penalty", prior_penalty),
-        ("--redraw", redraw),
-        ("--redraw-stored", redraw_stored),
-    ):
-        if not weight >= 0:  # NaN too
-            raise EbmmError(option, f"must be 0 or more, got {weight}")
-    if prior_penalty > 0 and read != "gd":
-        raise EbmmError("--prior-penalty", "needs the gradient read (--read gd)")
-    if contrast_steps < 0:
-        raise EbmmError("--contrast-steps", f"must be 0 or more, got {contrast_steps}")
-    if contrast_steps > 0 and not contrast > 0:
-        raise EbmmError("--contrast-steps", "needs --contrast above 0")
-    if refine < 0:
-        raise EbmmError("--refine", f"must be 0 or more, got {refine}")
-    if refine > 0 and read == "decoder":
-        raise EbmmError("--refine", "needs a read through the energy, not --read decoder")
-    for option, weight in (("--redraw", redraw), ("--redraw-stored", redraw_stored)):
-        if weight > 0 and memory != "conv-ae":
-            raise EbmmError(option, "needs --memory conv-ae (the energy that redraws its input)")
-    _choice("--penalty-memory", penalty_memory, PENALTY_MEMORIES)
-    if penalty_memory != "unwritten" and not prior_penalty > 0:
-        raise EbmmError("--penalty-memory", f"{penalty_memory} needs --prior-penalty above 0")
+    for key, value in (("shots", shots), ("checkpoint_minutes", checkpoint_minutes)):
+        if not value >= 0:  # NaN too
+            raise EbmmError(f"--set {key}", f"must be 0 or more, got {value}")
+    if not contrast >= 0:  # NaN too
+        raise EbmmError("--contrast", f"must be 0 or more, got {contrast}")
     check_dataset(dataset)
     _choice("--cuda-graph", cuda_graph, CUDA_GRAPHS)
     if cuda_graph == "on" and resolve_device(device).type != "cuda":
@@ -512,32 +444,9 @@ def train_config(
         checkpoint_minutes=checkpoint_minutes,
         episodes_per_step=episodes_per_step,
         cuda_graph=cuda_graph,
-        prior_minutes=prior_minutes,
-        recognition=recognition,
-        completion=completion,
         contrast=contrast,
-        contrast_steps=contrast_steps,
-        identification=identification,
-        prior_penalty=prior_penalty,
-        penalty_memory=penalty_memory,
-        refine=refine,
-        redraw=redraw,
-        redraw_stored=redraw_stored,
         init=init,
     )
-
-
-def check_prior(prior_minutes: float, minutes: float | None, read: str) -> None:
-    """`--prior-minutes`: not negative, shorter than the budget, and only for the
-    gradient read (the prior trains the energy's descent; a decoder read has none)."""
-    if prior_minutes < 0:
-        raise EbmmError("--prior-minutes", f"must be 0 or more, got {prior_minutes}")
-    if prior_minutes > 0 and read != "gd":
-        raise EbmmError("--prior-minutes", "needs the gradient read (--read gd)")
-    if prior_minutes > 0 and minutes is not None and prior_minutes >= minutes:
-        raise EbmmError(
-            "--prior-minutes", f"{prior_minutes:g} leaves no time of --minutes {minutes:g}"
-        )
 
 
 def _folder_channels(folder: Path) -> int:

@@ -33,7 +33,7 @@ def train_command(out: Path, steps: int, seed: int, resume: bool) -> list[str]:
     args = ["--resume"] if resume else [
         "--dataset", "binary", "--memory", "rnn", "--batch-size", "8", "--write-steps", "2",
         "--read-steps", "2", "--eval-every", "5", "--eval-episodes", "2",
-        "--checkpoint-minutes", "0", "--device", "cpu", "--seed", str(seed),
+        "--set", "checkpoint_minutes=0", "--device", "cpu", "--seed", str(seed),
     ]  # fmt: skip
     return [
         sys.executable,

@@ -70,7 +70,7 @@ def main() -> None:
         if args.data_root:
             command += ["--data-root", args.data_root]
         if args.first_order:
-            command.append("--first-order")
+            command += ["--set", "first_order=true"]
         print(" ".join(command), file=sys.stderr)
         started = time.monotonic()
         subprocess.run(command, check=True)

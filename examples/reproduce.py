@@ -27,7 +27,8 @@ also each model's paired difference from the pseudo-inverse Hopfield net, episod
     report    Omniglot 28x28, 5-way 1-shot, 7x7 noise: conv vs fc, gradient vs decoder read,
               MSE vs SSIM+MSE loss (the student report), on the evaluation alphabets.
 
-Episodes of images ignore classes (`--shots 0`): 64 images drawn at random.
+Episodes of images ignore classes (`train --set shots=0`, `compare --shots 0`): 64
+images drawn at random.
 
     python examples/reproduce.py binary --minutes 30 --out runs/binary
     python examples/reproduce.py omniglot --minutes 60 --jobs 6 --device cuda --out runs/omni
@@ -49,7 +50,9 @@ from pathlib import Path
 import torch
 
 # The paper's image protocol, for training.
-PAPER = ["--image-size", "32", "--batch-size", "64", "--shots", "0", "--distortion", "occlude:16"]
+PAPER = [
+    "--image-size", "32", "--batch-size", "64", "--set", "shots=0", "--distortion", "occlude:16"
+]  # fmt: skip
 HOPFIELD = "hopfield-hebb,hopfield-storkey,hopfield-pinv,modern-hopfield"
 
 # Per experiment: training runs (name -> `ebmm train` arguments) and the comparison.
@@ -58,8 +61,8 @@ EXPERIMENTS: dict[str, dict] = {
         "runs": {
             name: [
                 "--dataset", "binary", "--memory", "rnn", "--batch-size", str(n),
-                "--distortion", "eraseblock:64", "--write-lr", "1", "--read-lr", "5",
-                "--rule-lr", "0.1", "--lr", lr,
+                "--distortion", "eraseblock:64", "--set", "write_lr=1", "--set", "read_lr=5",
+                "--set", "rule_lr=0.1", "--set", f"lr={lr}",
             ]
             for name, n, lr in (("rnn-64", 64, "2e-3"), ("rnn-96", 96, "2e-3"))
         },
@@ -82,7 +85,7 @@ EXPERIMENTS: dict[str, dict] = {
             },
             **{
                 # ebmm's key-value memory by the built-in omniglot-32's recipe (which
-                # draws distinct characters; PAPER's --shots 0 draws any 64 images)
+                # draws distinct characters; PAPER's shots=0 draws any 64 images)
                 f"kv-{d}": ["--recipe", "omniglot-32", "--dynamic", str(d), *PAPER]
                 for d in (36, 72, 252)
             },
@@ -116,7 +119,7 @@ EXPERIMENTS: dict[str, dict] = {
         "runs": {
             "conv-large-8": [
                 "--memory", "conv-large", "--dynamic", "8", "--image-size", "64",
-                "--batch-size", "32", "--shots", "0", "--distortion", "occlude:32",
+                "--batch-size", "32", "--set", "shots=0", "--distortion", "occlude:32",
             ],
         },
         "train_data": ["--dataset", "imagenet64"],

@@ -89,7 +89,7 @@ def test_rates_see_n_only_over_a_range() -> None:
 
 
 def test_rates_that_do_not_see_n_are_recorded_and_kept() -> None:
-    """`--no-rates-see-n` (the ablation): no κ, the same rates at every N, and the model
+    """`--set rates_see_n=false` (the ablation): no κ, the same rates at every N, and the model
     config says so through its JSON; a config from before the switch sees N."""
     config = train_config(dataset="binary", batch_size=(8, 32), steps=1, rates_see_n=False)
     rules = config.model.rules

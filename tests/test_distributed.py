@@ -120,7 +120,7 @@ def test_torchrun_trains_writes_once_and_resumes_at_another_world_size(tmp_path:
     first = _torchrun(
         2, out, "--dataset", "binary", "--memory", "rnn", "--batch-size", "8",
         "--dynamic", "16", "--steps", "2", "--eval-every", "1", "--eval-episodes", "1",
-        "--episodes-per-step", "2", "--device", "cpu",
+        "--set", "episodes_per_step=2", "--device", "cpu",
     )  # fmt: skip
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("model.safetensors") == 1  # rank 0 alone reports

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,6 @@ from ebmm_cli.energy.blocks import (
     ResBlock,
     he_init,
 )
-from ebmm_cli.energy.nets import ConvEnergy
 from ebmm_cli.model import ModelConfig
 
 
@@ -39,7 +40,7 @@ def test_rnn_memory_is_the_hopfield_budget() -> None:
     assert net(torch.rand(4, 128)).shape == (4,)
 
 
-@pytest.mark.parametrize("kind", ["conv", "conv-ae", "fc"])
+@pytest.mark.parametrize("kind", ["conv", "fc"])
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 32, 32), (3, 28, 28), (3, 32, 32)])
 def test_image_networks_take_both_sizes_and_channel_counts(kind: str, shape) -> None:
     net = build_energy(EnergyConfig(kind, shape))
@@ -48,34 +49,6 @@ def test_image_networks_take_both_sizes_and_channel_counts(kind: str, shape) -> 
     assert e.shape == (3,) and torch.isfinite(e).all()
     (g,) = torch.autograd.grad(e.sum(), x)
     assert g.shape == x.shape and g.abs().sum() > 0
-
-
-def test_conv_ae_is_conv_plus_how_badly_the_written_bottleneck_redraws_x() -> None:
-    torch.manual_seed(0)
-    ae = build_energy(EnergyConfig("conv-ae", (1, 32, 32)))
-    plain = build_energy(EnergyConfig("conv", (1, 32, 32)))
-    missing, unexpected = plain.load_state_dict(ae.state_dict(), strict=False)
-    assert not missing and unexpected and all(k.startswith("decode.") for k in unexpected)
-    assert memory_floats(ae) == memory_floats(plain) == 4_616
-    assert memory_names(ae) == memory_names(plain)
-    x = torch.rand(3, 1, 32, 32)
-    h = ae.block2(ae.block1(ae.encoder(x)))
-    redrawn = ae.decode(h)
-    assert redrawn.shape == x.shape and ((redrawn > 0) & (redrawn < 1)).all()
-    term = 0.5 * ((x - redrawn) ** 2).sum((1, 2, 3))
-    assert torch.allclose(ae(x), plain(x) + term, atol=1e-4)
-
-
-@pytest.mark.parametrize("side", [20, 28, 32, 33])
-def test_the_reconstruction_comes_back_at_the_images_side(side: int) -> None:
-    net = build_energy(EnergyConfig("conv-ae", (3, side, side)))
-    x = torch.rand(2, 3, side, side)
-    assert net.decode(net.block2(net.block1(net.encoder(x)))).shape == x.shape
-
-
-def test_conv_large_refuses_the_reconstruction() -> None:
-    with pytest.raises(ValueError, match="conv-large"):
-        ConvEnergy(3, 64, 8, large=True, reconstruct=True)
 
 
 def test_energies_of_a_batch_are_independent() -> None:
@@ -161,3 +134,30 @@ def test_conv_recurrence_splits_x_and_state_parts_exactly_as_the_paper_concatena
     grads = torch.autograd.grad(ours.sum(), params), torch.autograd.grad(h.sum(), params)
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [("kind", "conv-ae", "--memory conv-ae"),
+                                                     ("loss", "l1", "--loss l1")])  # fmt: skip
+def test_a_file_of_a_removed_memory_or_loss_is_refused_by_name(
+    key: str, value: str, named: str, tmp_path: Path
+) -> None:
+    """A model trained with the conv-ae memory or the l1 loss, both removed, is refused
+    with one line naming the file and what it used."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    from ebmm_cli.errors import EbmmError
+    from ebmm_cli.model import Model
+    from ebmm_cli.runconfig import model_config
+    from ebmm_cli.store import load_model, save_model
+
+    path = tmp_path / "old.safetensors"
+    save_model(Model(model_config(image_size=28)), path)
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    config = json.loads(meta["config"])
+    (config["energy"] if key == "kind" else config)[key] = value
+    meta["config"] = json.dumps(config)
+    path.write_bytes(save(load_file(path), metadata=meta))
+    with pytest.raises(EbmmError, match=rf"old.safetensors: .*{named}, which ebmm no longer has"):
+        load_model(path)

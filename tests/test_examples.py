@@ -181,7 +181,7 @@ def test_the_omniglot_32_recipes_run_as_written_and_export(
     # its write refines (200 Adam steps at 0.05), and the held-out metrics measure that
     # write beside the learned steps (after one training step it reads worse, not better)
     assert (model.config.rules.refine, model.config.rules.refine_lr) == (200, 0.05)
-    assert " --write-refine 200 --write-refine-lr 0.05" in provenance["command"]
+    assert " --write-refine 200 --set write_refine_lr=0.05" in provenance["command"]
     held = provenance["heldout"]
     assert math.isfinite(held["refined_hamming"]) and held["refined_hamming"] != held["hamming"]
     assert model.config.binarize and model.config.rules.patterns == (64, 64)

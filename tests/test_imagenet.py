@@ -142,7 +142,7 @@ def test_train_and_compare_run_end_to_end(tmp_path: Path) -> None:
     _release(tmp_path, batches=2, zipped=True)
     out = tmp_path / "run"
     trained = run_ebmm("train", "--dataset", "imagenet64", "--data-root", str(tmp_path),
-                       "--steps", "3", "--batch-size", "4", "--shots", "0", "--write-steps",
+                       "--steps", "3", "--batch-size", "4", "--set", "shots=0", "--write-steps",
                        "1", "--read-steps", "2", "--eval-every", "3", "--eval-episodes", "1",
                        "-o", str(out), "--device", "cpu")  # fmt: skip
     assert trained.returncode == 0, trained.stderr

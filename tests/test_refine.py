@@ -12,14 +12,12 @@ import torch
 
 from ebmm_cli import builtin
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.evaluation import Batch, evaluate_episodes
 from ebmm_cli.memory import read
-from ebmm_cli.meta import MetaStep, read_metrics
 from ebmm_cli.metrics import iterates_loss, reconstruction_loss
 from ebmm_cli.model import Model, refine_memory, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig, train_config
-from ebmm_cli.store import load_checkpoint, load_memory, load_model, save_model
-from tests.conftest import run_ebmm, tiny_binary
+from ebmm_cli.store import load_memory, load_model, save_model
+from tests.conftest import run_ebmm
 
 
 def _read_loss(model: Model, params: dict, patterns: torch.Tensor, seed: int) -> float:
@@ -143,100 +141,10 @@ def _refined_step_loss(model: Model, patterns: torch.Tensor, queries: torch.Tens
     return float(sum(losses) / len(losses))
 
 
-@pytest.mark.parametrize("episodes", [1, 3])
-def test_training_through_refined_memories_reads_the_refined_memory(episodes: int) -> None:
-    """`train --refine`: the step's loss is the read's from each episode's refined memory
-    (one episode, and several written together under vmap), lower than from the written
-    one; its gradient reaches the write rates through the straight-through, and the
-    slow weights otherwise than without refining."""
-    results = {}
-    for steps in (0, 3):
-        model, config, patterns, queries = tiny_binary(3, write_lr=1.0, refine=steps)
-        patterns, queries = patterns[:episodes], queries[:episodes]
-        expected = _refined_step_loss(model, patterns, queries) if steps else None
-        step = MetaStep(model, config, torch.device("cpu"), world=1)
-        rate = model.rules.write_rate.detach().clone()
-        batches = [Batch(p, q) for p, q in zip(patterns, queries, strict=True)]
-        loss = float(step(batches, torch.Generator().manual_seed(7)))
-        if expected is not None:
-            assert loss == pytest.approx(expected, rel=1e-4)
-            assert not torch.equal(model.rules.write_rate, rate)
-        results[steps] = (loss, model.energy.memory.weight.detach().clone())
-    assert results[3][0] < results[0][0]
-    assert not torch.equal(results[3][1], results[0][1])
-
-
-def test_a_kv_model_trains_through_memories_refined_by_its_redraw_read() -> None:
-    """`train --refine` with the kv energy's `redraw` read (re-keyed once, the bce loss):
-    the step reports the refined memory's read, and the refined memory reads better than
-    the written one: the refinement fits the read that training uses."""
-    config = train_config(dataset="omniglot", memory="kv", image_size=16, batch_size=4,
-                          steps=1, distortion="occlude:8", loss="bce", rekeys=1,
-                          refine=3, device="cpu")  # fmt: skip
-    torch.manual_seed(0)
-    model = Model(config.model)
-    patterns = (torch.rand(2, 4, 1, 16, 16) > 0.5).float()
-    queries = model.distortion(patterns.flatten(0, 1), torch.Generator().manual_seed(1))
-    queries = queries.view_as(patterns)
-    expected = _refined_step_loss(model, patterns, queries)
-    written = [
-        iterates_loss("bce", read(model.energy, model.rules, write_memory(model, p).params, q), p)
-        for p, q in zip(patterns, queries, strict=True)
-    ]
-    step = MetaStep(model, config, torch.device("cpu"), world=1)
-    batches = [Batch(p, q) for p, q in zip(patterns, queries, strict=True)]
-    loss = float(step(batches, torch.Generator().manual_seed(7)))
-    assert loss == pytest.approx(expected, rel=1e-4)
-    assert loss < float(sum(written) / len(written))
-
-
-def test_train_refine_is_checked_and_kept_in_the_run_config() -> None:
-    with pytest.raises(EbmmError, match=r"--refine.*must be 0 or more, got -1"):
-        train_config(dataset="binary", steps=5, refine=-1)
-    with pytest.raises(EbmmError, match=r"--refine.*not --read decoder"):
-        train_config(dataset="omniglot", steps=5, read="decoder", refine=2)
-    config = train_config(dataset="binary", steps=5, refine=4)
-    assert TrainConfig.from_json(config.to_json()).refine == 4
-    old = json.loads(config.to_json())
-    del old["refine"]  # a checkpoint from before the option
-    assert TrainConfig.from_json(json.dumps(old)).refine == 0
-
-
-def test_held_out_refined_metrics_read_the_refined_memory() -> None:
-    """The shipped binary-128 at 16 strings: held-out evaluation with `refine` reports
-    the refined memory's read beside the write's, and it errs far less."""
-    model = load_model(builtin.resolve("binary-128"))
-    generator = torch.Generator().manual_seed(2)
-    stored = [(torch.rand(16, 128, generator=generator) > 0.5).float() for _ in range(2)]
-    batches = [Batch(p, model.distortion(p, generator)) for p in stored]
-    plain = evaluate_episodes(model, batches)
-    metrics = evaluate_episodes(model, batches, refine=10)
-    assert "refined_hamming" not in plain
-    assert metrics["hamming"] == plain["hamming"]
-    assert metrics["refined_hamming"] < 0.5 * metrics["hamming"], metrics
-    assert metrics["refined_mse"] < metrics["mse"]
-
-
-def test_train_refine_through_the_cli(tmp_path: Path) -> None:
-    """`ebmm train --refine 2`: the run trains, records the refined held-out metrics and
-    keeps the option for a resume."""
-    out = tmp_path / "run"
-    result = run_ebmm(
-        "train", "--dataset", "binary", "--batch-size", "6", "--write-steps", "2",
-        "--read-steps", "2", "--dynamic", "8", "--eval-every", "2", "--eval-episodes", "2",
-        "--device", "cpu", "--steps", "2", "--refine", "2", "--out", str(out),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    last = read_metrics(out)[-1]
-    assert last["step"] == 2 and "heldout_refined_hamming" in last, last
-    _, _, state = load_checkpoint(out / "checkpoint.safetensors")
-    assert TrainConfig.from_json(state["train_config"]).refine == 2
-
-
 def test_a_model_trained_to_refine_its_write_does_so_in_write_and_compare(
     omniglot_dir: Path, data_root: Path, tmp_path: Path
 ) -> None:
-    """`ebmm train --write-refine R --write-refine-lr LR` makes refining the model's own
+    """`ebmm train --write-refine R --set write_refine_lr=LR` makes refining the model's own
     write: `ebmm write` without --refine stores the memory refined R steps at LR (the
     same floats `refine_memory` gives), `--refine 0` the learned write alone, and `ebmm
     compare` reads the model's row from its refined write and adds the learned write's
@@ -282,8 +190,8 @@ def test_write_refine_is_checked_and_old_files_write_without_it() -> None:
     for options, problem in (
         (dict(write_refine=-1), r"--write-refine: must be at least 0"),
         (dict(write_refine=2, read="decoder"), r"--write-refine: needs a read through the"),
-        (dict(write_refine=2, write_refine_lr=0.0), r"--write-refine-lr: must be in"),
-        (dict(write_refine=2, write_refine_lr=float("nan")), r"--write-refine-lr: must be in"),
+        (dict(write_refine=2, write_refine_lr=0.0), r"--set write_refine_lr: must be in"),
+        (dict(write_refine=2, write_refine_lr=float("nan")), r"--set write_refine_lr: must be in"),
     ):
         with pytest.raises(EbmmError, match=problem):
             train_config(dataset="omniglot", steps=1, **options)

@@ -147,7 +147,7 @@ def test_sigterm_during_an_evaluation_stops_at_once_and_resumes_as_if_never_stop
     are the uninterrupted run's; so too for the last step's evaluation, after the loop."""
     args = ["--dataset", "binary", "--memory", "rnn", "--batch-size", "8", "--write-steps",
             "2", "--read-steps", "2", "--eval-every", str(eval_every), "--eval-episodes", "40",
-            "--checkpoint-minutes", "0", "--device", "cpu", "--steps", str(steps)]  # fmt: skip
+            "--set", "checkpoint_minutes=0", "--device", "cpu", "--steps", str(steps)]  # fmt: skip
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run_ebmm("train", "-o", str(whole), *args).returncode == 0
     # The whole run's clock between its last two evaluations spans one evaluation and
@@ -185,7 +185,7 @@ def test_a_second_ctrl_c_stops_inside_the_step_saves_nothing_and_resumes_as_if_n
     the uninterrupted run does."""
     args = ["--dataset", "binary", "--memory", "rnn", "--batch-size", "128", "--write-steps",
             "5", "--read-steps", "5", "--eval-every", "100", "--eval-episodes", "1",
-            "--checkpoint-minutes", "0", "--device", "cpu", "--steps", "3"]  # fmt: skip
+            "--set", "checkpoint_minutes=0", "--device", "cpu", "--steps", "3"]  # fmt: skip
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run_ebmm("train", "-o", str(whole), *args).returncode == 0
     proc = _start("train", "-o", str(split), *args)
@@ -363,8 +363,8 @@ def test_resume_takes_only_the_stopping_rule_and_minutes_must_be_positive(
     tmp_path: Path,
 ) -> None:
     out = str(tmp_path / "run")
-    _one_line(run_ebmm("train", "-o", out, "--resume", "--steps", "2", "--lr", "0.1"),
-              "--lr", "--resume")  # fmt: skip
+    _one_line(run_ebmm("train", "-o", out, "--resume", "--steps", "2", "--set", "lr=0.1"),
+              "--set", "--resume")  # fmt: skip
     _one_line(run_ebmm("train", "-o", out, "--minutes", "0"), "--minutes", "more than 0")
     _one_line(run_ebmm("distort", out, "--seed", str(2**70)), "--seed")
 

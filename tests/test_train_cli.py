@@ -218,7 +218,7 @@ def test_init_starts_from_a_trained_model_and_refuses_one_that_does_not_fit(
     at 0), records where it began, and refuses in one line a model
     whose network is not the run's, before a run folder exists. With both learning
     rates 0 the run's model stays the one it started from, to the bit."""
-    frozen = ["--steps", "1", "--lr", "0", "--rule-lr", "0"]
+    frozen = ["--steps", "1", "--set", "lr=0", "--set", "rule_lr=0"]
     model = run_dir / "model.safetensors"
     for name, source, extra in [
         ("model", model, ["--batch-size", "1", "--distortion", "occlude:8"]),
@@ -293,10 +293,9 @@ def test_interrupted_run_resumes_exactly(data_root: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "mode",
     [
-        ["--schedule", "fixed"],
+        ["--set", "schedule=fixed"],
         ["--read", "decoder"],
-        ["--memory", "fc", "--first-order"],
-        ["--memory", "conv-ae"],
+        ["--memory", "fc", "--set", "first_order=true"],
     ],
 )
 def test_other_modes_run_end_to_end(
@@ -395,12 +394,12 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
             "2",
             "--batch-size",
             "16",
-            "--write-lr",
-            "1.5",
-            "--read-lr",
-            "5",
+            "--set",
+            "write_lr=1.5",
+            "--set",
+            "read_lr=5",
             "--loss",
-            "l1",
+            "bce",
             "--eval-every",
             "2",
             "--eval-episodes",
@@ -417,7 +416,7 @@ def test_binary_strings_train_with_the_rnn(tmp_path: Path) -> None:
     config = load_model(tmp_path / "run" / "model.safetensors").config
     assert (config.rules.write_lr, config.rules.read_lr) == (1.5, 5.0)
     assert config.energy.signed
-    assert config.loss == "l1"
+    assert config.loss == "bce"
     assert metrics["heldout_split"] == "fresh random strings"
     # --resume --device moves the run: refused where that device is missing, else taken
     resume = ["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--device"]
@@ -639,7 +638,7 @@ def test_train_checks_every_option_before_loading_data(omniglot_dir: Path, tmp_p
         ("--distortion", ["--distortion", "occlude:40"]),
         ("--invert", ["--invert"]),
         ("--loss", ["--dataset", "binary", "--loss", "ssim+mse"]),
-        ("--write-lr", ["--write-lr", "0"]),
+        ("--set write_lr", ["--set", "write_lr=0"]),
     ):
         result = runner.invoke(
             app, ["train", "--data-root", missing, "--steps", "1", "-o", str(tmp_path / "r"), *args]

@@ -13,9 +13,9 @@ from torch import nn
 from ebmm_cli.energy.blocks import he_init
 from ebmm_cli.energy.nets import ConvEnergy, FCEnergy, KVConvEnergy, KVEnergy, RNNEnergy
 
-KINDS = ("conv", "conv-ae", "conv-large", "fc", "kv", "kv-conv", "rnn")
+KINDS = ("conv", "conv-large", "fc", "kv", "kv-conv", "rnn")
 DEFAULT_DYNAMIC = {
-    "conv": 4, "conv-ae": 4, "conv-large": 8, "fc": 16, "kv": 72, "kv-conv": 8, "rnn": 64
+    "conv": 4, "conv-large": 8, "fc": 16, "kv": 72, "kv-conv": 8, "rnn": 64
 }  # fmt: skip
 
 
@@ -24,13 +24,12 @@ class EnergyConfig:
     """Which energy network, for which patterns.
 
     Args:
-        kind: `conv`, `conv-ae` (conv plus a reconstruction term, see `ConvEnergy`),
-            `conv-large` (the paper's 64x64 network), `fc` (images), `kv` (a key-value
+        kind: `conv`, `conv-large` (the paper's 64x64 network), `fc` (images), `kv` (a key-value
             energy, see `KVEnergy`), `kv-conv` (the same with a convolutional written
             layer, see `KVConvEnergy`) or `rnn` (binary strings).
         shape: one pattern's shape: (C, H, W) with H = W for images, (bits,) for `rnn`.
         dynamic: written channels (conv) or units (fc, rnn); None takes the default
-            (conv and conv-ae 4 = 4,616 floats, conv-large 8 = 18,448, fc 16 = 4,112,
+            (conv 4 = 4,616 floats, conv-large 8 = 18,448, fc 16 = 4,112,
             kv 72 = 4,608, kv-conv 8 = 4,608, rnn 64 = 8,256).
         signed: rnn only: the written layer reads 2x − 1 (a Hopfield net's ±1 coding)
             instead of x. The same functions (W(2x − 1) + b = 2Wx + b − W1), but each
@@ -51,6 +50,8 @@ class EnergyConfig:
 
 def build_energy(config: EnergyConfig) -> nn.Module:
     """A freshly He-initialised energy network for `config`."""
+    if config.kind not in KINDS:
+        raise ValueError(f"unknown energy {config.kind!r}; ebmm has {', '.join(KINDS)}")
     d = config.dynamic_units
     if config.kind == "rnn":
         if len(config.shape) != 1:
@@ -69,13 +70,7 @@ def build_energy(config: EnergyConfig) -> nn.Module:
         elif config.kind == "kv-conv":
             net = KVConvEnergy(channels, size, d)
         else:
-            net = ConvEnergy(
-                channels,
-                size,
-                d,
-                large=config.kind == "conv-large",
-                reconstruct=config.kind == "conv-ae",
-            )
+            net = ConvEnergy(channels, size, d, large=config.kind == "conv-large")
     he_init(net)
     if isinstance(net, KVEnergy):
         nn.init.zeros_(net.memory.weight)  # θ̄ = 0: an unwritten memory recalls nothing

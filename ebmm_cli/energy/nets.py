@@ -1,7 +1,6 @@
 """The energy networks of the paper: `conv` (and `conv-large` for 64x64), `fc`, `rnn`;
-and ebmm's own: `conv-ae`, `conv` plus a reconstruction term, `kv`, a key-value
-energy whose written layer is an associative matrix, and `kv-conv`, whose written layer
-is a 3x3 convolution.
+and ebmm's own: `kv`, a key-value energy whose written layer is an associative matrix,
+and `kv-conv`, whose written layer is a 3x3 convolution.
 
 Each maps a batch of patterns to one scalar energy per pattern, shape (B,). The written
 ("fast") weights live in modules named `memory`; everything else is slow and
@@ -23,7 +22,6 @@ from ebmm_cli.energy.blocks import (
     GatedRecurrence,
     MemoryBottleneck,
     ResBlock,
-    layer_norm,
 )
 
 
@@ -48,17 +46,9 @@ class ConvEnergy(nn.Module):
     2, a 256-channel recurrence on the 4x4 map of a 64x64 image. Memory = 2 x dynamic x
     (3*3*128 + 1) floats: dynamic = 8 gives 18,448, the paper's size by inference
     (`../shared/PAPER.md` §1d).
-
-    `reconstruct` (`conv-ae`) adds ½‖x − D(h)‖² to the energy, D a `Reconstruction` of
-    the second memory block's map h: a pattern has low energy only where the written
-    bottleneck can redraw it, so the read is pulled towards what the write stored, stroke
-    by stroke. The plain head alone learned a prior of the training characters whose read
-    did not depend on the write (docs/TRAINING.md, the pool probes). Same written floats.
     """
 
-    def __init__(
-        self, channels: int, size: int, dynamic: int, large: bool = False, reconstruct: bool = False
-    ) -> None:
+    def __init__(self, channels: int, size: int, dynamic: int, large: bool = False) -> None:
         super().__init__()
         (first, second), width, bottleneck = ((64, 128), 256, 128) if large else ((32, 64), 128, 64)
         self.encoder = nn.Sequential(ResBlock(channels, first), ResBlock(first, second))
@@ -66,52 +56,9 @@ class ConvEnergy(nn.Module):
         self.block2 = MemoryBottleneck(width, width, bottleneck, dynamic, downscale=True)
         self.recurrence = ConvGatedRecurrence(width, width, hops=3)
         self.head = EnergyHead(width * _halved(size, 4 if large else 3) ** 2)
-        if reconstruct:
-            if large:
-                raise ValueError("reconstruct is a conv option, not conv-large's")
-            self.decode = Reconstruction(width, channels, [_halved(size, i) for i in (2, 1, 0)])
-        else:
-            self.decode = None
 
-    def forward(self, x: torch.Tensor, redraw: bool = False) -> torch.Tensor:
-        """The energies (B,); with `redraw` (conv-ae only) D(h) instead, the image the
-        written bottleneck redraws from x, shape x.shape."""
-        h = self.block2(self.block1(self.encoder(x)))
-        if redraw:
-            if self.decode is None:
-                raise ValueError("only conv-ae redraws its input")
-            return self.decode(h)
-        energy = self.head(self.recurrence(h))
-        if self.decode is not None:
-            energy = energy + 0.5 * (x - self.decode(h)).pow(2).flatten(1).sum(1)
-        return energy
-
-
-class Reconstruction(nn.Module):
-    """Three stride-2 transposed 3x3 convolutions (width → 64 → 32 → channels, LayerNorm and
-    SiLU between them, a sigmoid at the end) from the bottleneck's map back to the image.
-
-    `sides` are the maps' sides on the way up, the encoder's in reverse; kernel 3 with
-    padding 1 and an explicit output size inverts each halving exactly, so 28 and 32 pixels
-    both come back whole. Left at PyTorch's default initialisation, as in the probe that
-    first showed the write carrying recall.
-    """
-
-    def __init__(self, width: int, channels: int, sides: list[int]) -> None:
-        super().__init__()
-        widths = [width, 64, 32, channels]
-        self.convs = nn.ModuleList(
-            nn.ConvTranspose2d(a, b, 3, stride=2, padding=1) for a, b in pairwise(widths)
-        )
-        self.norms = nn.ModuleList(layer_norm(c) for c in widths[1:-1])
-        self.sides = sides
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for i, (conv, side) in enumerate(zip(self.convs, self.sides, strict=True)):
-            h = conv(h, output_size=[side, side])
-            if i < len(self.norms):
-                h = nn.functional.silu(self.norms[i](h))
-        return torch.sigmoid(h)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.recurrence(self.block2(self.block1(self.encoder(x)))))
 
 
 class FCEnergy(nn.Module):
@@ -188,9 +135,9 @@ class KVEnergy(nn.Module):
     this energy into a delta-rule associative memory: each step moves θ by η (1/N) Σi
     (vi − θ ki) kiᵀ, so the write stores key → value pairs, and a query's key recalls
     θ k(q), the value of the stored pattern it resembles. The conv energies' writes
-    stored nothing a query could find in 53 trials (docs/TRAINING.md); here association
+    stored nothing a query could find in any variant tried (docs/TRAINING.md); here association
     is the write's very form. Memory = 64 × dynamic floats (dynamic 72: 4,608). The
-    write's rates are in units of 1/λmax of the mean of ki kiᵀ (`memory.write`): below
+    write's rates are in units of 1/λmax of the mean of ki kiᵀ (`kv.delta_write`): below
     2, each step shrinks the residual along every direction, on every episode.
 
     The read `redraw` decodes the recalled value, beside the query's own value, into an
@@ -199,7 +146,7 @@ class KVEnergy(nn.Module):
     query's pixels, so that the visible strokes steer the drawing and the memory's recall
     fills the rest; `forward(x, redraw=True)` is that image. The skips cost no written
     floats, and the run with them read 3.8 pixels better at step 1,200 than the one
-    without (docs/TRAINING.md, trial 57). The gradient read (`gd`) descends E itself.
+    without (docs/TRAINING.md, the kv family). The gradient read (`gd`) descends E itself.
     θ̄ starts at zero: an unwritten memory recalls nothing.
     """
 
@@ -313,8 +260,8 @@ class KVConvEnergy(KVEnergy):
     bias: 576 × dynamic floats (8: 4,608, the paper's conv budget of 4,616 less its 8
     biases).
 
-    Why: issue 17 asks for a convolutional memory, and the paper's (written channels of
-    a ResNet's 3x3 convolutions) stored nothing a query could find in 53 trials, where
+    Why: a convolutional memory, as the paper's is, where the paper's own (written
+    channels of a ResNet's 3x3 convolutions) stored nothing a query could find, where
     `kv`'s written matrix did (docs/TRAINING.md). Here the written weights are a 3x3
     convolution and the write is still the delta rule: a gradient step on the stored
     patterns' energy moves θ by η times the mean over every pattern and position of
@@ -322,12 +269,12 @@ class KVConvEnergy(KVEnergy):
     position stores its patch's key → value pair, and a query's patches recall theirs.
     The key and value at each position are functions of the whole encoder output
     (`MapFromWhole`), not of the position's own features: with keys from 1x1
-    convolutions (trials 67 and 68), the positions an occlusion covers keyed the query
-    apart from its stored character and the written memory read no better than the
-    unwritten one; from the whole image, the visible part finds the character at every
-    position (trial 69). The read draws the recalled value map, beside the query's own,
-    as `kv` does (its decoder starts from a 3x3 convolution of the two maps instead of a
-    linear layer)."""
+    convolutions, the positions an occlusion covers keyed the query apart from its
+    stored character and the written memory read no better than the unwritten one; from
+    the whole image, the visible part finds the character at every position
+    (docs/TRAINING.md, the kv family). The read draws the recalled value map, beside the
+    query's own, as `kv` does (its decoder starts from a 3x3 convolution of the two maps
+    instead of a linear layer)."""
 
     def _heads(self, flat: int, dynamic: int) -> tuple[nn.Module, ...]:
         """`KVEnergy._heads` at every position of the encoder's last map: key and value
