@@ -54,6 +54,9 @@ class _Terminated(KeyboardInterrupt):
 
 
 _TERMINATED = "terminated; no output was left half-written"
+_INTERRUPTED = "interrupted; no output was left half-written"
+# Signals that stop a command as SIGTERM does: a closed terminal or dropped ssh (SIGHUP).
+_STOPS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -80,7 +83,9 @@ class _Group(TyperGroup):
             raise _Failure(ctx.invoked_subcommand, str(e), e.exit_code) from e
         except _Terminated:
             raise _Failure(ctx.invoked_subcommand, _TERMINATED, 143) from None
-        except (typer.TyperException, typer.Abort, typer.Exit, KeyboardInterrupt):
+        except KeyboardInterrupt:
+            raise _Failure(ctx.invoked_subcommand, _INTERRUPTED, 130) from None
+        except (typer.TyperException, typer.Abort, typer.Exit):
             raise
         except BrokenPipeError:
             # The reader of our stdout went away (`ebmm distort ... | head`): stop quietly,
@@ -897,7 +902,7 @@ def _stop_between_steps(trainer: Trainer) -> Iterator[Callable[[], None]]:
     asked: list[int] = []
 
     def stop(signum: int) -> None:
-        raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise _Terminated if signum in _STOPS else KeyboardInterrupt
 
     def handle(signum: int, frame: Any) -> None:
         if trainer.evaluating or (signum == signal.SIGINT and signum in asked):
@@ -909,11 +914,11 @@ def _stop_between_steps(trainer: Trainer) -> Iterator[Callable[[], None]]:
             )
         asked.append(signum)
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, handle) for s in (*_STOPS, signal.SIGINT)}
 
     def stop_if_asked() -> None:
         if asked:
-            stop(signal.SIGTERM if signal.SIGTERM in asked else signal.SIGINT)
+            stop(signal.SIGTERM if set(_STOPS) & set(asked) else signal.SIGINT)
 
     try:
         yield stop_if_asked
@@ -1626,9 +1631,10 @@ def _progress(total: int, label: str) -> Any:
 
 
 def main() -> None:
-    """Console-script entry point: SIGTERM stops as cleanly as Ctrl-C, and paths whose
+    """Console-script entry point: SIGTERM and SIGHUP stop as cleanly as Ctrl-C, and paths whose
     names are not UTF-8 print as the bytes they are."""
-    signal.signal(signal.SIGTERM, _terminate)
+    for stop in _STOPS:
+        signal.signal(stop, _terminate)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="surrogateescape")
     app()
