@@ -261,6 +261,17 @@ SkipBad = Annotated[
 ]
 
 
+Null = Annotated[
+    bool,
+    typer.Option(
+        "--null",
+        "-0",
+        help="With -: the paths on stdin are NUL-separated (find -print0), for names that "
+        "hold newlines. Without it, one path a line (spaces are part of the name).",
+    ),
+]
+
+
 def _warn_skipped(command: str, errors: list[EbmmError]) -> None:
     for e in errors:
         print(f"ebmm {command}: {e} (skipped)", file=sys.stderr)
@@ -342,6 +353,7 @@ def distort(
     ] = Path("distorted"),
     force: Annotated[bool, typer.Option(help="Overwrite existing outputs (inputs never).")] = False,
     skip_bad: SkipBad = False,
+    null: Null = False,
 ) -> None:
     """Write distorted copies of images, to use as queries. Never touches its inputs.
 
@@ -356,7 +368,7 @@ def distort(
     )
     distortion.validate()
     _hold(ctx, out)
-    images = collect_images(inputs, sys.stdin, exclude=out)
+    images = collect_images(inputs, sys.stdin, exclude=out, null=null)
     targets = output_paths(images, out, force)
     skipped = 0
     with _progress(len(images), "distorting") as advance:
@@ -786,9 +798,11 @@ def train(
     draws its own episodes; gradients are averaged; rank 0 writes the files).
     """
     from ebmm_cli import builtin
+    from ebmm_cli.device import resolve_device
     from ebmm_cli.meta import Trainer, init_distributed
     from ebmm_cli.recipes import recipe_options
     from ebmm_cli.runconfig import check_budget, parse_batch_size, train_config
+    from ebmm_cli.safety import check_new_run
 
     if not resume or steps is not None or minutes is not None:
         check_budget(steps, minutes)  # a resumed run keeps its own budget unless given one
@@ -796,6 +810,7 @@ def train(
         _only_with_resume(ctx)
     if out.exists() and not out.is_dir():
         raise EbmmError(out, "is a file; --out takes a run folder")
+    resolve_device(device)
     distributed = init_distributed(device)
     if int(os.environ.get("RANK", "0")) == 0:  # the process that writes the run's files
         _hold(ctx, out)
@@ -808,6 +823,8 @@ def train(
     else:
         if any((out / name).exists() for name in _RUN_FILES):
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
+        check_new_run(out, init, dataset, data_root)
+        data_root = data_root.absolute() if data_root else None  # resumable from anywhere
         options = dict(
             dataset=dataset,
             memory=memory.value if memory else None,
@@ -1063,6 +1080,7 @@ def write(
     ] = None,
     refine_lr: RefineLr = None,
     skip_bad: SkipBad = False,
+    null: Null = False,
 ) -> None:
     """Write images into a new memory file (T gradient steps from the meta-learned start;
     with --refine, then Adam steps on the model's own read of distorted copies).
@@ -1076,8 +1094,11 @@ def write(
     from ebmm_cli.device import resolve_device
     from ebmm_cli.imageio import check_outputs, collect_images, load_batch
     from ebmm_cli.model import refine_memory, same_model, write_memory
+    from ebmm_cli.safety import check_not_inputs, check_output_path
     from ebmm_cli.store import load_memory, load_model, save_memory
 
+    check_output_path(out, "--out")
+    dev = resolve_device(device)
     if model is None:
         print(
             f"ebmm write: note: no --model given; using the built-in {builtin.DEFAULT} "
@@ -1103,9 +1124,8 @@ def write(
     elif out.exists() and not force:
         raise EbmmError(out, "exists; use --force to overwrite, or --append to add to it")
     shape = _image_shape(net, model)
-    found = collect_images(images, sys.stdin)
-    if any(img.path.resolve() == out.resolve() for img in found):
-        raise EbmmError(out, "would overwrite an input")
+    found = collect_images(images, sys.stdin, null=null)
+    check_not_inputs({"--out": [out]}, {"--model": [model], "an input": [f.path for f in found]})
     batch = load_batch(
         found, shape[0], shape[1], net.config.invert_files, skip_bad, net.config.binarize
     )
@@ -1121,7 +1141,6 @@ def write(
             f"{_range(trained)} patterns {model} was meta-trained to write; recall may be poor",
             file=sys.stderr,
         )
-    dev = resolve_device(device)
     try:
         memory = write_memory(
             net.to(dev),
@@ -1176,7 +1195,9 @@ def read(
     ] = Path("retrieved"),
     steps: Annotated[
         int | None,
-        typer.Option(min=1, show_default=False, help="K, read steps (default: the model's)."),
+        typer.Option(
+            min=1, max=10_000, show_default=False, help="K, read steps (default: the model's)."
+        ),
     ] = None,
     save_iterates: Annotated[
         bool, typer.Option(help="Also write NAME.iterates.png: a strip of x(0) ... x(K).")
@@ -1185,24 +1206,39 @@ def read(
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Overwrite existing outputs.")] = False,
     skip_bad: SkipBad = False,
+    null: Null = False,
 ) -> None:
-    """Retrieve stored images from distorted queries; prints each written path."""
+    """Retrieve stored images from distorted queries; prints each written path.
+
+    --save-iterates writes the strips to the folder OUT-iterates beside OUT, marked as
+    ebmm's: a later run over a folder holding it does not take the strips for queries."""
     import torch
 
     from ebmm_cli.device import resolve_device
-    from ebmm_cli.imageio import collect_images, load_batch, output_paths, save_image, to_file
+    from ebmm_cli.imageio import (
+        collect_images,
+        iterates_folder,
+        load_batch,
+        mark_iterates,
+        output_paths,
+        save_image,
+        to_file,
+    )
     from ebmm_cli.model import retrieve
     from ebmm_cli.store import load_memory
 
-    _hold(ctx, out)
+    dev = resolve_device(device)
+    strips_to = iterates_folder(out) if save_iterates else None
+    for folder in (out, strips_to):
+        if folder is not None:
+            _hold(ctx, folder)
     net, mem = load_memory(memory)
     shape = _image_shape(net, memory)
-    found = collect_images(queries, sys.stdin, exclude=out)
-    targets = output_paths(found, out, force)
-    strips = (
-        output_paths(found, out.with_name(out.name + "-iterates"), force) if save_iterates else []
-    )
-    dev = resolve_device(device)
+    found = collect_images(queries, sys.stdin, exclude=out, null=null)
+    targets = output_paths(found, out, force, also=[memory])
+    strips = output_paths(found, strips_to, force, also=[memory]) if strips_to else []
+    if strips_to is not None:
+        mark_iterates(strips_to)
     net = net.to(dev)
     mem = mem.to(dev)
     invert = net.config.invert_files
@@ -1258,6 +1294,7 @@ def energy(
     batch_size: Annotated[int, typer.Option(min=1, help="Images evaluated at once.")] = 64,
     device: Device = "auto",
     skip_bad: SkipBad = False,
+    null: Null = False,
 ) -> None:
     """Energy of each image under a written memory, and the mean per input folder.
 
@@ -1273,10 +1310,10 @@ def energy(
     from ebmm_cli.memory import energy as energy_of
     from ebmm_cli.store import load_memory
 
+    dev = resolve_device(device)
     net, mem = load_memory(memory)
     shape = _image_shape(net, memory)
-    found = collect_images(images, sys.stdin)
-    dev = resolve_device(device)
+    found = collect_images(images, sys.stdin, null=null)
     net = net.to(dev)
     params = mem.to(dev).params
     values: list[float] = []
@@ -1395,7 +1432,7 @@ def compare(
             "dataset's (noise:7 for images, eraseblock:64 for binary).",
         ),
     ] = None,
-    episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting.")] = 20,
+    episodes: Annotated[int, typer.Option(min=1, max=1_000_000, help="Episodes per setting.")] = 20,
     seed: Annotated[
         int, typer.Option(min=-SEED_LIMIT, max=SEED_LIMIT, help="Seed of the episodes and queries.")
     ] = 0,
@@ -1434,11 +1471,19 @@ def compare(
     from ebmm_cli.device import resolve_device
     from ebmm_cli.distort import Distortion
     from ebmm_cli.imageio import check_outputs
+    from ebmm_cli.safety import check_not_inputs, check_output_path, dataset_sources
     from ebmm_cli.store import load_model
 
+    outputs = {"--markdown": markdown, "--grid": grid, "--plot": plot}
+    for option, path in outputs.items():
+        if path is not None:
+            check_output_path(path, option)
+    dev = resolve_device(device)
     model = [builtin.resolve(m) for m in model or []]
-    check_outputs(
-        {"--markdown": markdown, "--grid": grid, "--plot": plot}, {"--model": model}, force
+    check_outputs(outputs, {"--model": model}, force)
+    check_not_inputs(
+        {k: [v] for k, v in outputs.items() if v is not None},
+        {"--dataset": dataset_sources(dataset, data_root)},
     )
     for path in (markdown, grid, plot):
         if path is not None:
@@ -1446,7 +1491,6 @@ def compare(
     counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
     _check_refine_lr(refine_lr, refine or 0, "--refine above 0")
     methods: list[Any] = harness.methods_from(baselines.split(","))
-    dev = resolve_device(device)
     loaded = [(path, load_model(path).to(dev)) for path in model or []]
     for _, each in loaded:  # episodes of one shape: replayed from CUDA graphs
         each.use_cuda_graphs(cuda_graph.value)
@@ -1521,7 +1565,7 @@ def compare(
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise EbmmError(option, f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:

@@ -463,6 +463,32 @@ def _batch_sums_functional(
     return e, gx, g_energy, g_norm
 
 
+WRITE_CHUNK = 128
+"""Patterns per piece of a write step's gradient without `create_graph` (`ebmm write`):
+the sums over the batch are accumulated piece by piece, so that the activations held
+for the backward pass are a piece's, and a write's peak memory does not grow with N."""
+
+
+def _chunked_sums(
+    net: nn.Module, theta: Params, patterns: torch.Tensor, grad_norm: bool
+) -> _BatchSums:
+    """`_batch_sums_autograd` (first order) over `WRITE_CHUNK` patterns at a time: the
+    θ-gradients of the batch sums are sums of the pieces' (equal within float
+    rounding); E and ∇x E come back detached, one value per pattern."""
+    energies, input_grads = [], []
+    g_energy: Params = {}
+    g_norm: Params = {}
+    for piece in patterns.split(WRITE_CHUNK):
+        e, gx, ge, gn = _batch_sums_autograd(net, theta, piece, False, grad_norm)
+        energies.append(e.detach())
+        input_grads.append(gx.detach())
+        for total, part in ((g_energy, ge), (g_norm, gn)):
+            for k, g in part.items():
+                total[k] = g.detach() if k not in total else total[k] + g.detach()
+        del e, gx, ge, gn  # the piece's graph goes before the next piece's is made
+    return torch.cat(energies), torch.cat(input_grads), g_energy, g_norm
+
+
 def _write_grads(
     net: nn.Module,
     theta: Params,
@@ -474,10 +500,13 @@ def _write_grads(
     """The step's `WriteGrads`, with torch.func when `functional` (for `vmap`), else with
     torch.autograd (faster for one episode). Both differentiate sums over the batch, made
     means here by one division by N. Without `create_graph` the θ-gradients are detached:
-    first order treats them as constants. Without `grad_norm` (α = 0) the gradient-norm
-    term is zeros, and the double backward it costs is skipped."""
+    first order treats them as constants, and a batch of more than `WRITE_CHUNK` patterns
+    is differentiated piece by piece (`_chunked_sums`). Without `grad_norm` (α = 0) the
+    gradient-norm term is zeros, and the double backward it costs is skipped."""
     if functional:
         e, gx, g_energy, g_norm = _batch_sums_functional(net, theta, patterns, grad_norm)
+    elif not create_graph and patterns.shape[0] > WRITE_CHUNK:
+        e, gx, g_energy, g_norm = _chunked_sums(net, theta, patterns, grad_norm)
     else:
         e, gx, g_energy, g_norm = _batch_sums_autograd(
             net, theta, patterns, create_graph, grad_norm
@@ -642,7 +671,13 @@ def write_flags(
     grad_norm = rules.config.alpha > 0
     associations = getattr(net, "associations", None)
     if associations is not None:  # kv: energy rates in units of 1/λmax, for every episode
-        keys, values = associations(patterns)
+        if create_graph or functional:
+            keys, values = associations(patterns)
+        else:  # first order: the keys are constants; one piece of the encoder at a time
+            with torch.no_grad():
+                pieces = [associations(piece) for piece in patterns.split(WRITE_CHUNK)]
+            keys = torch.cat([k for k, _ in pieces])
+            values = torch.cat([v for _, v in pieces])
         lam = delta_curvature(keys).reshape(1)
         rates = rates / torch.cat([lam, lam.new_ones(len(WRITE_TERMS) - 1)])
         if not grad_norm:

@@ -88,9 +88,7 @@ def _key(path: Path) -> tuple[Path, tuple[int, int] | None]:
     return real(path), ident
 
 
-def check_not_inputs(
-    outputs: dict[str, Iterable[Path]], inputs: dict[str, Iterable[Path]]
-) -> None:
+def check_not_inputs(outputs: dict[str, Iterable[Path]], inputs: dict[str, Iterable[Path]]) -> None:
     """Refuse an output that is one of the run's inputs (the same resolved path or the
     same inode), or lies inside an input folder, or is a folder holding an input.
 
@@ -130,9 +128,7 @@ def dataset_sources(dataset: str, root: Path | str | None) -> list[Path]:
         entries = list(base.iterdir())
     except OSError:
         return found
-    return found + [
-        p for p in entries if p.name.lower().endswith(_ARCHIVES) or _is_dir(p)
-    ]
+    return found + [p for p in entries if p.name.lower().endswith(_ARCHIVES) or _is_dir(p)]
 
 
 def _is_dir(path: Path) -> bool:
@@ -192,3 +188,32 @@ def read_regular(path: Path, limit: int, what: str = "file") -> bytes:
         except OSError as e:
             raise unreadable(path, e) from None
     return b"".join(chunks)
+
+
+def check_new_run(out: Path, init: str | None, dataset: str, root: Path | str | None) -> None:
+    """`ebmm train -o OUT` without `--resume`: OUT is new or an empty folder (a folder of
+    the user's files is never written into), and neither the data nor `--init` lies in
+    it or is it.
+
+    Raises:
+        EbmmError: naming OUT and what is wrong.
+    """
+    from ebmm_cli import builtin
+
+    info = check_path(out)
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        try:
+            with os.scandir(out) as entries:
+                held = next(entries, None)
+        except OSError as e:
+            raise unreadable(out, e) from None
+        if held is not None:
+            raise EbmmError(
+                out,
+                f"holds files that are not an ebmm run ({held.name}); "
+                "train into a new or empty folder",
+            )
+    inputs: dict[str, Iterable[Path]] = {"--dataset": dataset_sources(dataset, root)}
+    if init is not None:
+        inputs["--init"] = [builtin.resolve(init)]
+    check_not_inputs({"--out": [out]}, inputs)
