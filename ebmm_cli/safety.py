@@ -98,14 +98,16 @@ def check_not_inputs(outputs: dict[str, Iterable[Path]], inputs: dict[str, Itera
     taken = [(_key(p), option, p) for option, paths in inputs.items() for p in paths]
     for option, paths in outputs.items():
         for out in paths:
-            where, ident = _key(out)
+            target, ident = _key(out)
+            # Both where a link at `out` leads and the link itself, which an atomic
+            # rename replaces: either may be an input's place.
+            places = {target, real(out.parent) / out.name}
             for (path, their), their_option, given in taken:
-                same = where == path or (ident is not None and ident == their)
-                if same:
+                if path in places or (ident is not None and ident == their):
                     raise EbmmError(
                         out, f"{option} would replace {their_option} {given}; choose another path"
                     )
-                if where.is_relative_to(path) and path.is_dir():
+                if any(place.is_relative_to(path) for place in places) and _is_dir(path):
                     raise EbmmError(
                         out, f"{option} lies inside {their_option} {given}; choose another path"
                     )
