@@ -225,8 +225,8 @@ def _config(key: str, value: object):
         (_config("shape", [1, 100_000, 100_000]), "shape"),
         (_config("patterns", [9, 3]), "patterns"),
         (_config("patterns", -5), "patterns"),
-        (lambda meta: meta.update(patterns="-5"), "pattern count"),
-        (lambda meta: meta.update(patterns="[9, 3]"), "pattern count"),
+        (lambda meta: meta.update(patterns="-5"), "bad pattern count"),
+        (lambda meta: meta.update(patterns="[9, 3]"), "bad pattern count"),
         (lambda meta: meta.update(ebmm_version="9.9"), "damaged"),  # the checksum covers it
     ],
 )
