@@ -212,9 +212,6 @@ def iterates_folder(out: Path) -> Path:
 
 def mark_iterates(folder: Path) -> None:
     """Mark `folder` as ebmm's strips (`ITERATES_MARK`), so searches skip it."""
-    from ebmm_cli.atomic import _make_folder
-
-    _make_folder(folder, folder)
     mark = folder / ITERATES_MARK
     if not mark.exists():
         with atomic_path(mark) as tmp:
