@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,12 +50,16 @@ def exclusive(path: Path) -> Iterator[None]:
     replacing the first one's output. The kernel drops the lock when its process dies,
     however it dies, so a lock file left by a killed process is simply taken over.
 
+    The lock is named after the resolved path, so two writers that spell one output
+    differently (through a symbolic link, `./x`, `x/../x`) still exclude each other.
+
     Raises:
         EbmmError: naming `path`, when another process holds it (exit 2), or when its
             folder cannot be made.
     """
-    lock = path.parent / f".{path.name}.lock"
     _make_folder(path.parent, path)
+    target = Path(os.path.realpath(path))
+    lock = target.parent / f".{target.name}.lock"
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -77,10 +82,35 @@ def exclusive(path: Path) -> Iterator[None]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
+        _remove_stale(target)
         yield
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+_STALE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove the temporaries (`.NAME.XXXXXXXX.tmp`) a killed writer of `target` left:
+    beside a file output, anywhere in a folder output. Only the holder of `target`'s lock
+    calls it, so no living writer of it owns one."""
+    if target.is_dir():
+        found = (Path(d) / f for d, _, files in os.walk(target) for f in files)
+    else:
+        prefix = f".{target.name}."
+        found = (target.parent / f for f in _names(target.parent) if f.startswith(prefix))
+    for path in found:
+        if _STALE.match(path.name):
+            path.unlink(missing_ok=True)
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 @contextlib.contextmanager

@@ -54,6 +54,9 @@ class _Terminated(KeyboardInterrupt):
 
 
 _TERMINATED = "terminated; no output was left half-written"
+_INTERRUPTED = "interrupted; no output was left half-written"
+# Signals that stop a command as SIGTERM does: a closed terminal or dropped ssh (SIGHUP).
+_STOPS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -80,7 +83,9 @@ class _Group(TyperGroup):
             raise _Failure(ctx.invoked_subcommand, str(e), e.exit_code) from e
         except _Terminated:
             raise _Failure(ctx.invoked_subcommand, _TERMINATED, 143) from None
-        except (typer.TyperException, typer.Abort, typer.Exit, KeyboardInterrupt):
+        except KeyboardInterrupt:
+            raise _Failure(ctx.invoked_subcommand, _INTERRUPTED, 130) from None
+        except (typer.TyperException, typer.Abort, typer.Exit):
             raise
         except BrokenPipeError:
             # The reader of our stdout went away (`ebmm distort ... | head`): stop quietly,
@@ -264,6 +269,17 @@ SkipBad = Annotated[
 ]
 
 
+Null = Annotated[
+    bool,
+    typer.Option(
+        "--null",
+        "-0",
+        help="With -: the paths on stdin are NUL-separated (find -print0), for names that "
+        "hold newlines. Without it, one path a line (spaces are part of the name).",
+    ),
+]
+
+
 def _warn_skipped(command: str, errors: list[EbmmError]) -> None:
     for e in errors:
         print(f"ebmm {command}: {e} (skipped)", file=sys.stderr)
@@ -349,6 +365,7 @@ def distort(
         ),
     ] = None,
     skip_bad: SkipBad = False,
+    null: Null = False,
 ) -> None:
     """Write distorted copies of images, to use as queries. Never touches its inputs.
     Each image's draw depends on --seed and its path relative to its input only.
@@ -375,7 +392,7 @@ def distort(
         as_trained = _trained_queries(model)
         distortion, size = as_trained.distortion, as_trained.size
     _hold(ctx, out)
-    images = collect_images(inputs, sys.stdin, exclude=out)
+    images = collect_images(inputs, sys.stdin, exclude=out, null=null)
     targets = output_paths(images, out, force)
     skipped = 0
     with _progress(len(images), "distorting") as advance:
@@ -676,8 +693,10 @@ def train(
     Several processes: torchrun --nproc-per-node N -m ebmm_cli train ... (each process
     draws its own episodes; gradients are averaged; rank 0 writes the files).
     """
+    from ebmm_cli.device import resolve_device
     from ebmm_cli.meta import Trainer, init_distributed
     from ebmm_cli.runconfig import check_budget
+    from ebmm_cli.safety import check_new_run
 
     if not resume or steps is not None or minutes is not None:
         check_budget(steps, minutes)  # a resumed run keeps its own budget unless given one
@@ -685,6 +704,7 @@ def train(
         _only_with_resume(ctx)
     if out.exists() and not out.is_dir():
         raise EbmmError(out, "is a file; --out takes a run folder")
+    resolve_device(device)
     distributed = init_distributed(device)
     if int(os.environ.get("RANK", "0")) == 0:  # the process that writes the run's files
         _hold(ctx, out)
@@ -697,8 +717,10 @@ def train(
     else:
         if any((out / name).exists() for name in _RUN_FILES):
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
+        check_new_run(out, init, dataset, data_root)
         options = {k: v for k, v in ctx.params.items() if k not in _NOT_TRAIN_CONFIG}
-        options.update(device=distributed or device)
+        # absolute, so that the run resumes from any folder
+        options.update(device=distributed or device, data_root=data_root and data_root.absolute())
         trainer = Trainer.create(_train_config(ctx, options, recipe, settings or []), out)
     _run_training(trainer, out, profile)
 
@@ -774,7 +796,7 @@ def _stop_between_steps(trainer: Trainer) -> Iterator[Callable[[], None]]:
     asked: list[int] = []
 
     def stop(signum: int) -> None:
-        raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise _Terminated if signum in _STOPS else KeyboardInterrupt
 
     def handle(signum: int, frame: Any) -> None:
         if trainer.evaluating or (signum == signal.SIGINT and signum in asked):
@@ -786,11 +808,11 @@ def _stop_between_steps(trainer: Trainer) -> Iterator[Callable[[], None]]:
             )
         asked.append(signum)
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, handle) for s in (*_STOPS, signal.SIGINT)}
 
     def stop_if_asked() -> None:
         if asked:
-            stop(signal.SIGTERM if signal.SIGTERM in asked else signal.SIGINT)
+            stop(signal.SIGTERM if set(_STOPS) & set(asked) else signal.SIGINT)
 
     try:
         yield stop_if_asked
@@ -930,6 +952,7 @@ def write(
     ] = None,
     refine_lr: RefineLr = None,
     skip_bad: SkipBad = False,
+    null: Null = False,
 ) -> None:
     """Write images into a new memory file (T gradient steps from the meta-learned start;
     with --refine, then Adam steps on the model's own read of distorted copies).
@@ -943,8 +966,11 @@ def write(
     from ebmm_cli.device import resolve_device
     from ebmm_cli.imageio import check_outputs, collect_images, load_batch
     from ebmm_cli.model import refine_memory, same_model, write_memory
+    from ebmm_cli.safety import check_not_inputs, check_output_path
     from ebmm_cli.store import load_memory, load_model, save_memory
 
+    check_output_path(out, "--out")
+    dev = resolve_device(device)
     if model is None:
         print(
             f"ebmm write: note: no --model given; using the built-in {builtin.DEFAULT} "
@@ -970,9 +996,8 @@ def write(
     elif out.exists() and not force:
         raise EbmmError(out, "exists; use --force to overwrite, or --append to add to it")
     shape = _image_shape(net, model)
-    found = collect_images(images, sys.stdin)
-    if any(img.path.resolve() == out.resolve() for img in found):
-        raise EbmmError(out, "would overwrite an input")
+    found = collect_images(images, sys.stdin, null=null)
+    check_not_inputs({"--out": [out]}, {"--model": [model], "an input": [f.path for f in found]})
     batch = load_batch(
         found, shape[0], shape[1], net.config.invert_files, skip_bad, net.config.binarize
     )
@@ -988,7 +1013,6 @@ def write(
             f"{_range(trained)} patterns {model} was meta-trained to write; recall may be poor",
             file=sys.stderr,
         )
-    dev = resolve_device(device)
     try:
         memory = write_memory(
             net.to(dev),
@@ -1045,6 +1069,7 @@ def read(
         int | None,
         typer.Option(
             min=1,
+            max=10_000,
             show_default=False,
             help="K, steps of the gradient read (default: the model's; other reads take none).",
         ),
@@ -1056,27 +1081,42 @@ def read(
     device: Device = "auto",
     force: Force = False,
     skip_bad: SkipBad = False,
+    null: Null = False,
 ) -> None:
-    """Retrieve stored images from distorted queries; prints each written path."""
+    """Retrieve stored images from distorted queries; prints each written path.
+
+    --save-iterates writes the strips to the folder OUT-iterates beside OUT, marked as
+    ebmm's: a later run over a folder holding it does not take the strips for queries."""
     import torch
 
     from ebmm_cli.device import resolve_device
-    from ebmm_cli.imageio import collect_images, load_batch, output_paths, save_image, to_file
+    from ebmm_cli.imageio import (
+        collect_images,
+        iterates_folder,
+        load_batch,
+        mark_iterates,
+        output_paths,
+        save_image,
+        to_file,
+    )
     from ebmm_cli.model import retrieve
     from ebmm_cli.store import load_memory
 
-    _hold(ctx, out)
+    dev = resolve_device(device)
+    strips_to = iterates_folder(out) if save_iterates else None
+    for folder in (out, strips_to):
+        if folder is not None:
+            _hold(ctx, folder)
     net, mem = load_memory(memory)
     shape = _image_shape(net, memory)
     if steps is not None and net.config.rules.read != "gd":  # it would be ignored
         raise EbmmError("--steps", f"is the gradient read's; {memory} reads by its model's "
                         f"{net.config.rules.read} read, which takes no steps")  # fmt: skip
-    found = collect_images(queries, sys.stdin, exclude=out)
-    targets = output_paths(found, out, force)
-    strips = (
-        output_paths(found, out.with_name(out.name + "-iterates"), force) if save_iterates else []
-    )
-    dev = resolve_device(device)
+    found = collect_images(queries, sys.stdin, exclude=out, null=null)
+    targets = output_paths(found, out, force, also=[memory])
+    strips = output_paths(found, strips_to, force, also=[memory]) if strips_to else []
+    if strips_to is not None:
+        mark_iterates(strips_to)
     net = net.to(dev)
     mem = mem.to(dev)
     invert = net.config.invert_files
@@ -1132,6 +1172,7 @@ def energy(
     batch_size: Annotated[int, typer.Option(min=1, help="Images evaluated at once.")] = 64,
     device: Device = "auto",
     skip_bad: SkipBad = False,
+    null: Null = False,
 ) -> None:
     """Energy of each image under a written memory, and the mean per input folder.
 
@@ -1147,10 +1188,10 @@ def energy(
     from ebmm_cli.memory import energy as energy_of
     from ebmm_cli.store import load_memory
 
+    dev = resolve_device(device)
     net, mem = load_memory(memory)
     shape = _image_shape(net, memory)
-    found = collect_images(images, sys.stdin)
-    dev = resolve_device(device)
+    found = collect_images(images, sys.stdin, null=null)
     net = net.to(dev)
     params = mem.to(dev).params
     values: list[float] = []
@@ -1270,7 +1311,7 @@ def compare(
             "dataset's (noise:7 for images, eraseblock:64 for binary).",
         ),
     ] = None,
-    episodes: Annotated[int, typer.Option(min=1, help="Episodes per setting.")] = 20,
+    episodes: Annotated[int, typer.Option(min=1, max=1_000_000, help="Episodes per setting.")] = 20,
     seed: Seed = 0,
     device: Device = "auto",
     cuda_graph: CudaGraphOption = CudaGraph.auto,
@@ -1305,11 +1346,19 @@ def compare(
     from ebmm_cli.device import resolve_device
     from ebmm_cli.distort import Distortion
     from ebmm_cli.imageio import check_outputs
+    from ebmm_cli.safety import check_not_inputs, check_output_path, dataset_sources
     from ebmm_cli.store import load_model
 
+    outputs = {"--markdown": markdown, "--grid": grid, "--plot": plot}
+    for option, path in outputs.items():
+        if path is not None:
+            check_output_path(path, option)
+    dev = resolve_device(device)
     model = [builtin.resolve(m) for m in model or []]
-    check_outputs(
-        {"--markdown": markdown, "--grid": grid, "--plot": plot}, {"--model": model}, force
+    check_outputs(outputs, {"--model": model}, force)
+    check_not_inputs(
+        {k: [v] for k, v in outputs.items() if v is not None},
+        {"--dataset": dataset_sources(dataset, data_root)},
     )
     for path in (markdown, grid, plot):
         if path is not None:
@@ -1317,7 +1366,6 @@ def compare(
     counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
     _check_refine_lr(refine_lr, refine or 0, "--refine above 0")
     methods: list[Any] = harness.methods_from(baselines.split(","))
-    dev = resolve_device(device)
     loaded = [(path, load_model(path).to(dev)) for path in model or []]
     for _, each in loaded:  # episodes of one shape: replayed from CUDA graphs
         each.use_cuda_graphs(cuda_graph.value)
@@ -1392,7 +1440,7 @@ def compare(
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise EbmmError(option, f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
@@ -1521,9 +1569,10 @@ def _progress(total: int, label: str) -> Any:
 
 
 def main() -> None:
-    """Console-script entry point: SIGTERM stops as cleanly as Ctrl-C, and paths whose
+    """Console-script entry point: SIGTERM and SIGHUP stop as cleanly as Ctrl-C, and paths whose
     names are not UTF-8 print as the bytes they are."""
-    signal.signal(signal.SIGTERM, _terminate)
+    for stop in _STOPS:
+        signal.signal(stop, _terminate)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="surrogateescape")
     app()

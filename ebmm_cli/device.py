@@ -15,6 +15,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise EbmmError("--device", f"unknown device {name!r}; use auto, cpu or cuda[:i]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise EbmmError("--device", f"ebmm runs on cpu or cuda[:i], not {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EbmmError("--device", f"{name} requested but no CUDA GPU is available")
     return device

@@ -168,9 +168,11 @@ class Distortion:
         """Parse `KIND:N` (`noise:7`, `occlude:16`, `saltpepper:0.1`, `flip:64`), and check
         it against one pattern's `shape` when given. Errors name `--distortion`, the option
         that takes this form (`check_shape` alone names `ebmm distort`'s options)."""
-        kind, _, arg = spec.partition(":")
+        kind, colon, arg = spec.partition(":")
         if kind not in KINDS:
             raise EbmmError("--distortion", f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+        if colon and not arg.strip():
+            raise EbmmError("--distortion", f"{spec!r}: no parameter after the colon")
         if not arg:
             d = cls(kind=kind)
         else:

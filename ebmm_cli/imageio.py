@@ -8,6 +8,7 @@ float32 in [0, 1]: C = 1 for grayscale, 3 for colour.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -21,7 +22,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ebmm_cli.atomic import atomic_path
 from ebmm_cli.errors import EbmmError
@@ -74,16 +75,34 @@ class InputImage:
     group: Path
 
 
+ITERATES_MARK = ".ebmm-iterates"
+"""A file in each folder of `ebmm read --save-iterates` strips: a folder holding it is
+skipped when a folder above it is searched for inputs (its strips are not queries)."""
+
+
+def stdin_paths(text: str, null: bool = False) -> list[str]:
+    """Paths from standard input: one a line (only the line ending, `\n` or `\r\n`,
+    separates: spaces are part of a name), or NUL-separated with `null` (`find -print0`:
+    names holding newlines). Empty entries are skipped."""
+    if null:
+        return [p for p in text.split("\0") if p]
+    return [p.removesuffix("\r") for p in text.split("\n") if p.removesuffix("\r")]
+
+
 def collect_images(
-    inputs: Sequence[str], stdin: TextIO | None = None, exclude: Path | None = None
+    inputs: Sequence[str],
+    stdin: TextIO | None = None,
+    exclude: Path | None = None,
+    null: bool = False,
 ) -> list[InputImage]:
-    """Expand files, folders and `-` (paths on stdin) into a list of images.
+    """Expand files, folders and `-` (paths on stdin, see `stdin_paths`) into a list of
+    images.
 
     Folders are searched recursively for image suffixes, in sorted order, skipping hidden
-    files (such as our own temporary files) and anything under `exclude` (the output
-    folder, so that outputs written inside an input folder are never read back). Files
-    named directly are taken whatever their suffix, and keep their path relative to the
-    deepest folder common to all of them.
+    files (such as our own temporary files), folders of iterate strips (`ITERATES_MARK`)
+    and anything under `exclude` (the output folder, so that outputs written inside an
+    input folder are never read back). Files named directly are taken whatever their
+    suffix, and keep their path relative to the deepest folder common to all of them.
 
     Raises:
         EbmmError: a path that does not exist, or a folder with no images in it.
@@ -91,8 +110,7 @@ def collect_images(
     names: list[str] = []
     for item in inputs:
         if item == "-":
-            lines = (stdin.read() if stdin is not None else "").splitlines()
-            names.extend(line.strip() for line in lines if line.strip())
+            names.extend(stdin_paths(stdin.read() if stdin is not None else "", null))
         else:
             names.append(item)
     if not names:
@@ -126,31 +144,50 @@ def collect_images(
 def _walk(folder: Path) -> Iterable[Path]:
     """Image files under `folder`, recursively, sorted, hidden names skipped."""
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and not os.path.lexists(Path(dirpath, d, ITERATES_MARK))
+        )
         for name in sorted(filenames):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 yield Path(dirpath) / name
 
 
 def output_paths(
-    images: Sequence[InputImage], out: Path, force: bool, suffix: str = ".png"
+    images: Sequence[InputImage],
+    out: Path,
+    force: bool,
+    suffix: str = ".png",
+    also: Sequence[Path] = (),
 ) -> list[Path]:
     """Where each image's output goes: `out / rel` with `suffix`; checked before any write.
 
-    Checking every path first means a refused run writes nothing at all.
+    Checking every path first means a refused run writes nothing at all. `also`: other
+    files the run reads (a `--memory`), which no output may replace either.
 
     Raises:
         EbmmError: an output that exists (without `force`), that is an input, or that two
             inputs would both be written to.
     """
-    inputs = {real(img.path) for img in images}
+    from ebmm_cli.safety import check_path
+
+    inputs = {real(p) for p in [*(img.path for img in images), *also]}
+    identities = set()
+    for p in [*(img.path for img in images), *also]:
+        with contextlib.suppress(OSError):  # a loop among inputs is refused when read
+            info = os.stat(p)
+            identities.add((info.st_dev, info.st_ino))
     seen: dict[Path, Path] = {}
     paths = []
     for img in images:
         path = out / img.rel.with_suffix(suffix)
         key = real(path)
-        if key in inputs:
+        info = check_path(path)
+        if key in inputs or (info is not None and (info.st_dev, info.st_ino) in identities):
             raise EbmmError(path, "would overwrite an input; choose another --out")
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            raise EbmmError(path, "is a folder; an output file goes here")
         if key in seen:
             raise EbmmError(path, f"two inputs would be written here: {seen[key]} and {img.path}")
         if path.exists() and not force:
@@ -158,6 +195,27 @@ def output_paths(
         seen[key] = img.path
         paths.append(path)
     return paths
+
+
+def iterates_folder(out: Path) -> Path:
+    """Where `ebmm read -o OUT --save-iterates` writes its strips: OUT-iterates, beside
+    OUT (`-o .` gives ../NAME-iterates, NAME the current folder's).
+
+    Raises:
+        EbmmError: for an OUT with no folder beside it (the root).
+    """
+    whole = Path(os.path.abspath(out))
+    if not whole.name:
+        raise EbmmError(out, "has no folder beside it for --save-iterates")
+    return whole.with_name(whole.name + "-iterates")
+
+
+def mark_iterates(folder: Path) -> None:
+    """Mark `folder` as ebmm's strips (`ITERATES_MARK`), so searches skip it."""
+    mark = folder / ITERATES_MARK
+    if not mark.exists():
+        with atomic_path(mark) as tmp:
+            tmp.write_text("ebmm read --save-iterates strips: not queries\n")
 
 
 def check_outputs(
@@ -204,6 +262,7 @@ def decode_image(data: bytes, name: str | Path) -> Image.Image:
                     name, f"image too large: {width:,} x {height:,} (at most {MAX_SIDE:,} a side)"
                 )
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # a photo as its camera meant it
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise EbmmError(
             name, f"image too large to decode safely (limit {Image.MAX_IMAGE_PIXELS:,} pixels)"
@@ -212,11 +271,17 @@ def decode_image(data: bytes, name: str | Path) -> Image.Image:
         raise EbmmError(name, "not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise EbmmError(name, f"truncated or corrupt image ({e})") from None
-    return _normalise_mode(img)
+    return _normalise_mode(img, name)
 
 
-def _normalise_mode(img: Image.Image) -> Image.Image:
-    """Bring any Pillow mode to 'L' or 'RGB' without losing range or content."""
+def _normalise_mode(img: Image.Image, name: str | Path) -> Image.Image:
+    """Bring any Pillow mode to 'L' or 'RGB' without losing range or content, by the
+    file's declared mode: 16-bit scaled by 65,535 (never guessed from the values), float
+    in [0, 1] (NaN, Inf or values outside refused), a grey WebP (decoded as RGB) as 'L'.
+
+    Raises:
+        EbmmError: naming `name`, for non-finite or out-of-range float pixels.
+    """
     if img.mode == "P":
         img = img.convert("RGBA")
         rgb = np.asarray(img)[..., :3]
@@ -233,10 +298,22 @@ def _normalise_mode(img: Image.Image) -> Image.Image:
             else np.round(arr).astype(np.uint8),
             mode,
         )
-    if img.mode.startswith("I"):
+    if img.mode.startswith("I"):  # 16-bit (I;16*, or I as Pillow opens some): by the mode
         arr = np.asarray(img).astype(np.float64)
-        top = 255.0 if arr.max(initial=0) <= 255 else 65535.0
-        return Image.fromarray(np.round(np.clip(arr, 0, top) * 255.0 / top).astype(np.uint8), "L")
+        return Image.fromarray(np.round(np.clip(arr, 0, 65535) / 257.0).astype(np.uint8), "L")
+    if img.mode == "F":  # floating point: [0, 1] by convention
+        arr = np.asarray(img).astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise EbmmError(name, "holds NaN or infinite pixels")
+        if arr.size and (arr.min() < 0 or arr.max() > 1):
+            raise EbmmError(
+                name, f"float pixels in [{arr.min():g}, {arr.max():g}]; ebmm reads floats in [0, 1]"
+            )
+        return Image.fromarray(np.round(arr * 255.0).astype(np.uint8), "L")
+    if img.format == "WEBP" and img.mode == "RGB":  # WebP has no grayscale mode
+        rgb = np.asarray(img)
+        if (rgb == rgb[..., :1]).all():
+            return img.convert("L")
     if img.mode in _GRAY_MODES:
         return img.convert("L")
     return img.convert("RGB")

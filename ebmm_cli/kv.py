@@ -57,6 +57,7 @@ def delta_write(
     betas: torch.Tensor,
     create_graph: bool,
     functional: bool,
+    chunk: int,
 ) -> tuple[Params, list[torch.Tensor]]:
     """The write (4) of an energy with `associations` (one written matrix θ; kv-conv's 3x3
     convolution read as one, (out, in·9)) without the gradient-norm term, from θ(0) =
@@ -67,8 +68,16 @@ def delta_write(
 
     Returns θ(T) and each step's finiteness of the residual and the gradient (none under
     `functional`). Without `create_graph` the gradient is a constant, as in the paper's
-    write."""
-    keys, values = net.associations(patterns)
+    write. Without `create_graph` the keys and values are constants too, computed `chunk`
+    patterns at a time, so that a write's peak memory does not grow with N beyond the
+    patterns themselves."""
+    if create_graph or functional:
+        keys, values = net.associations(patterns)
+    else:
+        with torch.no_grad():
+            pieces = [net.associations(piece) for piece in patterns.split(chunk)]
+        keys = torch.cat([k for k, _ in pieces])
+        values = torch.cat([v for _, v in pieces])
     lam = delta_curvature(keys)
     ((name, w),) = theta.items()
     shape = w.shape

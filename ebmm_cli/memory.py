@@ -310,6 +310,32 @@ def _batch_sums_functional(
     return e, gx, g_energy, g_norm
 
 
+WRITE_CHUNK = 128
+"""Patterns per piece of a write step's gradient without `create_graph` (`ebmm write`):
+the sums over the batch are accumulated piece by piece, so that the activations held
+for the backward pass are a piece's, and a write's peak memory does not grow with N."""
+
+
+def _chunked_sums(
+    net: nn.Module, theta: Params, patterns: torch.Tensor, grad_norm: bool
+) -> _BatchSums:
+    """`_batch_sums_autograd` (first order) over `WRITE_CHUNK` patterns at a time: the
+    θ-gradients of the batch sums are sums of the pieces' (equal within float
+    rounding); E and ∇x E come back detached, one value per pattern."""
+    energies, input_grads = [], []
+    g_energy: Params = {}
+    g_norm: Params = {}
+    for piece in patterns.split(WRITE_CHUNK):
+        e, gx, ge, gn = _batch_sums_autograd(net, theta, piece, False, grad_norm)
+        energies.append(e.detach())
+        input_grads.append(gx.detach())
+        for total, part in ((g_energy, ge), (g_norm, gn)):
+            for k, g in part.items():
+                total[k] = g.detach() if k not in total else total[k] + g.detach()
+        del e, gx, ge, gn  # the piece's graph goes before the next piece's is made
+    return torch.cat(energies), torch.cat(input_grads), g_energy, g_norm
+
+
 def _write_grads(
     net: nn.Module,
     theta: Params,
@@ -321,10 +347,13 @@ def _write_grads(
     """The step's `WriteGrads`, with torch.func when `functional` (for `vmap`), else with
     torch.autograd (faster for one episode). Both differentiate sums over the batch, made
     means here by one division by N. Without `create_graph` the θ-gradients are detached:
-    first order treats them as constants. Without `grad_norm` (α = 0) the gradient-norm
-    term is zeros, and the double backward it costs is skipped."""
+    first order treats them as constants, and a batch of more than `WRITE_CHUNK` patterns
+    is differentiated piece by piece (`_chunked_sums`). Without `grad_norm` (α = 0) the
+    gradient-norm term is zeros, and the double backward it costs is skipped."""
     if functional:
         e, gx, g_energy, g_norm = _batch_sums_functional(net, theta, patterns, grad_norm)
+    elif not create_graph and patterns.shape[0] > WRITE_CHUNK:
+        e, gx, g_energy, g_norm = _chunked_sums(net, theta, patterns, grad_norm)
     else:
         e, gx, g_energy, g_norm = _batch_sums_autograd(
             net, theta, patterns, create_graph, grad_norm
@@ -491,7 +520,7 @@ def write_flags(
         if grad_norm:
             raise ValueError("a key-value energy writes without the gradient-norm term (α = 0)")
         theta, flags = kv.delta_write(
-            net, theta, theta_bar, patterns, rates, betas, create_graph, functional
+            net, theta, theta_bar, patterns, rates, betas, create_graph, functional, WRITE_CHUNK
         )
         return theta, _stack_flags(flags, 2, patterns.device)
     layers = list(memory_layers(net).values())

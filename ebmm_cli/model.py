@@ -11,7 +11,7 @@ command line and the benchmarks alike.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import ebmm_cli.memory as rules_lib
 from ebmm_cli.distort import Distortion
 from ebmm_cli.energy import EnergyConfig, build_energy, memory_floats, memory_layers
 from ebmm_cli.energy.decoder import Decoder
@@ -243,13 +244,22 @@ def refine_memory(
     with torch.enable_grad():
         for _ in range(steps):
             queries = model.distortion(patterns, generator)
-            iterates = read(model.energy, model.rules, params, queries, create_graph=True)
-            loss = iterates_loss(kind, iterates, patterns)
-            if not torch.isfinite(loss):
-                raise FloatingPointError("refining the memory left the reals")
-            # gradients for the memory alone: the model's own weights stay untouched
-            grads = torch.autograd.grad(loss, list(params.values()))
-            for param, grad in zip(params.values(), grads, strict=True):
+            # The loss is a mean over the patterns: its gradient is the pieces' gradients
+            # weighted by their share, so a piece's read graph is all that is held.
+            total: Sequence[torch.Tensor] | None = None
+            chunk = rules_lib.WRITE_CHUNK
+            for qs, ps in zip(queries.split(chunk), patterns.split(chunk), strict=True):
+                iterates = read(model.energy, model.rules, params, qs, create_graph=True)
+                loss = iterates_loss(kind, iterates, ps) * (ps.shape[0] / patterns.shape[0])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("refining the memory left the reals")
+                # gradients for the memory alone: the model's own weights stay untouched
+                grads = torch.autograd.grad(loss, list(params.values()))
+                if total is not None:
+                    grads = tuple(a + b for a, b in zip(total, grads, strict=True))
+                total = grads
+                del iterates, loss
+            for param, grad in zip(params.values(), total or [], strict=True):
                 param.grad = grad
             optimiser.step()
     return Memory({k: v.detach() for k, v in params.items()}, None, memory.patterns)

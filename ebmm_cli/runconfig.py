@@ -323,7 +323,7 @@ def check_budget(steps: int | None, minutes: float | None) -> None:
     if steps is None and minutes is None:
         raise EbmmError("--steps", "give --steps and/or --minutes")
     if minutes is not None and not 0 < minutes < float("inf"):
-        raise EbmmError("--minutes", f"must be more than 0, got {minutes:g}")
+        raise EbmmError("--minutes", f"must be a finite number more than 0, got {minutes:g}")
 
 
 def train_config(

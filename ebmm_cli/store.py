@@ -25,6 +25,7 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.energy import memory_names
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.model import Memory, Model, ModelConfig
+from ebmm_cli.safety import read_regular, regular
 
 FORMAT_VERSION = "1"
 MODEL, MEMORY, CHECKPOINT = "ebmm.model", "ebmm.memory", "ebmm.checkpoint"
@@ -47,10 +48,15 @@ def _header(model: Model, kind: str, **extra: Any) -> dict[str, str]:
     return meta
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors (names, dtypes, shapes and bytes, in name order): kept in
-    the header and checked on load, so that damaged bytes are refused, not used."""
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """SHA-256 of the tensors (names, dtypes, shapes and bytes, in name order) and, for
+    files that say so (`checksum_covers`), of the rest of the header too: kept in the
+    header and checked on load, so that damaged bytes, in the weights or in the config
+    that says how to use them, are refused, not used."""
     h = hashlib.sha256()
+    if meta is not None:
+        rest = {k: v for k, v in meta.items() if k != "checksum"}
+        h.update(json.dumps(rest, sort_keys=True, ensure_ascii=False).encode() + b";")
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
@@ -66,7 +72,8 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
     run; sorting it (same bytes, same length) makes equal contents give equal files.
     """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = save(tensors, metadata={**meta, "checksum": _digest(tensors)})
+    meta = {**meta, "checksum_covers": _COVERS}
+    data = save(tensors, metadata={**meta, "checksum": _digest(tensors, meta)})
     size = struct.unpack("<Q", data[:8])[0]
     header = json.dumps(
         json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False
@@ -97,17 +104,20 @@ def save_memory(model: Model, memory: Memory, path: Path) -> None:
 
 
 def _open(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Read header and tensors, checking the format, version and finiteness."""
-    if not path.is_file():
-        raise EbmmError(path, "no such file" if not path.exists() else "not a file")
+    """Read header and tensors, checking the format, version and finiteness.
+
+    Only a regular file of at most `MAX_FILE_BYTES` is read (checked before a byte is),
+    and its header's config is range-checked before any tensor is made."""
+    # One read: a file replaced meanwhile (a training run saving its model, which
+    # `ebmm write` may be reading) is seen whole, old or new. safetensors' own
+    # `safe_open` opens the path twice, and can pair one file's header with the
+    # other's tensors.
+    data = read_regular(path, MAX_FILE_BYTES)
     try:
-        # One read: a file replaced meanwhile (a training run saving its model, which
-        # `ebmm write` may be reading) is seen whole, old or new. safetensors' own
-        # `safe_open` opens the path twice, and can pair one file's header with the
-        # other's tensors.
-        data = path.read_bytes()
-        tensors = load(data)  # checks the header and the offsets
+        if len(data) >= 8 and struct.unpack("<Q", data[:8])[0] > _HEADER_LIMIT:
+            raise ValueError("a header of more than 100,000,000 bytes")
         meta = _metadata(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+        tensors = load(data)  # checks the header and the offsets
     except Exception as e:  # safetensors raises its own error types, and OSError
         raise EbmmError(path, f"not a readable safetensors file ({e})") from None
     found = meta.get("format")
@@ -132,6 +142,15 @@ def _open(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor
 
 
 _HEADER_LIMIT = 100_000_000  # safetensors' own bound on the JSON header
+MAX_FILE_BYTES = 1 << 30
+"""The largest model, memory or checkpoint file read (the built-ins are under 1 MB)."""
+_COVERS = "tensors+header"
+"""`checksum_covers` of files whose checksum covers their header as well as their
+tensors; files without it (from before) have a checksum of the tensors alone."""
+# Bounds on a header's numbers, checked before a model is built from them.
+_MAX_STEPS = 10_000
+_MAX_SIDE = 4_096
+_MAX_PATTERNS = 1_000_000
 
 
 def _metadata(header: bytes) -> dict[str, str]:
@@ -146,6 +165,7 @@ def read_header(path: Path) -> dict[str, str]:
     Raises:
         EbmmError: naming `path`, when it is missing or not a safetensors file.
     """
+    regular(path)
     try:
         with path.open("rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -159,8 +179,9 @@ def read_header(path: Path) -> dict[str, str]:
 def _verify(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
     """Refuse tensors that differ from the checksum in the header (files from before it
     have none). Checked after the named reasons (shapes, NaN), which say more."""
-    if "checksum" in meta and meta["checksum"] != _digest(tensors):
-        raise EbmmError(path, "damaged: its tensors do not match the checksum in its header")
+    covered = meta if meta.get("checksum_covers") == _COVERS else None
+    if "checksum" in meta and meta["checksum"] != _digest(tensors, covered):
+        raise EbmmError(path, "damaged: its tensors or header do not match its checksum")
 
 
 def match_tensors(
@@ -190,14 +211,59 @@ def match_tensors(
             )
 
 
+def _bounded(value: Any, low: int, high: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{what} {value!r} is not an integer in [{low:,}, {high:,}]")
+    return value
+
+
+def check_config(text: str) -> None:
+    """Range-check the numbers of a header's config that size what a model allocates
+    (steps, pattern counts, the pattern shape), before anything is built from them.
+
+    Raises:
+        ValueError: naming the value, for `_model`'s one-line error.
+    """
+    raw = json.loads(text)
+    rules, energy = raw["rules"], raw["energy"]
+    for key in ("write_steps", "read_steps"):
+        _bounded(rules.get(key, 1), 1, _MAX_STEPS, key)
+    for key in ("rekeys", "decoder_steps", "refine"):
+        _bounded(rules.get(key, 0), 0, _MAX_STEPS, key)
+    patterns = rules.get("patterns")
+    if patterns is not None:
+        if not isinstance(patterns, list) or len(patterns) != 2:
+            raise ValueError(f"patterns {patterns!r} is not [least, most]")
+        least, most = (_bounded(v, 1, _MAX_PATTERNS, "patterns") for v in patterns)
+        if least > most:
+            raise ValueError(f"patterns {patterns!r}: least above most")
+    shape = energy["shape"]
+    if not isinstance(shape, list) or len(shape) not in (1, 3):
+        raise ValueError(f"shape {shape!r} is neither [bits] nor [channels, height, width]")
+    sides = shape if len(shape) == 1 else shape[1:]
+    for side in sides:
+        _bounded(side, 1, _MAX_SIDE, "shape")
+    if len(shape) == 3:
+        _bounded(shape[0], 1, 4, "channels")
+    if energy.get("dynamic") is not None:
+        _bounded(energy["dynamic"], 1, _MAX_SIDE, "dynamic")
+
+
 def _model(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Model:
-    try:
-        model = Model(ModelConfig.from_json(meta["config"]))
-    # EbmmError: a value the config cannot take, such as its distortion
-    except (KeyError, ValueError, TypeError, EbmmError) as e:
-        raise EbmmError(path, f"bad model config in the header ({e})") from None
+    """The model a header's config describes, with the file's tensors. Built first on
+    the meta device (shapes without storage), so a config whose network would not fit
+    in memory is refused for its tensors' shapes before a byte is allocated."""
     state = {k: v for k, v in tensors.items() if not k.startswith(("memory.", "decoder_memory."))}
-    match_tensors(path, state, model.state_dict(), "tensors")
+    try:
+        check_config(meta["config"])
+        config = ModelConfig.from_json(meta["config"])
+        with torch.device("meta"):
+            shapes = Model(config).state_dict()
+    # EbmmError: a value the config cannot take, such as its distortion
+    except (KeyError, ValueError, TypeError, AttributeError, EbmmError) as e:
+        raise EbmmError(path, f"bad model config in the header ({e})") from None
+    match_tensors(path, state, shapes, "tensors")
+    model = Model(config)
     model.load_state_dict(state)
     return model
 
@@ -227,9 +293,11 @@ def load_memory(path: Path) -> tuple[Model, Memory]:
     expected = {} if model.decoder is None else dict(model.decoder.named_parameters())
     match_tensors(path, decoder, expected, "decoder tensors")
     try:
-        patterns = int(meta["patterns"])
-    except (KeyError, ValueError):
+        patterns = _bounded(json.loads(meta["patterns"]), 1, _MAX_PATTERNS, "patterns")
+    except KeyError:
         raise EbmmError(path, "no pattern count in the header") from None
+    except ValueError as e:
+        raise EbmmError(path, f"bad pattern count in the header ({e})") from None
     _verify(path, meta, tensors)
     return model, Memory(params, decoder or None, patterns)
 

@@ -14,6 +14,7 @@ builds numpy arrays and plain containers, so a tampered archive cannot run code.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import tarfile
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from ebmm_cli.data.images import (
     zip_members,
 )
 from ebmm_cli.errors import EbmmError
+from ebmm_cli.safety import regular
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -74,9 +76,11 @@ def _unpickle(read: Callable[[], bytes], where: str) -> dict:
 
 def _find_archive(base: Path, folder: str, tarball: str) -> Path | None:
     """The extracted `folder` or the `tarball` under `base`, whichever is there."""
-    for path in (base / folder, base / tarball):
-        if path.exists():
-            return path
+    if (base / folder).exists():
+        return base / folder
+    if os.path.lexists(base / tarball):
+        regular(base / tarball, "archive")
+        return base / tarball
     return None
 
 

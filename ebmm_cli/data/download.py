@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import urllib.request
 from pathlib import Path
 
 from ebmm_cli.atomic import atomic_path
 from ebmm_cli.errors import EbmmError
+from ebmm_cli.safety import check_path, regular
 
 
 def default_root() -> Path:
@@ -31,7 +33,8 @@ def resolve_root(root: Path | str | None) -> Path:
     """
     if not root:
         return default_root()
-    if Path(root).exists() and not Path(root).is_dir():
+    info = check_path(root, "--data-root")
+    if info is not None and not stat.S_ISDIR(info.st_mode):
         raise EbmmError("--data-root", f"{root} is a file, not a folder")
     return Path(root)
 
@@ -45,7 +48,8 @@ def fetch(url: str, dest: Path, md5: str) -> Path:
     Raises:
         EbmmError: naming `dest`, when the download fails or the checksum does not match.
     """
-    if dest.exists():
+    if os.path.lexists(dest):  # a FIFO or device there is refused, not read forever
+        regular(dest, "archive")
         return dest
     digest = hashlib.md5()
     try:

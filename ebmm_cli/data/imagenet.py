@@ -34,6 +34,7 @@ from ebmm_cli.atomic import atomic_path
 from ebmm_cli.data.images import LabelledImages
 from ebmm_cli.errors import EbmmError
 from ebmm_cli.imageio import resize
+from ebmm_cli.safety import regular
 
 SIDE = 64
 ROW = 3 * SIDE * SIDE
@@ -104,6 +105,7 @@ def _locate(base: Path, name: str) -> _Where | None:
         if candidate.is_file():
             return candidate
     for archive in sorted(base.glob("*.zip")):
+        regular(archive, "zip archive")
         try:
             with zipfile.ZipFile(archive) as z:
                 members = [m for m in z.namelist() if m.rsplit("/", 1)[-1] == name]

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ebmm_cli.errors import EbmmError
-from ebmm_cli.imageio import IMAGE_SUFFIXES, decode_image, resize, to_tensor
+from ebmm_cli.imageio import IMAGE_SUFFIXES, MAX_FILE_BYTES, decode_image, resize, to_tensor
+from ebmm_cli.safety import read_regular, regular
 
 # An item's source: a file path, or (zip archive, member name).
 Source = Path | tuple[Path, str]
@@ -89,17 +90,30 @@ class ImageFiles(LabelledImages):
         return state
 
     def _read(self, source: Source) -> tuple[bytes, str]:
+        """An item's bytes: a regular file, or a zip member, each at most
+        `MAX_FILE_BYTES` (a member's declared size checked first, then what it inflates
+        to, streamed, so a zip bomb stops at the bound)."""
         if isinstance(source, Path):
-            return source.read_bytes(), str(source)
+            return read_regular(source, MAX_FILE_BYTES), str(source)
         archive, member = source
+        name = f"{archive}:{member}"
         if self._pid != os.getpid():  # a forked worker must not share the parent's handles
             self._zips, self._pid = {}, os.getpid()
         if archive not in self._zips:
+            regular(archive, "zip archive")
             self._zips[archive] = zipfile.ZipFile(archive)
         try:
-            return self._zips[archive].read(member), f"{archive}:{member}"
-        except (zipfile.BadZipFile, OSError, EOFError) as e:  # a CRC error, damaged bytes
-            raise EbmmError(f"{archive}:{member}", f"damaged zip member ({e})") from None
+            z = self._zips[archive]
+            declared = z.getinfo(member).file_size
+            if declared > MAX_FILE_BYTES:
+                raise EbmmError(name, f"zip member too large ({declared:,} bytes) for an image")
+            with z.open(member) as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
+                raise EbmmError(name, "zip member inflates beyond the image size limit")
+            return data, name
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:  # a CRC error, damage
+            raise EbmmError(name, f"damaged zip member ({e})") from None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         data, name = self._read(self.sources[index])
@@ -136,6 +150,7 @@ def zip_members(archive: Path, top: str, depth: int) -> list[tuple[str, Source]]
     """(class, source) for each image under `top/` in a zip; the class is the first `depth`
     folders below `top` (Omniglot: Alphabet/characterNN, depth 2; CIFAR folders: depth 1).
     """
+    regular(archive, "zip archive")
     try:
         with zipfile.ZipFile(archive) as z:
             names = z.namelist()
