@@ -162,7 +162,7 @@ def test_output_inside_the_input_folder_is_not_read_back(
 
 def test_pipeline_through_stdin_in_real_processes(omniglot_dir: Path, tmp_path: Path) -> None:
     char = omniglot_dir / "Latin" / "character01"
-    first = run_ebmm("distort", str(char), "-o", str(tmp_path / "q"))
+    first = run_ebmm("distort", str(char), "-o", str(tmp_path / "q"), fresh=True)
     assert first.returncode == 0, first.stderr
     assert first.stderr == ""
     second = run_ebmm(
@@ -173,6 +173,7 @@ def test_pipeline_through_stdin_in_real_processes(omniglot_dir: Path, tmp_path: 
         "-o",
         str(tmp_path / "q2"),
         stdin="\n" + first.stdout + "\n",
+        fresh=True,
     )
     assert second.returncode == 0, second.stderr
     assert len(second.stdout.splitlines()) == 20
