@@ -1,12 +1,14 @@
 # Two commands do all the set-up: `make test` and `make demo`. Both build .venv
 # when it is missing or when pyproject.toml changed, and do nothing extra otherwise.
+# `make test` is the quick set (ruff, then every test not marked slow); `make test-slow`
+# runs the long end-to-end tests (trainings, shipped models, examples), as CI does after it.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= $(if $(EBMM_DATA),$(EBMM_DATA),$(if $(wildcard ../shared/data),../shared/data,))
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test test-slow demo lint clean
 
 venv: $(STAMP)
 
@@ -25,7 +27,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(BIN)/ruff check ebmm_cli tests examples
-	EBMM_DATA=$(DATA) $(BIN)/pytest -q
+	EBMM_DATA=$(DATA) $(BIN)/pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	EBMM_DATA=$(DATA) $(BIN)/pytest -q -m slow
 
 demo: $(STAMP)
 	EBMM_DATA=$(DATA) $(BIN)/python examples/demo.py --out demo

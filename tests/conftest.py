@@ -7,6 +7,7 @@ the real files.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -16,12 +17,15 @@ import signal
 import subprocess
 import sys
 import tarfile
+import traceback
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import ebmm_cli  # noqa: F401  before any test module loads torch: threads sleep, not spin
 
@@ -179,17 +183,70 @@ def run_ebmm(
     cwd: Path | None = None,
     env: dict | None = None,
     timeout: float = 300,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run the real installed CLI in a subprocess (`python -m ebmm_cli`)."""
-    return subprocess.run(
-        [sys.executable, "-m", "ebmm_cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=timeout,
-    )
+    """Run the CLI as a user's shell would, and return its exit code, stdout and stderr.
+
+    By default in this process, through typer's runner on `ebmm_cli.cli.app` (the app that
+    `python -m ebmm_cli` runs), with `stdin` as standard input, `cwd` as the working folder
+    and `env`, when given, as the whole environment: a fresh Python importing torch costs
+    seconds per call, most of `make test`'s time. `fresh=True` runs `python -m ebmm_cli` in
+    a subprocess instead (with `timeout`), for tests where the process is the point: what
+    `main` adds (the SIGTERM handler, undecodable names on stdout), what an import does,
+    environment read when the interpreter starts."""
+    if fresh:
+        return subprocess.run(
+            [sys.executable, "-m", "ebmm_cli", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+        )
+    from ebmm_cli.cli import app
+
+    with _working_folder(cwd), _environment(env):
+        result = _RUNNER.invoke(app, list(args), input=stdin)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # escaped `main` (a subprocess would print it and exit 1): show where
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["ebmm", *args], result.exit_code, result.stdout, stderr)
+
+
+_RUNNER = CliRunner()
+
+
+@contextlib.contextmanager
+def _working_folder(cwd: Path | None) -> Iterator[None]:
+    """`cwd` as the working folder for the block, then back."""
+    if cwd is None:
+        yield
+        return
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@contextlib.contextmanager
+def _environment(env: dict | None) -> Iterator[None]:
+    """`env` as the whole of `os.environ` for the block (as `subprocess.run(env=...)`
+    gives a child), then the environment as it was."""
+    if env is None:
+        yield
+        return
+    before = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def tiny_binary(episodes: int, **options: object) -> tuple[Any, Any, Any, Any]:

@@ -161,6 +161,8 @@ def test_output_inside_the_input_folder_is_not_read_back(
 
 
 def test_pipeline_through_stdin_in_real_processes(omniglot_dir: Path, tmp_path: Path) -> None:
+    """What one command prints, piped into a real process's stdin (the first command runs
+    in-process: its stdout is the same text)."""
     char = omniglot_dir / "Latin" / "character01"
     first = run_ebmm("distort", str(char), "-o", str(tmp_path / "q"))
     assert first.returncode == 0, first.stderr
@@ -173,6 +175,7 @@ def test_pipeline_through_stdin_in_real_processes(omniglot_dir: Path, tmp_path: 
         "-o",
         str(tmp_path / "q2"),
         stdin="\n" + first.stdout + "\n",
+        fresh=True,
     )
     assert second.returncode == 0, second.stderr
     assert len(second.stdout.splitlines()) == 20

@@ -51,22 +51,26 @@ def _step(trainer: Trainer, batches: list[Batch]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out: str, poison: bool) -> None:
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """One process of a group: a step on its episode (saved as `rank<r>.pt`), then, on a
+    fresh trainer, a step where the last rank's queries hold NaN, so that its loss is not
+    finite (the loss and whether every parameter stayed put, saved as `poisoned<r>.pt`)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         trainer = Trainer.create(_config(), Path(out) / f"rank{rank}")
         assert (trainer.rank, trainer.world) == (rank, world)
+        torch.save(_step(trainer, [_episode(rank)]), Path(out) / f"rank{rank}.pt")
+        trainer = Trainer.create(_config(), Path(out) / f"poisoned{rank}")
         batch = _episode(rank)
-        if poison:  # the last rank's queries hold NaN: its loss is not finite
-            if rank == world - 1:
-                batch.queries[0, 0] = float("nan")
-            before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-            assert trainer.meta_step([batch], trainer.generator).isnan()  # skipped on every rank
-            after = trainer.model.state_dict()
-            assert all(torch.equal(before[k], after[k]) for k in before)
-            return
-        torch.save(_step(trainer, [batch]), Path(out) / f"rank{rank}.pt")
+        if rank == world - 1:
+            batch.queries[0, 0] = float("nan")
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        loss = trainer.meta_step([batch], trainer.generator)
+        after = trainer.model.state_dict()
+        kept = all(torch.equal(before[k], after[k]) for k in before)
+        torch.save({"loss": loss.detach(), "kept": torch.tensor(kept)},
+                   Path(out) / f"poisoned{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -77,9 +81,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_take_the_single_process_step_over_both_episodes(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), False), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder where two processes (one group, started once: seconds each) left their
+    steps."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_two_processes_take_the_single_process_step_over_both_episodes(
+    two_ranks: Path, tmp_path: Path
+) -> None:
+    ranks = [torch.load(two_ranks / f"rank{r}.pt") for r in range(2)]
     single = _step(Trainer.create(_config(), tmp_path / "single"), [_episode(0), _episode(1)])
     # The energy's offset gets no gradient alone, so AdamW leaves it (no weight decay):
     # after the all-reduce it must get none either (compared below as "nograd.*").
@@ -100,9 +114,10 @@ def test_two_processes_take_the_single_process_step_over_both_episodes(tmp_path:
     assert any(not torch.allclose(single[k], alone[k], rtol=1e-3) for k in grads)
 
 
-def test_a_non_finite_loss_on_one_process_skips_the_step_on_all(tmp_path: Path) -> None:
-    # each worker asserts that its step returned None and left every parameter as it was
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
+def test_a_non_finite_loss_on_one_process_skips_the_step_on_all(two_ranks: Path) -> None:
+    for rank in range(2):  # the first rank's own loss was finite: it skips all the same
+        poisoned = torch.load(two_ranks / f"poisoned{rank}.pt")
+        assert poisoned["loss"].isnan() and poisoned["kept"].item(), rank
 
 
 def _torchrun(nproc: int, out: Path, *args: str) -> subprocess.CompletedProcess:

@@ -208,8 +208,13 @@ def test_a_second_ctrl_c_stops_inside_the_step_saves_nothing_and_resumes_as_if_n
     assert model_parting(split / "model.safetensors", whole / "model.safetensors") is None
 
 
-def test_sigterm_during_distort_leaves_no_temporaries(omniglot_dir: Path, tmp_path: Path) -> None:
-    for attempt in range(5):
+@pytest.mark.parametrize("attempts", [1, pytest.param(5, marks=pytest.mark.slow)])
+def test_sigterm_during_distort_leaves_no_temporaries(
+    attempts: int, omniglot_dir: Path, tmp_path: Path
+) -> None:
+    """Each attempt starts a process (seconds, importing torch): one in `make test`,
+    five moments into the writing in `make test-slow`."""
+    for attempt in range(attempts):
         out = tmp_path / f"q{attempt}"
         proc = _start("distort", str(omniglot_dir), "--size", "200", "-o", str(out))
         deadline = time.monotonic() + 120
@@ -299,11 +304,13 @@ def test_links_loops_and_odd_names_are_clean_errors(chars: Path, tmp_path: Path)
     _one_line(run_ebmm("distort", long), "name too long")
 
 
+@pytest.mark.parametrize("attempts", [1, pytest.param(5, marks=pytest.mark.slow)])
 def test_sigterm_at_random_moments_leaves_whole_outputs_or_none(
-    model: Path, omniglot_dir: Path, tmp_path: Path
+    attempts: int, model: Path, omniglot_dir: Path, tmp_path: Path
 ) -> None:
-    """15 SIGTERMs at random moments into write, read and distort (training's are in
-    test_examples.py): never a temporary file, never a half-written output."""
+    """SIGTERMs at random moments into write, read and distort, `attempts` of each (3 in
+    `make test`, 15 in `make test-slow`; training's are in test_examples.py): never a
+    temporary file, never a half-written output."""
     rng = random.Random(0)
     memory = tmp_path / "m.safetensors"
     chars = omniglot_dir / "Latin"
@@ -314,7 +321,7 @@ def test_sigterm_at_random_moments_leaves_whole_outputs_or_none(
         "distort": lambda out: ["distort", str(omniglot_dir), "--size", "105", "-o", str(out)],
     }
     for name, command in commands.items():
-        for attempt in range(5):
+        for attempt in range(attempts):
             out = tmp_path / f"{name}{attempt}" / ("m.safetensors" if name == "write" else "o")
             proc = _start(*command(out))
             time.sleep(rng.uniform(1.5, 5.0))
@@ -333,10 +340,13 @@ def test_sigterm_at_random_moments_leaves_whole_outputs_or_none(
                     Image.open(png).load()
 
 
+@pytest.mark.parametrize("attempts", [1, pytest.param(10, marks=pytest.mark.slow)])
 def test_two_processes_on_one_output_one_wins_the_other_is_refused(
-    model: Path, data_root: Path, chars: Path, tmp_path: Path
+    attempts: int, model: Path, data_root: Path, chars: Path, tmp_path: Path
 ) -> None:
-    for attempt in range(10):
+    """`attempts` races of two writes (1 in `make test`, 10 in `make test-slow`), then a
+    second training refused while the first holds its run folder."""
+    for attempt in range(attempts):
         out = tmp_path / f"m{attempt}.safetensors"
         procs = [
             _start("write", "--model", str(model), str(chars), "-o", str(out), "--device", "cpu")

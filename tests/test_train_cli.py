@@ -26,7 +26,6 @@ from ebmm_cli.store import load_checkpoint, load_memory, load_model, model_parti
 from tests.conftest import limit_file_size, mixed_folder, run_ebmm
 
 runner = CliRunner()
-pytestmark = pytest.mark.slow
 
 TINY = [
     "--batch-size",
@@ -552,6 +551,7 @@ def test_training_skips_and_counts_non_finite_steps(first_order: bool, tmp_path:
     assert last["heldout_nonfinite"] == 2
 
 
+@pytest.mark.slow  # five profiled steps: the longest here, and a developer's tool
 def test_train_profile_writes_the_operator_table_and_a_trace(
     data_root: Path, tmp_path: Path
 ) -> None:
