@@ -46,7 +46,8 @@ CIFAR10_CLASSES = [
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    root = Path(os.environ.get("EBMM_DATA") or REPO.parent / "shared" / "data")
+    # absolute: tests change folders and link to its files
+    root = Path(os.environ.get("EBMM_DATA") or REPO.parent / "shared" / "data").resolve()
     assert (root / "omniglot" / "images_background.zip").is_file(), f"no Omniglot under {root}"
     return root
 
