@@ -693,6 +693,8 @@ def train(
     Several processes: torchrun --nproc-per-node N -m ebmm_cli train ... (each process
     draws its own episodes; gradients are averaged; rank 0 writes the files).
     """
+    from ebmm_cli import builtin
+    from ebmm_cli.data import dataset_sources
     from ebmm_cli.device import resolve_device
     from ebmm_cli.meta import Trainer, init_distributed
     from ebmm_cli.runconfig import check_budget
@@ -717,7 +719,8 @@ def train(
     else:
         if any((out / name).exists() for name in _RUN_FILES):
             raise EbmmError(out, "holds a run already; add --resume, or choose another --out")
-        check_new_run(out, init, dataset, data_root)
+        start = builtin.resolve(init) if init is not None else None
+        check_new_run(out, start, dataset_sources(dataset, data_root))
         options = {k: v for k, v in ctx.params.items() if k not in _NOT_TRAIN_CONFIG}
         # absolute, so that the run resumes from any folder
         options.update(device=distributed or device, data_root=data_root and data_root.absolute())
@@ -1343,10 +1346,11 @@ def compare(
     from ebmm_cli import compare as harness
     from ebmm_cli.atomic import atomic_path
     from ebmm_cli.choices import dataset_defaults
+    from ebmm_cli.data import dataset_sources
     from ebmm_cli.device import resolve_device
     from ebmm_cli.distort import Distortion
     from ebmm_cli.imageio import check_outputs
-    from ebmm_cli.safety import check_not_inputs, check_output_path, dataset_sources
+    from ebmm_cli.safety import check_not_inputs, check_output_path
     from ebmm_cli.store import load_model
 
     outputs = {"--markdown": markdown, "--grid": grid, "--plot": plot}

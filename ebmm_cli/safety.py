@@ -22,7 +22,6 @@ from pathlib import Path
 from ebmm_cli.errors import EbmmError
 
 # Archive suffixes a dataset loader reads at the top of the data root.
-_ARCHIVES = (".zip", ".tar", ".gz", ".tgz", ".npz", ".bz2", ".xz")
 
 
 def real(path: Path | str) -> Path:
@@ -113,26 +112,6 @@ def check_not_inputs(outputs: dict[str, Iterable[Path]], inputs: dict[str, Itera
                     )
 
 
-def dataset_sources(dataset: str, root: Path | str | None) -> list[Path]:
-    """What loading `dataset` may read: a folder dataset's folder; for a named one, its
-    folder in the data root and every folder and archive at the data root's top (the
-    loaders look there too). Outputs may not replace or lie inside any of them."""
-    from ebmm_cli.data import DATASETS
-    from ebmm_cli.data.download import resolve_root
-
-    if dataset == "binary":
-        return []
-    if dataset not in DATASETS:
-        return [Path(dataset)]
-    base = resolve_root(root)
-    found = [base / dataset]
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return found
-    return found + [p for p in entries if p.name.lower().endswith(_ARCHIVES) or _is_dir(p)]
-
-
 def _is_dir(path: Path) -> bool:
     try:
         return path.is_dir()
@@ -192,16 +171,14 @@ def read_regular(path: Path, limit: int, what: str = "file") -> bytes:
     return b"".join(chunks)
 
 
-def check_new_run(out: Path, init: str | None, dataset: str, root: Path | str | None) -> None:
+def check_new_run(out: Path, init: Path | None, sources: list[Path]) -> None:
     """`ebmm train -o OUT` without `--resume`: OUT is new or an empty folder (a folder of
-    the user's files is never written into), and neither the data nor `--init` lies in
-    it or is it.
+    the user's files is never written into), and neither the data (`sources`, from
+    `data.dataset_sources`) nor the `--init` model file lies in it or is it.
 
     Raises:
         EbmmError: naming OUT and what is wrong.
     """
-    from ebmm_cli import builtin
-
     info = check_path(out)
     if info is not None and stat.S_ISDIR(info.st_mode):
         try:
@@ -215,7 +192,7 @@ def check_new_run(out: Path, init: str | None, dataset: str, root: Path | str | 
                 f"holds files that are not an ebmm run ({held.name}); "
                 "train into a new or empty folder",
             )
-    inputs: dict[str, Iterable[Path]] = {"--dataset": dataset_sources(dataset, root)}
+    inputs: dict[str, Iterable[Path]] = {"--dataset": sources}
     if init is not None:
-        inputs["--init"] = [builtin.resolve(init)]
+        inputs["--init"] = [init]
     check_not_inputs({"--out": [out]}, inputs)

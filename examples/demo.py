@@ -142,7 +142,7 @@ def main() -> None:
     pixels = math.prod(config.energy.shape)
     title = f"{len(rows)} held-out episode(s) of {n} evaluation characters, {pixels:,} pixels each"
     table = Table(title=title)
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     for column in ("original", "query", "retrieved", "other memory", "nothing written"):
         table.add_column(column, justify="right")
     if config.binarize:

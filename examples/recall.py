@@ -101,10 +101,10 @@ def main() -> None:
     queries = args.out / "queries"
     name = args.model or builtin.DEFAULT  # distort has no default model: it is told
     ebmm("distort", "--model", name, "--seed", str(args.seed), str(own), "-o", str(queries))
-    for name, folder in (("own", own), ("other", other)):
-        memory = args.out / f"{name}.safetensors"
+    for which, folder in (("own", own), ("other", other)):
+        memory = args.out / f"{which}.safetensors"
         ebmm("write", *model, *refine, str(folder), "-o", str(memory))
-        ebmm("read", "--memory", str(memory), str(queries), "-o", str(args.out / f"from-{name}"))
+        ebmm("read", "--memory", str(memory), str(queries), "-o", str(args.out / f"from-{which}"))
 
     c, size = config.energy.shape[0], config.energy.shape[-1]
     images = collect_images([str(own)], None)

@@ -185,3 +185,22 @@ def test_the_omniglot_32_recipes_run_as_written_and_export(
     held = provenance["heldout"]
     assert math.isfinite(held["refined_hamming"]) and held["refined_hamming"] != held["hamming"]
     assert model.config.binarize and model.config.rules.patterns == (64, 64)
+
+
+@pytest.mark.slow
+def test_the_default_model_recalls_through_the_cli(data_root: Path, tmp_path: Path) -> None:
+    """`examples/recall.py`: `ebmm distort --model`, `ebmm write` (no --model: the default)
+    and `ebmm read` as a user runs them, on 16 evaluation characters. Their own memory
+    restores their queries to at most 0.6 of the error that a memory of 16 other
+    characters leaves, and better than the query itself: the memory carries the recall."""
+    out = tmp_path / "recall"
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "recall.py"), "--data-root", str(data_root),
+         "--out", str(out), "-n", "16"],
+        check=True, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    found = json.loads((out / "recall.json").read_text())
+    rows = found["rows"]
+    assert found["model"] == "omniglot-32" and found["n"] == 16
+    assert found["ratio"] <= 0.6, rows
+    assert rows["own memory"]["hamming"] < rows["query"]["hamming"] / 2, rows

@@ -80,3 +80,24 @@ def _images(
     if name == "imagenet64":
         return imagenet64(data_root, split, size)
     return fc100(data_root, split, size, download)
+
+
+_ARCHIVES = (".zip", ".tar", ".gz", ".tgz", ".npz", ".bz2", ".xz")
+"""Suffixes of the archives a loader may read at the data root's top."""
+
+
+def dataset_sources(dataset: str, root: Path | str | None) -> list[Path]:
+    """What loading `dataset` may read: a folder dataset's folder; for a named one, its
+    folder in the data root and every folder and archive at the data root's top (the
+    loaders look there too). Outputs may not replace or lie inside any of them."""
+    if dataset == "binary":
+        return []
+    if dataset not in DATASETS:
+        return [Path(dataset)]
+    base = resolve_root(root)
+    found = [base / dataset]
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return found
+    return found + [p for p in entries if p.name.lower().endswith(_ARCHIVES) or p.is_dir()]
