@@ -178,7 +178,8 @@ def paired(rows: list[dict], baseline: str, metric: str) -> list[dict]:
     base = {r["patterns"]: r[metric]["episodes"] for r in rows if r["method"] == baseline}
     out = []
     for row in rows:
-        if not row["method"].startswith("ebmm:") or row["patterns"] not in base:
+        own = row["method"].startswith("ebmm:") and not row["method"].endswith(" unwritten")
+        if not own or row["patterns"] not in base:  # the unwritten controls are not paired
             continue
         diff = torch.tensor(row[metric]["episodes"], dtype=torch.float64) - torch.tensor(
             base[row["patterns"]], dtype=torch.float64

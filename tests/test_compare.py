@@ -172,12 +172,14 @@ def test_compare_model_and_baselines_on_omniglot(data_root: Path, tmp_path: Path
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
-    assert [r["method"] for r in rows] == ["identity", "nearest", "hopfield-pinv", "ebmm:run"]
+    assert [r["method"] for r in rows] == [
+        "identity", "nearest", "hopfield-pinv", "ebmm:run", "ebmm:run unwritten"
+    ]  # fmt: skip
     assert rows[3]["memory_floats"] == 4_616 and rows[1]["memory_floats"] == 8 * 1024
     assert rows[0]["ssim"]["mean"] < 1
     assert rows[1]["sq_error"]["mean"] < rows[0]["sq_error"]["mean"]  # nearest beats the query
-    # rows: original, query, then the 4 methods; 32 px tiles magnified 3x
-    assert Image.open(tmp_path / "g.png").size == ((8 * 34 + 2) * 3, (6 * 34 + 2) * 3)
+    # rows: original, query, then the 5 methods; 32 px tiles magnified 3x
+    assert Image.open(tmp_path / "g.png").size == ((8 * 34 + 2) * 3, (7 * 34 + 2) * 3)
 
     wrong = runner.invoke(app, [*args[:-2], "--image-size", "28", "--force"])  # g.png exists
     assert wrong.exit_code == 2 and "was trained on patterns of shape" in wrong.stderr
@@ -193,7 +195,9 @@ def test_compare_model_and_baselines_on_omniglot(data_root: Path, tmp_path: Path
     both = [*args[:3], "--model", str(other), "--model", str(model), "--model", str(best)]
     both += args[3:]
     both[both.index("identity,nearest,hopfield-pinv")] = "identity"
-    result = runner.invoke(app, [*both[: both.index("--grid")], "--json", "--device", "cpu"])
+    result = runner.invoke(
+        app, [*both[: both.index("--grid")], "--json", "--device", "cpu", "--no-unwritten"]
+    )
     assert result.exit_code == 0, result.output
     labels = [r["method"] for r in json.loads(result.stdout)["rows"]]
     assert labels == [

@@ -40,7 +40,8 @@ def test_binary_reproduction_trains_compares_and_resumes(tmp_path: Path) -> None
     assert {r["memory_floats"] for r in ours} == {8_256}
     methods = {r["method"] for r in rows}
     assert {"identity", "hopfield-pinv", "hopfield-storkey", "modern-hopfield"} <= methods
-    assert (tmp_path / "compare.md").read_text().count("ebmm:rnn-64") == 5
+    table = (tmp_path / "compare.md").read_text()  # each N: the model and its unwritten control
+    assert table.count("ebmm:rnn-64") == 10 and table.count("ebmm:rnn-64 unwritten") == 5
     assert (tmp_path / "compare.png").stat().st_size > 1000
     # the paired difference from the pseudo-inverse net, on the same two episodes
     pinv = {r["patterns"]: r["hamming"] for r in rows if r["method"] == "hopfield-pinv"}
