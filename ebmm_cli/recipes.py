@@ -39,6 +39,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train": dict(memory="kv-conv", **PAPER_OMNIGLOT),
         "episodes": 20,
     },
+    "omniglot-32-ebmm": {
+        "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized; "
+                "the paper's mechanism: a delta-rule write, a read by energy descent",
+        "train": dict(memory="kv-pix", dataset="omniglot", image_size=32, batch_size=64,
+                      distortion="occlude:16", binarize=True, loss="bce", read="gd",
+                      read_steps=5, read_lr=0.5, episodes_per_step=4),
+        "episodes": 20,
+    },
     "binary-128": {
         "what": "128-bit strings, 8 to 96 per memory, eraseblock:64 (8,256 floats)",
         "train": dict(dataset="binary", memory="rnn", batch_size=(8, 96),

@@ -376,3 +376,78 @@ class KVConvEnergy(KVEnergy):
         if not redraw:
             return 0.5 * (recalled - value).pow(2).sum(1).flatten(1).mean(1)
         return self._draw(F.relu(self.expand(torch.cat([recalled, value], 1))), maps, x)
+
+
+class KVPixelEnergy(nn.Module):
+    """A key-value energy whose values are the pixels (`kv-pix`), read by descending it:
+    E(x; θ) = ½ Σp ‖(θ ⋆ K(x))p − Xp‖², with Xp the 4x4 block of pixels at each position
+    p of an 8x8 grid (32x32 images; `F.pixel_unshuffle`), K(x) a map of unit keys
+    (`dynamic` channels at every grid position, each a function of the whole image, as
+    in `KVConvEnergy`), and θ = `memory`, a 3x3 convolution from the key map to the
+    blocks' 16 pixels, without bias: 16 × 9 × dynamic floats (32: 4,608).
+
+    Why: the read of `kv` and `kv-conv` is a decoder that draws what the memory recalls;
+    descending their energy ½‖θ k(x) − v(x)‖² moves a query until its learned value
+    matches the recall, and reaches energies below the stored characters' far from any
+    character. Here the value is the image itself, so −∇x E is (θ ⋆ K(x))p − Xp, plus
+    the keys' own gradient: each step pulls every block towards what the memory recalls
+    there by the key of the whole (completed so far) image. No network draws an image:
+    the recall is the written matrix applied to keys, and the read is K projected
+    gradient steps on E. The write is still the delta rule (`associations`), so the
+    paper's gradient write on E is taken in closed form. θ̄ starts at zero: an unwritten
+    memory recalls blank blocks, and its read fades the query towards blank.
+    """
+
+    PATCH = 4
+
+    def __init__(self, channels: int, size: int, dynamic: int, width: int = 32) -> None:
+        super().__init__()
+        if size % self.PATCH:
+            raise ValueError(f"kv-pix takes images whose side is a multiple of 4, not {size}")
+        self.grid = size // self.PATCH
+        self.keys = dynamic
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        flat = 4 * width * _halved(size, 3) ** 2
+        self.key = nn.Linear(flat, dynamic * self.grid**2)  # every position from the whole
+        self.memory = nn.Conv2d(dynamic, channels * self.PATCH**2, 3, padding=1, bias=False)
+
+    def _key_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit keys at every grid position (B, keys, grid, grid)."""
+        keys = self.key(self.encoder(x)).view(-1, self.keys, self.grid, self.grid)
+        return F.normalize(keys, dim=1)
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The pixels as values: (B, C·16, grid, grid), each position's 4x4 block."""
+        return F.pixel_unshuffle(x, self.PATCH)
+
+    def addresses(self, x: torch.Tensor) -> torch.Tensor:
+        """The key maps, flattened (B, keys·grid²) and scaled to unit length (as
+        `KVConvEnergy.addresses`)."""
+        return F.normalize(self._key_map(x).flatten(1), dim=1)
+
+    def associations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key patches (B·grid², keys·9) and pixel blocks (B·grid², C·16), one row
+        per pattern and position, for `memory.write`'s closed-form delta rule (rows in
+        `F.unfold`'s order, which is the 3x3 convolution weight's)."""
+        patches = F.unfold(self._key_map(x), 3, padding=1)
+        values = self._blocks(x).flatten(2)
+        return patches.transpose(1, 2).flatten(0, 1), values.transpose(1, 2).flatten(0, 1)
+
+    def recall(self, x: torch.Tensor) -> torch.Tensor:
+        """What the memory recalls at every block by x's keys, as an image (x.shape):
+        where −∇x E points, to first order. For inspection; the read never takes it."""
+        return F.pixel_shuffle(self.memory(self._key_map(x)), self.PATCH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The energies (B,): half the squared distance, summed over the pixels, between
+        each block and what the memory recalls there."""
+        recalled = self.memory(self._key_map(x))
+        return 0.5 * (recalled - self._blocks(x)).pow(2).flatten(1).sum(1)
