@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MEMORIES = ("conv", "conv-ae", "conv-large", "fc", "kv", "kv-conv", "kv-pix", "rnn")
+MEMORIES = ("conv", "conv-ae", "conv-large", "fc", "kv", "kv-conv", "rnn")
 KV_MEMORIES = ("kv", "kv-conv")
 """The key-value energies: they read by `redraw` unless told otherwise, re-key
 (`--rekeys`), and write by the delta rule at rate 1 without the gradient-norm term."""
-DELTA_MEMORIES = (*KV_MEMORIES, "kv-pix")
-"""The energies ½‖θ k(x) − v(x)‖² whose write is the delta rule at rate 1 (in units of
-1/λmax) without the gradient-norm term: the key-value energies, and `kv-pix`, whose
-values are the pixels and whose read descends the energy (`gd`, the default)."""
 READS = ("gd", "decoder", "redraw")
 SCHEDULES = ("learned", "fixed")
 LOSSES = ("mse", "ssim+mse", "l1", "bce")

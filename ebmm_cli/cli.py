@@ -447,8 +447,7 @@ def train(
             "(fully-connected memory), [bold]kv[/] (a key-value energy: the write stores "
             "key → value pairs in one matrix, the read draws the value a query's key "
             "recalls), [bold]kv-conv[/] (kv whose written layer is a 3x3 convolution over "
-            "a map of keys, each from the whole image), [bold]kv-pix[/] (a key-value energy "
-            "whose values are the pixels, read by descending it), [bold]rnn[/] (gated RNN for "
+            "a map of keys, each from the whole image), [bold]rnn[/] (gated RNN for "
             "128-bit strings; the default for binary).",
         ),
     ] = None,

@@ -42,9 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "omniglot-32-ebmm": {
         "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized; "
                 "the paper's mechanism: a delta-rule write, a read by energy descent",
-        "train": dict(memory="kv-pix", dataset="omniglot", image_size=32, batch_size=64,
-                      distortion="occlude:16", binarize=True, loss="bce", read="gd",
-                      read_steps=5, read_lr=0.5, episodes_per_step=4),
+        "train": dict(PAPER_OMNIGLOT, memory="kv", read="gd", rekeys=0, write_refine=0),
         "episodes": 20,
     },
     "binary-128": {

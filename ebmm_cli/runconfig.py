@@ -16,7 +16,6 @@ from pathlib import Path
 from ebmm_cli.choices import (
     CUDA_GRAPHS,
     DATASETS,
-    DELTA_MEMORIES,
     KV_MEMORIES,
     LOSSES,
     MEMORIES,
@@ -278,7 +277,7 @@ def rule_config(
     if write_refine_lr is not None:
         check_rate("--write-refine-lr", write_refine_lr)
         chosen["refine_lr"] = write_refine_lr
-    if memory in DELTA_MEMORIES:
+    if memory in KV_MEMORIES:
         chosen.update(alpha=0.0, write_lr=1.0)
     for option, value in (("--write-lr", write_lr), ("--read-lr", read_lr)):
         if value is not None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU run of the recipe omniglot-32-ebmm (the paper's mechanism on Omniglot: 64
-# characters written by the delta rule, a gradient step on E in closed form, and read by
-# projected gradient descent on E; no network draws the image), under 8 minutes:
+# characters written into the kv energy by its 5 learned delta-rule steps, gradient steps
+# on E in closed form, and read by projected gradient descent on E, not by its decoder),
+# under 8 minutes:
 #   1. `ebmm train --recipe omniglot-32-ebmm` on CUDA for MINUTES (default 5), or, with
 #      RESUME=1, the run copied to .gpu-runs/ebmm (checkpoint.safetensors, metrics.jsonl)
 #      continued for MINUTES more;
@@ -42,8 +43,8 @@ timeout -s TERM -k 40 "$stop" python3 -m ebmm_cli train "${train[@]}" 2>&1 | tee
 timeout 120 python3 -m ebmm_cli compare --model "$work/run/model.safetensors" --unwritten \
     --baselines identity,nearest --batch-size 64 --shots 0 --distortion occlude:16 \
     --episodes 50 --device "$DEVICE" --markdown "$work/compare.md" 2>&1 | tee "$work/compare.out"
-# What comes back: at most 8 files of 16 MiB; the model (17 MB) and checkpoint (52 MB) in
-# parts: `cat ebmm-checkpoint.part-* >checkpoint.safetensors` joins one again.
+# What comes back: at most 8 files of 16 MiB each, so model and checkpoint in parts (one
+# part each at 4,608 floats): `cat ebmm-checkpoint.part-* >checkpoint.safetensors`.
 split -b 15M "$work/run/model.safetensors" "$OUT/ebmm-model.part-"
 split -b 15M "$work/run/checkpoint.safetensors" "$OUT/ebmm-checkpoint.part-"
 tar czf "$OUT/results.tgz" -C "$work" --exclude='*.safetensors' .

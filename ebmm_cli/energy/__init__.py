@@ -11,19 +11,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from ebmm_cli.energy.blocks import he_init
-from ebmm_cli.energy.nets import (
-    ConvEnergy,
-    FCEnergy,
-    KVConvEnergy,
-    KVEnergy,
-    KVPixelEnergy,
-    RNNEnergy,
-)
+from ebmm_cli.energy.nets import ConvEnergy, FCEnergy, KVConvEnergy, KVEnergy, RNNEnergy
 
-KINDS = ("conv", "conv-ae", "conv-large", "fc", "kv", "kv-conv", "kv-pix", "rnn")
+KINDS = ("conv", "conv-ae", "conv-large", "fc", "kv", "kv-conv", "rnn")
 DEFAULT_DYNAMIC = {
-    "conv": 4, "conv-ae": 4, "conv-large": 8, "fc": 16, "kv": 72, "kv-conv": 8, "kv-pix": 32,
-    "rnn": 64,
+    "conv": 4, "conv-ae": 4, "conv-large": 8, "fc": 16, "kv": 72, "kv-conv": 8, "rnn": 64
 }  # fmt: skip
 
 
@@ -35,12 +27,11 @@ class EnergyConfig:
         kind: `conv`, `conv-ae` (conv plus a reconstruction term, see `ConvEnergy`),
             `conv-large` (the paper's 64x64 network), `fc` (images), `kv` (a key-value
             energy, see `KVEnergy`), `kv-conv` (the same with a convolutional written
-            layer, see `KVConvEnergy`), `kv-pix` (a key-value energy whose values are
-            the pixels, read by descent, see `KVPixelEnergy`) or `rnn` (binary strings).
+            layer, see `KVConvEnergy`) or `rnn` (binary strings).
         shape: one pattern's shape: (C, H, W) with H = W for images, (bits,) for `rnn`.
         dynamic: written channels (conv) or units (fc, rnn); None takes the default
             (conv and conv-ae 4 = 4,616 floats, conv-large 8 = 18,448, fc 16 = 4,112,
-            kv 72 = 4,608, kv-conv 8 = 4,608, kv-pix 32 = 4,608, rnn 64 = 8,256).
+            kv 72 = 4,608, kv-conv 8 = 4,608, rnn 64 = 8,256).
         signed: rnn only: the written layer reads 2x − 1 (a Hopfield net's ±1 coding)
             instead of x. The same functions (W(2x − 1) + b = 2Wx + b − W1), but each
             write step's update δ(2x − 1)ᵀ pushes towards a pattern's 0-bits as well as
@@ -77,8 +68,6 @@ def build_energy(config: EnergyConfig) -> nn.Module:
             net = KVEnergy(channels, size, d)
         elif config.kind == "kv-conv":
             net = KVConvEnergy(channels, size, d)
-        elif config.kind == "kv-pix":
-            net = KVPixelEnergy(channels, size, d)
         else:
             net = ConvEnergy(
                 channels,
@@ -88,7 +77,7 @@ def build_energy(config: EnergyConfig) -> nn.Module:
                 reconstruct=config.kind == "conv-ae",
             )
     he_init(net)
-    if isinstance(net, KVEnergy | KVPixelEnergy):
+    if isinstance(net, KVEnergy):
         nn.init.zeros_(net.memory.weight)  # θ̄ = 0: an unwritten memory recalls nothing
     return net
 
