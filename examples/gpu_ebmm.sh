@@ -3,9 +3,11 @@
 # characters written into the kv energy by its 5 learned delta-rule steps, gradient steps
 # on E in closed form, and read by projected gradient descent on E, not by its decoder),
 # under 8 minutes:
-#   1. `ebmm train --recipe omniglot-32-ebmm` on CUDA for MINUTES (default 5), or, with
-#      RESUME=1, the run copied to .gpu-runs/ebmm (checkpoint.safetensors, metrics.jsonl)
-#      continued for MINUTES more;
+#   1. `ebmm train --recipe omniglot-32-ebmm` on CUDA for MINUTES (default 5), from a
+#      fresh model or, with INIT=FILE, from a trained one's weights (`--init`: a CPU
+#      run's model.safetensors copied into the repository, e.g. .gpu-runs/). Not
+#      `--resume`: a CPU run samples 64 distinct classes through learn2learn, which that
+#      machine lacks, and a resumed run keeps its sampler;
 #   2. `ebmm compare` of the model reached on the evaluation alphabets: 64 characters per
 #      memory, occlude:16, 50 episodes, beside its unwritten control, the query and the
 #      pixel nearest neighbour.
@@ -19,7 +21,7 @@ set -u
 OUT=${OUT:?set OUT}
 MINUTES=${MINUTES:-5}
 DEVICE=${DEVICE:-cuda}
-RESUME=${RESUME:-0}
+INIT=${INIT:-}
 work=/tmp/ebmm-gpu-ebmm
 rm -rf "$work" && mkdir -p "$work"
 source examples/gpu_env.sh
@@ -32,12 +34,10 @@ export OMP_NUM_THREADS=4
 } 2>&1 | tee "$work/machine.txt"
 # SIGTERM at the budget's end (and KILL 40 s later) still leaves a resumable folder.
 stop=$(python3 -c "print(int($MINUTES * 60 + 60))")
-if [ "$RESUME" = 1 ]; then
-    cp -r .gpu-runs/ebmm "$work/run"
-    train=(--out "$work/run" --resume --minutes "$MINUTES" --device "$DEVICE")
-else
-    train=(--recipe omniglot-32-ebmm --shots 0 --minutes "$MINUTES" --eval-every 200
-           --eval-episodes 10 --device "$DEVICE" --out "$work/run")
+train=(--recipe omniglot-32-ebmm --shots 0 --minutes "$MINUTES" --eval-every 200
+       --eval-episodes 10 --device "$DEVICE" --out "$work/run")
+if [ -n "$INIT" ]; then
+    train+=(--init "$INIT")
 fi
 timeout -s TERM -k 40 "$stop" python3 -m ebmm_cli train "${train[@]}" 2>&1 | tee "$work/train.out"
 timeout 120 python3 -m ebmm_cli compare --model "$work/run/model.safetensors" --unwritten \
