@@ -40,6 +40,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train": dict(memory="kv-conv", **PAPER_OMNIGLOT),
         "episodes": 20,
     },
+    "omniglot-32-ebmm": {
+        "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized; "
+                "the paper's mechanism: a delta-rule write, a read by energy descent",
+        "train": dict(PAPER_OMNIGLOT, memory="kv", read="gd", rekeys=0, write_refine=0,
+                      read_steps=10),
+        "episodes": 20,
+    },
     "binary-128": {
         "what": "128-bit strings, 8 to 96 per memory, eraseblock:64 (8,256 floats)",
         "train": dict(dataset="binary", memory="rnn", batch_size=(8, 96),
