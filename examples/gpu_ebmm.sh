@@ -15,15 +15,14 @@
 # class sampler, is not on that machine. Needs the Omniglot zips under .gpu-data/omniglot/
 # (images_background.zip, images_evaluation.zip) and a piqa wheel under .whl/ (SSIM in the
 # held-out metrics), both carried:
-#   OUT=/tmp/out examples/gpu_ebmm.sh
+#   OUT=$OUT examples/gpu_ebmm.sh      (on the device machine, $OUT is the folder that comes back)
 # DEVICE=cpu MINUTES=0.2 runs the same wiring on a CPU.
 set -u
 OUT=${OUT:?set OUT}
 MINUTES=${MINUTES:-5}
 DEVICE=${DEVICE:-cuda}
 INIT=${INIT:-}
-work=/tmp/ebmm-gpu-ebmm
-rm -rf "$work" && mkdir -p "$work"
+work=$(mktemp -d)
 source examples/gpu_env.sh
 export OMP_NUM_THREADS=4
 {
