@@ -20,7 +20,7 @@ from ebmm_cli.device import resolve_device
 from ebmm_cli.distort import Distortion
 from ebmm_cli.memory import energy
 from ebmm_cli.metrics import hamming, iterates_loss, ssim
-from ebmm_cli.model import Model, retrieve, unwritten_memory, write_memory
+from ebmm_cli.model import Memory, Model, refine_memory, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import TrainConfig
 from ebmm_cli.terms import TERMS
 
@@ -56,7 +56,7 @@ def heldout_batches(
 
 
 def evaluate_episodes(
-    model: Model, batches: list[Batch], terms: dict[str, float] | None = None
+    model: Model, batches: list[Batch], terms: dict[str, float] | None = None, refine: int = 0
 ) -> dict[str, float]:
     """Mean over episodes of: the training loss of the retrieval, MSE, Hamming error and
     SSIM of the retrieval and of the query, and the mean energy (under the written memory) of the
@@ -70,18 +70,22 @@ def evaluate_episodes(
     write that does nothing.
 
     And for each of the run's auxiliary `terms` (`terms.TERMS`, by name), its unweighted
-    value on the episode, under the term's name."""
+    value on the episode, under the term's name. With `refine` R > 0 (a model whose own
+    write refines, `--write-refine`) also `refined_mse`, `refined_hamming` (and
+    `refined_ssim` for images): the same queries read from the memory refined R steps,
+    seeded per episode, the model's own write beside its learned steps."""
     model.eval()
     kind = model.config.loss
     sums: dict[str, float] = {}
     finite = 0
     blank = unwritten_memory(model)
-    for batch in batches:
+    for index, batch in enumerate(batches):
         try:
             memory = write_memory(model, batch.patterns, generator=torch.Generator().manual_seed(0))
             memory = memory.detach()
             iterates = retrieve(model, memory, batch.queries)
             unwritten = retrieve(model, blank, batch.queries)[-1]
+            refined = _refined_values(model, memory, batch, refine, index) if refine else {}
         except FloatingPointError:
             continue
         finite += 1
@@ -100,12 +104,24 @@ def evaluate_episodes(
             for name in terms or {}:
                 term = TERMS[name].loss
                 values[name] = term(model.energy, memory.params, batch.patterns, batch.queries, out)
+        values.update(refined)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     keys = sums or dict.fromkeys(("loss", "mse", "query_mse"), math.nan)
     totals = {k: sums[k] / finite if finite else math.nan for k in keys}
     totals["nonfinite"] = len(batches) - finite
     return totals
+
+
+def _refined_values(
+    model: Model, memory: Memory, batch: Batch, steps: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """`evaluate_episodes`' `refined_*` metrics of one episode: its memory refined
+    `steps` steps, then read."""
+    generator = torch.Generator().manual_seed(seed)
+    refined = refine_memory(model, memory, batch.patterns, steps, generator=generator)
+    with torch.no_grad():
+        return _errors(retrieve(model, refined, batch.queries)[-1], batch.patterns, "refined_")
 
 
 def _errors(out: torch.Tensor, patterns: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -126,12 +142,15 @@ def heldout_sets(
 
 
 def evaluate_sets(
-    model: Model, sets: dict[int, list[Batch]], terms: dict[str, float] | None = None
+    model: Model,
+    sets: dict[int, list[Batch]],
+    terms: dict[str, float] | None = None,
+    refine: int = 0,
 ) -> dict[str, Any]:
     """`evaluate_episodes` at each N of `heldout_sets`: each metric's mean over the sizes
     (each N weighs the same; `nonfinite` is summed), and every size's own metrics under
     `by_n` (the capacity curve). One size: its metrics as they are."""
-    results = {n: evaluate_episodes(model, batches, terms) for n, batches in sets.items()}
+    results = {n: evaluate_episodes(model, batches, terms, refine) for n, batches in sets.items()}
     if len(results) == 1:
         return next(iter(results.values()))
     first = next(iter(results.values()))

@@ -74,7 +74,7 @@ def _evaluate(model: Any, config: TrainConfig, episodes: int) -> dict[str, Any]:
     (`RuleConfig.refine`), `refined_*` too: its own write's, beside the learned steps'."""
     _, held, split = _datasets(config)
     sets = heldout_sets(held, config, model.distortion, episodes)
-    merged = evaluate_sets(model, sets, model.config.rules.refine)
+    merged = evaluate_sets(model, sets, refine=model.config.rules.refine)
     out: dict[str, Any] = {k: round(float(merged[k]), 5) for k in KEPT if k in merged}
     out["mse_ratio"] = round(merged["mse"] / merged["query_mse"], 4)
     if "by_n" in merged:
