@@ -250,6 +250,17 @@ def _environment(env: dict | None) -> Iterator[None]:
         os.environ.update(before)
 
 
+def start_ebmm(*args: str) -> subprocess.Popen:
+    """The real CLI in a process of its own, running while the test acts on it (signals,
+    races): `python -m ebmm_cli ARGS` with its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ebmm_cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def tiny_binary(episodes: int, **options: object) -> tuple[Any, Any, Any, Any]:
     """A small untrained binary `rnn` (6 patterns of 128 bits per episode, T = K = 2,
     8 written units, seeded) and `episodes` episodes for it: (model, its TrainConfig,

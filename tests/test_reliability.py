@@ -21,7 +21,7 @@ from PIL import Image
 
 from ebmm_cli.meta import metrics_parting, read_metrics
 from ebmm_cli.store import load_checkpoint, load_memory, model_parting, read_header
-from tests.conftest import run_ebmm
+from tests.conftest import run_ebmm, start_ebmm
 
 TINY = ["--batch-size", "2", "--write-steps", "1", "--read-steps", "1", "--eval-episodes", "1",
         "--device", "cpu"]  # fmt: skip
@@ -89,20 +89,11 @@ def test_train_refuses_a_folder_holding_a_model(model: Path, data_root: Path) ->
         (folder / "kept.safetensors").rename(folder / "checkpoint.safetensors")
 
 
-def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ebmm_cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_sigterm_during_training_saves_the_model_and_a_checkpoint_and_says_how_to_resume(
     data_root: Path, omniglot_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = _start("train", "--data-root", str(data_root), "-o", str(out), "--steps", "1000",
+    proc = start_ebmm("train", "--data-root", str(data_root), "-o", str(out), "--steps", "1000",
                   "--eval-every", "1000", *TINY)  # fmt: skip
     deadline = time.monotonic() + 120
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -155,7 +146,7 @@ def test_sigterm_during_an_evaluation_stops_at_once_and_resumes_as_if_never_stop
     # lands inside an evaluation on this machine, however fast or loaded it is.
     clock = [m["seconds"] for m in read_metrics(whole)]
     into_the_evaluation = (clock[-1] - clock[-2]) / 2
-    proc = _start("train", "-o", str(split), *args)
+    proc = start_ebmm("train", "-o", str(split), *args)
     deadline = time.monotonic() + 300
     # a checkpoint follows every step (and its evaluation, if any): wait for the one
     # before the evaluation to cut, then into it
@@ -188,7 +179,7 @@ def test_a_second_ctrl_c_stops_inside_the_step_saves_nothing_and_resumes_as_if_n
             "--set", "checkpoint_minutes=0", "--device", "cpu", "--steps", "3"]  # fmt: skip
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run_ebmm("train", "-o", str(whole), *args).returncode == 0
-    proc = _start("train", "-o", str(split), *args)
+    proc = start_ebmm("train", "-o", str(split), *args)
     deadline = time.monotonic() + 300
     while _checkpoint_step(split) < 1 and proc.poll() is None:  # step 1 done, 2 begun
         assert time.monotonic() < deadline
@@ -216,7 +207,7 @@ def test_sigterm_during_distort_leaves_no_temporaries(
     five moments into the writing in `make test-slow`."""
     for attempt in range(attempts):
         out = tmp_path / f"q{attempt}"
-        proc = _start("distort", str(omniglot_dir), "--size", "200", "-o", str(out))
+        proc = start_ebmm("distort", str(omniglot_dir), "--size", "200", "-o", str(out))
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
             if out.exists() and any(out.iterdir()):
@@ -323,7 +314,7 @@ def test_sigterm_at_random_moments_leaves_whole_outputs_or_none(
     for name, command in commands.items():
         for attempt in range(attempts):
             out = tmp_path / f"{name}{attempt}" / ("m.safetensors" if name == "write" else "o")
-            proc = _start(*command(out))
+            proc = start_ebmm(*command(out))
             time.sleep(rng.uniform(1.5, 5.0))
             proc.send_signal(signal.SIGTERM)
             _, stderr = proc.communicate(timeout=120)
@@ -349,7 +340,9 @@ def test_two_processes_on_one_output_one_wins_the_other_is_refused(
     for attempt in range(attempts):
         out = tmp_path / f"m{attempt}.safetensors"
         procs = [
-            _start("write", "--model", str(model), str(chars), "-o", str(out), "--device", "cpu")
+            start_ebmm(
+                "write", "--model", str(model), str(chars), "-o", str(out), "--device", "cpu"
+            )
             for _ in range(2)
         ]
         results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
@@ -360,7 +353,9 @@ def test_two_processes_on_one_output_one_wins_the_other_is_refused(
         load_memory(out)
         assert not list(tmp_path.glob(".*"))
     run = tmp_path / "run"
-    first = _start("train", "--data-root", str(data_root), "-o", str(run), "--steps", "3", *TINY)
+    first = start_ebmm(
+        "train", "--data-root", str(data_root), "-o", str(run), "--steps", "3", *TINY
+    )
     while not (tmp_path / ".run.lock").exists() and first.poll() is None:
         time.sleep(0.1)
     second = run_ebmm("train", "--data-root", str(data_root), "-o", str(run), "--steps", "3",

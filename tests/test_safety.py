@@ -25,6 +25,7 @@ from ebmm_cli import builtin
 from ebmm_cli.atomic import exclusive
 from ebmm_cli.cli import app
 from ebmm_cli.store import load_model
+from tests.conftest import start_ebmm
 
 runner = CliRunner()
 
@@ -379,21 +380,12 @@ def test_bad_input_is_one_line_and_exit_2(
 # 10. SIGHUP, Ctrl-C and stale temporaries
 
 
-def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ebmm_cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.parametrize("sig,code", [(signal.SIGHUP, 143), (signal.SIGINT, 130)])
 def test_hangup_and_ctrl_c_stop_cleanly(
     omniglot_dir: Path, tmp_path: Path, sig: int, code: int
 ) -> None:
     out = tmp_path / "q"
-    proc = _start("distort", str(omniglot_dir), "--size", "300", "-o", str(out))
+    proc = start_ebmm("distort", str(omniglot_dir), "--size", "300", "-o", str(out))
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         if out.exists() and any(out.rglob("*.png")):
