@@ -11,8 +11,8 @@
 #   2. `ebmm compare` of the model reached on the evaluation alphabets: 64 characters per
 #      memory, occlude:16, 50 episodes, beside its unwritten control, the query and the
 #      pixel nearest neighbour.
-# --shots 0 in both (random characters rather than 64 distinct classes): learn2learn, the
-# class sampler, is not on that machine. Needs the Omniglot zips under .gpu-data/omniglot/
+# Shots 0 in both (random characters rather than 64 distinct classes; train's --set
+# shots=0, compare's --shots 0): learn2learn, the class sampler, is not on that machine. Needs the Omniglot zips under .gpu-data/omniglot/
 # (images_background.zip, images_evaluation.zip) and a piqa wheel under .whl/ (SSIM in the
 # held-out metrics), both carried:
 #   OUT=$OUT examples/gpu_ebmm.sh      (on the device machine, $OUT is the folder that comes back)
@@ -33,7 +33,7 @@ export OMP_NUM_THREADS=4
 } 2>&1 | tee "$work/machine.txt"
 # SIGTERM at the budget's end (and KILL 40 s later) still leaves a resumable folder.
 stop=$(python3 -c "print(int($MINUTES * 60 + 60))")
-train=(--recipe omniglot-32-ebmm --shots 0 --minutes "$MINUTES" --eval-every 200
+train=(--recipe omniglot-32-ebmm --set shots=0 --minutes "$MINUTES" --eval-every 200
        --eval-episodes 10 --device "$DEVICE" --out "$work/run")
 if [ -n "$INIT" ]; then
     train+=(--init "$INIT")

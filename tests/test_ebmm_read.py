@@ -50,7 +50,7 @@ def test_the_ebmm_recipe_trains_through_the_cli(data_root: Path, tmp_path: Path)
     run = tmp_path / "run"
     result = run_ebmm("train", "--recipe", "omniglot-32-ebmm", "--batch-size", "4",
                       "--steps", "1", "--eval-every", "1", "--eval-episodes", "1",
-                      "--episodes-per-step", "1", "--device", "cpu",
+                      "--set", "episodes_per_step=1", "--device", "cpu",
                       "--data-root", str(data_root), "--out", str(run))  # fmt: skip
     assert result.returncode == 0, result.stderr
     state = load_checkpoint(run / "checkpoint.safetensors")[2]
