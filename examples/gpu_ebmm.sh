@@ -12,8 +12,9 @@
 #      memory, occlude:16, 50 episodes, beside its unwritten control, the query and the
 #      pixel nearest neighbour.
 # Shots 0 in both (random characters rather than 64 distinct classes; train's --set
-# shots=0, compare's --shots 0): learn2learn, the class sampler, is not on that machine. Needs the Omniglot zips under .gpu-data/omniglot/
-# (images_background.zip, images_evaluation.zip) and a piqa wheel under .whl/ (SSIM in the
+# shots=0, compare's --shots 0): learn2learn, the class sampler, is not on that machine.
+# Needs the Omniglot zips under .gpu-data/omniglot/ (images_background.zip,
+# images_evaluation.zip) and a piqa wheel under .whl/ (SSIM in the
 # held-out metrics), both carried:
 #   OUT=$OUT examples/gpu_ebmm.sh      (on the device machine, $OUT is the folder that comes back)
 # DEVICE=cpu MINUTES=0.2 runs the same wiring on a CPU.
