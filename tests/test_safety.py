@@ -432,16 +432,19 @@ def test_a_write_in_pieces_equals_the_write_at_once(
     found = collect_images([str(omniglot_dir / "Latin")])[:10]
     x = load_batch(found, shape[0], shape[1], True, binarize=net.config.binarize).images
 
-    def written() -> dict[str, torch.Tensor]:
+    def written() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         memory = write_memory(net, x, generator=torch.Generator().manual_seed(0))
+        refined = memory
         if net.config.rules.refine:
-            memory = refine_memory(net, memory, x, 3, generator=torch.Generator().manual_seed(0))
-        return {k: v.detach() for k, v in memory.params.items()}
+            refined = refine_memory(net, memory, x, 3, generator=torch.Generator().manual_seed(0))
+        return tuple({k: v.detach() for k, v in m.params.items()} for m in (memory, refined))
 
-    whole = written()
+    whole, whole_refined = written()
     monkeypatch.setattr(memory_lib, "WRITE_CHUNK", 3)
-    pieces = written()
-    for k, v in whole.items():
-        # float rounding of sums in another order (Adam's refinement moves the kv
-        # memory by 0.15; the two ways part by 3e-5)
+    pieces, pieces_refined = written()
+    for k, v in whole.items():  # float rounding of sums in another order
         assert torch.allclose(pieces[k], v, rtol=1e-4, atol=1e-4), k
+        # Adam divides each gradient by its own size, so where a gradient is nearly 0
+        # rounding can turn its step (0.05 each; the refinement moves the kv memory by
+        # 0.15) another way: the two refined memories agree to a few thousandths
+        assert torch.allclose(pieces_refined[k], whole_refined[k], atol=0.02), k
