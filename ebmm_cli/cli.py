@@ -1346,27 +1346,14 @@ def compare(
     from ebmm_cli import compare as harness
     from ebmm_cli.atomic import atomic_path
     from ebmm_cli.choices import dataset_defaults
-    from ebmm_cli.data import dataset_sources
     from ebmm_cli.device import resolve_device
     from ebmm_cli.distort import Distortion
-    from ebmm_cli.imageio import check_outputs
-    from ebmm_cli.safety import check_not_inputs, check_output_path
     from ebmm_cli.store import load_model
 
-    outputs = {"--markdown": markdown, "--grid": grid, "--plot": plot}
-    for option, path in outputs.items():
-        if path is not None:
-            check_output_path(path, option)
     dev = resolve_device(device)
     model = [builtin.resolve(m) for m in model or []]
-    check_outputs(outputs, {"--model": model}, force)
-    check_not_inputs(
-        {k: [v] for k, v in outputs.items() if v is not None},
-        {"--dataset": dataset_sources(dataset, data_root)},
-    )
-    for path in (markdown, grid, plot):
-        if path is not None:
-            _hold(ctx, path)
+    outputs = {"--markdown": markdown, "--grid": grid, "--plot": plot}
+    _check_compare_outputs(ctx, outputs, model, force, dataset, data_root)
     counts = _int_list(patterns, "--patterns") if patterns else (batch_size,)
     _check_refine_lr(refine_lr, refine or 0, "--refine above 0")
     methods: list[Any] = harness.methods_from(baselines.split(","))
@@ -1440,6 +1427,33 @@ def compare(
             *(harness.format_metric(r[k]) for k in harness.METRICS),
         )
     Console(width=250).print(table)
+
+
+def _check_compare_outputs(
+    ctx: typer.Context,
+    outputs: dict[str, Path | None],
+    models: list[Path],
+    force: bool,
+    dataset: str,
+    data_root: Path | None,
+) -> None:
+    """`compare`'s files (`--markdown`, `--grid`, `--plot`), before any work: each a
+    usable path, new unless `--force`, never a model or the dataset it reads, and held
+    against another process writing it."""
+    from ebmm_cli.data import dataset_sources
+    from ebmm_cli.imageio import check_outputs
+    from ebmm_cli.safety import check_not_inputs, check_output_path
+
+    given = {option: path for option, path in outputs.items() if path is not None}
+    for option, path in given.items():
+        check_output_path(path, option)
+    check_outputs(outputs, {"--model": models}, force)
+    check_not_inputs(
+        {option: [path] for option, path in given.items()},
+        {"--dataset": dataset_sources(dataset, data_root)},
+    )
+    for path in given.values():
+        _hold(ctx, path)
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
