@@ -47,6 +47,14 @@ def _refused(args: list[str], *named: str, stdin: str | None = None) -> str:
     return lines[0]
 
 
+def _data_root(tmp_path: Path) -> tuple[Path, Path]:
+    """A data root of the user's own under `tmp_path` (its `omniglot/` folder made) and
+    where its evaluation archive goes: the tests put there what a loader must survive."""
+    root = tmp_path / "root"
+    (root / "omniglot").mkdir(parents=True)
+    return root, root / "omniglot" / "images_evaluation.zip"
+
+
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
@@ -98,9 +106,7 @@ def test_read_never_replaces_its_memory(memory: Path, imgs: Path, tmp_path: Path
 def test_compare_outputs_never_replace_or_enter_the_dataset(
     data_root: Path, omniglot_dir: Path, tmp_path: Path
 ) -> None:
-    root = tmp_path / "root"
-    (root / "omniglot").mkdir(parents=True)
-    archive = root / "omniglot" / "images_evaluation.zip"
+    root, archive = _data_root(tmp_path)
     archive.symlink_to(data_root / "omniglot" / "images_evaluation.zip")
     common = ["compare", "--baselines", "identity", "--episodes", "1", "--batch-size", "2",
               "--device", "cpu", "--force"]  # fmt: skip
@@ -117,8 +123,7 @@ def test_compare_outputs_never_replace_or_enter_the_dataset(
 
 
 def test_train_never_writes_into_the_data_or_its_init(tmp_path: Path, memory: Path) -> None:
-    root = tmp_path / "root"
-    (root / "omniglot").mkdir(parents=True)
+    root, _ = _data_root(tmp_path)
     args = ["train", "--steps", "1", "--device", "cpu", "--data-root", str(root)]
     _refused([*args, "-o", str(root / "omniglot" / "run")], "--out", "--dataset")
     _refused([*args, "-o", str(root / "omniglot")], "--out")
@@ -148,9 +153,7 @@ def test_the_lock_is_the_resolved_output(
 def test_special_files_as_archives_models_and_memories(
     kind: str, imgs: Path, tmp_path: Path
 ) -> None:
-    root = tmp_path / "root"
-    (root / "omniglot").mkdir(parents=True)
-    special = root / "omniglot" / "images_evaluation.zip"
+    root, special = _data_root(tmp_path)
     if kind == "fifo":
         os.mkfifo(special)
     else:
@@ -185,11 +188,8 @@ def test_zip_members_are_bounded_like_image_files(
     import ebmm_cli.data.images as images
 
     monkeypatch.setattr(images, "MAX_FILE_BYTES", 1 << 20)
-    root = tmp_path / "root"
-    (root / "omniglot").mkdir(parents=True)
-    with zipfile.ZipFile(
-        root / "omniglot" / "images_evaluation.zip", "w", zipfile.ZIP_DEFLATED
-    ) as z:
+    root, archive = _data_root(tmp_path)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
         for c in range(3):
             z.writestr(f"images_evaluation/A/character0{c}/bomb.png", b"\0" * (2 << 20))
     _refused(["compare", "--data-root", str(root), "--baselines", "identity", "--episodes", "1",
