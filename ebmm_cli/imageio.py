@@ -9,7 +9,6 @@ float32 in [0, 1]: C = 1 for grayscale, 3 for colour.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
 import stat
@@ -26,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ebmm_cli.atomic import atomic_path
 from ebmm_cli.errors import EbmmError
+from ebmm_cli.safety import check_path, read_regular, real
 
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
@@ -35,30 +35,6 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N",
 # file under Pillow's pixel limit) or a file beyond MAX_FILE_BYTES is refused undecoded.
 MAX_SIDE = 16_384
 MAX_FILE_BYTES = 1 << 30
-
-
-def real(path: Path) -> Path:
-    """The absolute path with symbolic links resolved, as far as they resolve: unlike
-    `Path.resolve`, a link loop does not raise (it is refused when read)."""
-    return Path(os.path.realpath(path))
-
-
-def _unreadable(path: Path, error: OSError) -> EbmmError:
-    """The user's error for a path the system would not stat, open or read."""
-    if error.errno == errno.ELOOP:
-        return EbmmError(path, "a symbolic link loop")
-    return EbmmError(path, f"cannot read ({error.strerror or error})")
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    """`os.stat`, None for a missing path; a link loop or a name the system refuses (too
-    long) is an `EbmmError` naming the path."""
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise _unreadable(path, e) from None
 
 
 @dataclass(frozen=True)
@@ -122,7 +98,7 @@ def collect_images(
     loose: list[Path] = []
     for name in names:
         path = Path(name)
-        info = _stat(path)
+        info = check_path(path)
         if info is not None and stat.S_ISDIR(info.st_mode):
             files = [f for f in _walk(path) if skip is None or not real(f).is_relative_to(skip)]
             if not files:
@@ -170,11 +146,10 @@ def output_paths(
         EbmmError: an output that exists (without `force`), that is an input, or that two
             inputs would both be written to.
     """
-    from ebmm_cli.safety import check_path
-
-    inputs = {real(p) for p in [*(img.path for img in images), *also]}
+    read = [*(img.path for img in images), *also]
+    inputs = {real(p) for p in read}
     identities = set()
-    for p in [*(img.path for img in images), *also]:
+    for p in read:
         with contextlib.suppress(OSError):  # a loop among inputs is refused when read
             info = os.stat(p)
             identities.add((info.st_dev, info.st_ino))
@@ -326,20 +301,7 @@ def read_image(path: Path) -> Image.Image:
     is read, so a FIFO (which would wait forever), a device such as /dev/zero (which never
     ends) or a socket is refused, as is a file over `MAX_FILE_BYTES`.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise _unreadable(path, e) from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise EbmmError(path, "not a regular file (a FIFO, device or socket)")
-        if info.st_size > MAX_FILE_BYTES:
-            raise EbmmError(path, f"file too large ({info.st_size:,} bytes) for an image")
-        try:
-            data = f.read()
-        except OSError as e:
-            raise _unreadable(path, e) from None
+    data = read_regular(path, MAX_FILE_BYTES, "image")
     return decode_image(data, path)
 
 
