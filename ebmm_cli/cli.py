@@ -967,7 +967,7 @@ def write(
 
     from ebmm_cli import builtin
     from ebmm_cli.device import resolve_device
-    from ebmm_cli.imageio import check_outputs, collect_images, load_batch
+    from ebmm_cli.imageio import collect_images, load_batch
     from ebmm_cli.model import refine_memory, same_model, write_memory
     from ebmm_cli.safety import check_not_inputs, check_output_path
     from ebmm_cli.store import load_memory, load_model, save_memory
@@ -981,7 +981,7 @@ def write(
             file=sys.stderr,
         )
     model = builtin.resolve(model or builtin.DEFAULT)
-    check_outputs({"--out": [] if append else out}, {"--model": [model]}, force=True)
+    check_not_inputs({"--out": [] if append else [out]}, {"--model": [model]})
     _hold(ctx, out)
     net = load_model(model)
     steps = _refinement(net, model, refine, refine_lr)
@@ -1000,7 +1000,7 @@ def write(
         raise EbmmError(out, "exists; use --force to overwrite, or --append to add to it")
     shape = _image_shape(net, model)
     found = collect_images(images, sys.stdin, null=null)
-    check_not_inputs({"--out": [out]}, {"--model": [model], "an input": [f.path for f in found]})
+    check_not_inputs({"--out": [out]}, {"an input": [f.path for f in found]})
     batch = load_batch(
         found, shape[0], shape[1], net.config.invert_files, skip_bad, net.config.binarize
     )
