@@ -139,23 +139,33 @@ def test_sigterm_during_an_evaluation_stops_at_once_and_resumes_as_if_never_stop
     args = ["--dataset", "binary", "--memory", "rnn", "--batch-size", "8", "--write-steps",
             "2", "--read-steps", "2", "--eval-every", str(eval_every), "--eval-episodes", "40",
             "--set", "checkpoint_minutes=0", "--device", "cpu", "--steps", str(steps)]  # fmt: skip
-    whole, split = tmp_path / "whole", tmp_path / "split"
+    whole = tmp_path / "whole"
     assert run_ebmm("train", "-o", str(whole), *args).returncode == 0
-    # The whole run's clock between its last two evaluations spans one evaluation and
-    # one step (a fraction of a second, where an evaluation takes seconds): half of it
-    # lands inside an evaluation on this machine, however fast or loaded it is.
+    # The whole run's clock between its last two evaluations spans one evaluation and one
+    # step (a fraction of a second, where an evaluation takes seconds): half of it lands
+    # inside an evaluation when both runs go at one pace. A loaded machine may run the
+    # two at different paces: a cut that came after the run ended, or inside the step
+    # before the evaluation, says nothing, and is tried again nearer its edge.
     clock = [m["seconds"] for m in read_metrics(whole)]
-    into_the_evaluation = (clock[-1] - clock[-2]) / 2
-    proc = start_ebmm("train", "-o", str(split), *args)
-    deadline = time.monotonic() + 300
-    # a checkpoint follows every step (and its evaluation, if any): wait for the one
-    # before the evaluation to cut, then into it
-    while _checkpoint_step(split) < cut_after and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(into_the_evaluation)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    fraction = 0.5
+    for attempt in range(4):
+        split = tmp_path / f"split{attempt}"
+        proc = start_ebmm("train", "-o", str(split), *args)
+        deadline = time.monotonic() + 300
+        # a checkpoint follows every step (and its evaluation, if any): wait for the one
+        # before the evaluation to cut, then into it
+        while _checkpoint_step(split) < cut_after and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep((clock[-1] - clock[-2]) * fraction)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        if proc.returncode == 0:  # the run was over before the signal came
+            fraction /= 2
+        elif proc.returncode == 143 and _checkpoint_step(split) < steps:  # inside the step
+            fraction = (fraction + 1) / 2
+        else:
+            break
     assert proc.returncode == 143, stderr
     assert _checkpoint_step(split) == steps
     assert [m["step"] for m in read_metrics(split)] == evaluated  # the last one was cut short
