@@ -1441,17 +1441,16 @@ def _check_compare_outputs(
     usable path, new unless `--force`, never a model or the dataset it reads, and held
     against another process writing it."""
     from ebmm_cli.data import dataset_sources
-    from ebmm_cli.imageio import check_outputs
-    from ebmm_cli.safety import check_not_inputs, check_output_path
+    from ebmm_cli.safety import check_new_outputs, check_not_inputs, check_output_path
 
     given = {option: path for option, path in outputs.items() if path is not None}
     for option, path in given.items():
         check_output_path(path, option)
-    check_outputs(outputs, {"--model": models}, force)
     check_not_inputs(
         {option: [path] for option, path in given.items()},
-        {"--dataset": dataset_sources(dataset, data_root)},
+        {"--model": models, "--dataset": dataset_sources(dataset, data_root)},
     )
+    check_new_outputs(given, force)
     for path in given.values():
         _hold(ctx, path)
 

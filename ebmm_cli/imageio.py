@@ -193,27 +193,6 @@ def mark_iterates(folder: Path) -> None:
             tmp.write_text("ebmm read --save-iterates strips: not queries\n")
 
 
-def check_outputs(
-    outputs: dict[str, Path | list[Path] | None], inputs: dict[str, list[Path]], force: bool
-) -> None:
-    """Refuse, before any work, an output file (by option) that is one of the command's
-    inputs (whatever `force` says), that another output option also names, or that
-    exists (without `force`).
-
-    Raises:
-        EbmmError: naming the file, and the options involved.
-    """
-    taken = {real(p): option for option, paths in inputs.items() for p in paths}
-    for option, path in outputs.items():
-        for p in path if isinstance(path, list) else [path] if path is not None else []:
-            key = real(p)
-            if key in taken:
-                raise EbmmError(p, f"{option} would replace {taken[key]}; choose another path")
-            if p.exists() and not force:
-                raise EbmmError(p, f"exists; use --force to overwrite it ({option})")
-            taken[key] = option
-
-
 def decode_image(data: bytes, name: str | Path) -> Image.Image:
     """Decode image bytes fully into mode 'L' (grayscale) or 'RGB' (colour).
 

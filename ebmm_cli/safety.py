@@ -21,8 +21,6 @@ from pathlib import Path
 
 from ebmm_cli.errors import EbmmError
 
-# Archive suffixes a dataset loader reads at the top of the data root.
-
 
 def real(path: Path | str) -> Path:
     """The absolute path with symbolic links resolved as far as they resolve (a link
@@ -110,6 +108,23 @@ def check_not_inputs(outputs: dict[str, Iterable[Path]], inputs: dict[str, Itera
                     raise EbmmError(
                         out, f"{option} lies inside {their_option} {given}; choose another path"
                     )
+
+
+def check_new_outputs(outputs: dict[str, Path], force: bool) -> None:
+    """Refuse an output file that another output option of the run also names (they
+    would overwrite each other), or that exists, unless `force`.
+
+    Raises:
+        EbmmError: naming the file and the options involved.
+    """
+    taken: dict[Path, str] = {}
+    for option, path in outputs.items():
+        key = real(path)
+        if key in taken:
+            raise EbmmError(path, f"{option} would replace {taken[key]}; choose another path")
+        if path.exists() and not force:
+            raise EbmmError(path, f"exists; use --force to overwrite it ({option})")
+        taken[key] = option
 
 
 def _is_dir(path: Path) -> bool:
