@@ -44,7 +44,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized; "
                 "the paper's mechanism: a delta-rule write, a read by energy descent",
         "train": dict(PAPER_OMNIGLOT, memory="kv", read="gd", rekeys=0, write_refine=0,
-                      read_steps=10),
+                      read_steps=10, batch_size=(16, 64)),
         "episodes": 20,
     },
     "binary-128": {

@@ -5,13 +5,15 @@ For each protocol, in its own child process (so that its peak memory is its own)
 - report: conv on Omniglot 28x28, 5 images per episode, 7x7 noise block, SSIM+MSE;
 - paper:  conv on Omniglot 32x32, 64 images, 16x16 occlusion, MSE (4,616 floats);
 - binary: rnn on 128-bit strings, 64 patterns, eraseblock:64 (8,256 floats);
+- ebmm:   the recipe omniglot-32-ebmm at 64 characters (kv, a read of K = 10 descent
+          steps on the energy);
 
-all with T = K = 5, it times `--steps` meta-training steps, second and first order (after
-warm-up steps), and `--steps` inference writes and reads of one episode; then it times
-`ebmm --help` and `ebmm distort` on five Omniglot images in fresh processes. It prints a
-table and, with `--json FILE`, writes every number with the machine it ran on (and
-OpenMP's wait policy: the README's speed tables were measured before ebmm_cli set
-`PASSIVE`, with GNU OpenMP's spinning default). On CUDA,
+all with T = 5 (and K = 5 but for ebmm), it times `--steps` meta-training steps, second
+and first order (after warm-up steps), and `--steps` inference writes and reads of one
+episode; then it times `ebmm --help` and `ebmm distort` on five Omniglot images in fresh
+processes. It prints a table and, with `--json FILE`, writes every number with the
+machine it ran on (and OpenMP's wait policy: the README's speed tables were measured
+before ebmm_cli set `PASSIVE`, with GNU OpenMP's spinning default). On CUDA,
 `--cuda-graph off,on` times every protocol launching kernels one by one and replaying
 CUDA graphs, and the table gives the speed-up of each over the eager row.
 
@@ -46,12 +48,16 @@ import torch
 
 from ebmm_cli.evaluation import Batch
 from ebmm_cli.meta import Trainer
+from ebmm_cli.recipes import RECIPES
 
 PROTOCOLS: dict[str, dict] = {
-    "report": dict(memory="conv", size=28, batch=5, distortion="noise:7", loss="ssim+mse"),
-    "paper": dict(memory="conv", size=32, batch=64, distortion="occlude:16", loss="mse"),
-    "binary": dict(memory="rnn", size=None, batch=64, distortion="eraseblock:64", loss="mse"),
-}
+    "report": dict(memory="conv", image_size=28, batch_size=5, distortion="noise:7",
+                   loss="ssim+mse"),
+    "paper": dict(memory="conv", image_size=32, batch_size=64, distortion="occlude:16"),
+    "binary": dict(dataset="binary", memory="rnn", batch_size=64, distortion="eraseblock:64"),
+    "ebmm": {**RECIPES["omniglot-32-ebmm"]["train"], "batch_size": 64, "episodes_per_step": 1},
+}  # fmt: skip
+"""Each protocol's `train_config` keywords (one episode per step: `--episodes` sets it)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -93,10 +99,9 @@ def measure(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = init_distributed(device) or device
     p = PROTOCOLS[name]
-    dataset = "binary" if p["memory"] == "rnn" else "omniglot"
     row: dict = {
         "protocol": name,
-        "images": p["batch"] * episodes * world,
+        "images": p["batch_size"] * episodes * world,
         "episodes_per_step": episodes,
         "processes": world,
         "cuda_graph": cuda_graph,
@@ -104,14 +109,9 @@ def measure(
     with tempfile.TemporaryDirectory() as tmp:
         for order in ("second", "first"):
             config = train_config(
-                dataset=dataset,
-                memory=p["memory"],
-                image_size=p["size"],
-                distortion=p["distortion"],
-                loss=p["loss"],
+                **p,
                 steps=steps + 1,
                 data_root=data_root,
-                batch_size=p["batch"],
                 shots=0,  # random images: the same tensors, without learn2learn's sampler
                 first_order=order == "first",
                 device=device,
@@ -240,7 +240,7 @@ def table(rows: list[dict], start: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=os.environ.get("EBMM_DATA") or None)
-    parser.add_argument("--protocols", default="report,paper,binary")
+    parser.add_argument("--protocols", default="report,paper,binary,ebmm")
     parser.add_argument("--steps", type=int, default=5, help="timed repetitions of each part")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="report protocol, 1 step: CI-sized")
