@@ -1010,9 +1010,10 @@ def write(
     _note("write", batch.notes)
     trained = net.config.rules.patterns
     total = len(batch.images) + (0 if stored is None else stored.patterns)
-    if trained is not None and total > trained[1]:
+    if trained is not None and not trained[0] <= total <= trained[1]:
+        side = "more" if total > trained[1] else "fewer"
         print(
-            f"ebmm write: warning: the memory would hold {total} images, more than the "
+            f"ebmm write: warning: the memory would hold {total} images, {side} than the "
             f"{_range(trained)} patterns {model} was meta-trained to write; recall may be poor",
             file=sys.stderr,
         )
