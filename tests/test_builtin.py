@@ -19,7 +19,7 @@ from ebmm_cli.store import load_model
 from tests.conftest import run_ebmm
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = {"omniglot-28", "omniglot-32", "omniglot-32-conv", "binary-128"}
+SHIPPED = {"omniglot-28", "omniglot-32", "omniglot-32-conv", "omniglot-32-ebmm", "binary-128"}
 
 
 def test_the_built_ins_ship_small_in_half_precision_with_provenance() -> None:
@@ -60,6 +60,15 @@ def test_the_built_ins_ship_small_in_half_precision_with_provenance() -> None:
     # the default model is a memory: with nothing written its read stays broken
     assert memory["name"] == builtin.DEFAULT and memory["read"] == "redraw"
     assert refining["unwritten_hamming"] > refining["refined_hamming"] + 15
+    # the paper's mechanism: at most 5 learned write steps, no refinement, a read that
+    # descends the energy, within the paper's 4,616 floats; its memory carries its recall
+    descent = next(m for m in listed if m["name"] == "omniglot-32-ebmm")
+    assert (descent["memory"], descent["read"], descent["refine"]) == ("kv", "gd", 0)
+    assert descent["write_steps"] <= 5 and descent["memory_floats"] <= 4616
+    assert descent["patterns"] == [16, 64]
+    held = descent["heldout"]
+    assert held["unwritten_hamming"] > held["hamming"] + 15
+    assert held["by_n"]["16"]["hamming"] < held["by_n"]["16"]["query_hamming"] - 10
 
 
 def test_a_built_in_name_works_where_a_model_path_does(
@@ -141,6 +150,7 @@ def test_the_demo_shows_recall_with_the_built_in_model(
         ("omniglot-28", ["--batch-size", "5"]),
         ("omniglot-32", ["--batch-size", "64"]),
         ("omniglot-32-conv", ["--batch-size", "64"]),
+        ("omniglot-32-ebmm", ["--batch-size", "16"]),  # at 64 it reads near the query
         ("binary-128", ["--dataset", "binary", "--batch-size", "32"]),
     ],
 )
