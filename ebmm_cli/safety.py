@@ -112,19 +112,18 @@ def check_not_inputs(outputs: dict[str, Iterable[Path]], inputs: dict[str, Itera
 
 def check_new_outputs(outputs: dict[str, Path], force: bool) -> None:
     """Refuse an output file that another output option of the run also names (they
-    would overwrite each other), or that exists, unless `force`.
+    would overwrite each other: by `check_not_inputs`' rule, a link or hard link to it
+    included), or that exists, unless `force`.
 
     Raises:
         EbmmError: naming the file and the options involved.
     """
-    taken: dict[Path, str] = {}
+    earlier: dict[str, list[Path]] = {}
     for option, path in outputs.items():
-        key = real(path)
-        if key in taken:
-            raise EbmmError(path, f"{option} would replace {taken[key]}; choose another path")
+        check_not_inputs({option: [path]}, earlier)  # the same place, however spelled
         if path.exists() and not force:
             raise EbmmError(path, f"exists; use --force to overwrite it ({option})")
-        taken[key] = option
+        earlier[option] = [path]
 
 
 def _is_dir(path: Path) -> bool:

@@ -120,6 +120,14 @@ def test_compare_outputs_never_replace_or_enter_the_dataset(
     assert image.read_bytes() == before
     _refused([*common, "--dataset", str(char), "--markdown", str(char / "new.md")], "--markdown")
     assert not (char / "new.md").exists()
+    # two outputs of one run at one place, however spelled, would overwrite each other
+    table = tmp_path / "t.md"
+    link = tmp_path / "link.png"
+    link.symlink_to(table)
+    for other in (str(table), str(link)):
+        _refused([*common, "--dataset", str(char), "--markdown", str(table), "--grid", other],
+                 "--grid would replace --markdown")  # fmt: skip
+    assert not table.exists()
 
 
 def test_train_never_writes_into_the_data_or_its_init(tmp_path: Path, memory: Path) -> None:
