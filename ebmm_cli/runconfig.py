@@ -262,6 +262,7 @@ def model_config(
     image_size: int | None = None,
     channels: int | None = None,
     dynamic: int | None = None,
+    keys: int | None = None,
     rules: RuleConfig | None = None,
     distortion: str | None = None,
     loss: str = "mse",
@@ -288,6 +289,10 @@ def model_config(
         raise EbmmError("--loss", "ssim+mse needs images; use mse for binary strings")
     if dynamic is not None and dynamic < 1:
         raise EbmmError("--dynamic", f"must be at least 1, got {dynamic}")
+    if keys is not None and memory not in KV_MEMORIES:
+        raise EbmmError("--set keys", "is the key width of --memory kv and kv-conv")
+    if keys is not None and keys < 1:
+        raise EbmmError("--set keys", f"must be at least 1, got {keys}")
     if invert and dataset in DATASETS:
         raise EbmmError(
             "--invert",
@@ -308,7 +313,7 @@ def model_config(
     spec = distortion or defaults.distortion
     Distortion.parse(spec, shape)
     return ModelConfig(
-        energy=EnergyConfig(memory, shape, dynamic, signed=memory == "rnn"),
+        energy=EnergyConfig(memory, shape, dynamic, signed=memory == "rnn", keys=keys),
         rules=rules if rules is not None else rule_config(memory=memory),
         distortion=spec,
         loss=loss,
@@ -346,6 +351,7 @@ def train_config(
     distortion: str | None = None,
     loss: str = "mse",
     dynamic: int | None = None,
+    keys: int | None = None,
     steps: int | None = None,
     minutes: float | None = None,
     first_order: bool = False,
@@ -417,6 +423,7 @@ def train_config(
         memory=memory,
         image_size=image_size,
         dynamic=dynamic,
+        keys=keys,
         rules=rules,
         distortion=distortion,
         loss=loss,

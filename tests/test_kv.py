@@ -30,7 +30,7 @@ from ebmm_cli.memory import (
     write_step,
 )
 from ebmm_cli.metrics import reconstruction_loss
-from ebmm_cli.model import Memory, Model, retrieve, unwritten_memory, write_memory
+from ebmm_cli.model import Memory, Model, ModelConfig, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import train_config
 from ebmm_cli.store import load_model, read_header, save_model
 from tests.conftest import run_ebmm
@@ -61,6 +61,28 @@ def test_kv_sizes_shapes_and_an_empty_initial_memory(size: int, kind: str, half:
     drawn = net(x, redraw=True)
     assert drawn.shape == x.shape and drawn.min() >= 0 and drawn.max() <= 1
     assert all(torch.count_nonzero(v) == 0 for v in initial_memory(net).values())
+
+
+@pytest.mark.parametrize(("kind", "dynamic"), [("kv", 36), ("kv-conv", 4)])
+def test_wider_keys_trade_for_narrower_values_and_survive_a_save(
+    tmp_path: Path, kind: str, dynamic: int
+) -> None:
+    """`--set keys=128` doubles the key width: at half the `dynamic` units the memory
+    keeps its 4,608 floats, the keys the write stores by are 128 wide, and a saved model
+    loads with them; the key width is refused for a memory without keys, and a file
+    from before the field loads with 64."""
+    model, patterns, _ = _tiny_kv(kind, keys=128, dynamic=dynamic)
+    assert memory_floats(model.energy) == 4608
+    keys, _ = model.energy.associations(patterns)
+    assert keys.shape[-1] == 128 * (9 if kind == "kv-conv" else 1)
+    path = tmp_path / "wide.safetensors"
+    save_model(model, path)
+    assert load_model(path).config.energy.keys == 128
+    old = json.loads(model.config.to_json())
+    del old["energy"]["keys"]
+    assert ModelConfig.from_json(json.dumps(old)).energy.key_units == 64
+    with pytest.raises(EbmmError, match="--set keys: is the key width of --memory kv"):
+        train_config(dataset="omniglot", memory="conv", keys=128, steps=1)
 
 
 def test_a_kv_write_is_the_delta_rule_on_its_keys_and_values() -> None:
