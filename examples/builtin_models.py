@@ -145,7 +145,9 @@ def controls(name: str, machine: str, data_root: str | None, folder: Path = buil
     """Add to a built-in's provenance what tells a memory from a denoiser and what its
     write costs: the held-out queries read with nothing written (`unwritten_*`, on the
     export's own episodes) and the seconds of one write of N patterns, its own (learned
-    steps, then any refinement), on `machine`. Only the header changes."""
+    steps, then any refinement), on `machine`; for a model trained over a range of N,
+    the range's largest (the protocol's N, where a write costs most). Only the header
+    changes."""
     target = folder / f"{name}.safetensors"
     model = load_model(target)
     provenance = json.loads(read_header(target)["provenance"])
@@ -158,7 +160,7 @@ def controls(name: str, machine: str, data_root: str | None, folder: Path = buil
         held[key] = round(float(merged[key]), 5)
         for n, row in held.get("by_n", {}).items():
             row[key] = round(float(merged["by_n"][n][key]), 4)
-    patterns = next(iter(sets.values()))[0].patterns
+    patterns = sets[max(sets)][0].patterns
     own = ModelMethod(model, name, refine=model.config.rules.refine)
     own.write(patterns)  # the first call pays for loading kernels
     start = time.perf_counter()
