@@ -263,6 +263,7 @@ def model_config(
     channels: int | None = None,
     dynamic: int | None = None,
     keys: int | None = None,
+    prior: bool = False,
     rules: RuleConfig | None = None,
     distortion: str | None = None,
     loss: str = "mse",
@@ -293,6 +294,8 @@ def model_config(
         raise EbmmError("--set keys", "is the key width of --memory kv and kv-conv")
     if keys is not None and keys < 1:
         raise EbmmError("--set keys", f"must be at least 1, got {keys}")
+    if prior and memory != "kv":
+        raise EbmmError("--set prior", "is a prior energy for --memory kv")
     if invert and dataset in DATASETS:
         raise EbmmError(
             "--invert",
@@ -313,7 +316,7 @@ def model_config(
     spec = distortion or defaults.distortion
     Distortion.parse(spec, shape)
     return ModelConfig(
-        energy=EnergyConfig(memory, shape, dynamic, signed=memory == "rnn", keys=keys),
+        energy=EnergyConfig(memory, shape, dynamic, signed=memory == "rnn", keys=keys, prior=prior),
         rules=rules if rules is not None else rule_config(memory=memory),
         distortion=spec,
         loss=loss,
@@ -352,6 +355,7 @@ def train_config(
     loss: str = "mse",
     dynamic: int | None = None,
     keys: int | None = None,
+    prior: bool = False,
     steps: int | None = None,
     minutes: float | None = None,
     first_order: bool = False,
@@ -424,6 +428,7 @@ def train_config(
         image_size=image_size,
         dynamic=dynamic,
         keys=keys,
+        prior=prior,
         rules=rules,
         distortion=distortion,
         loss=loss,

@@ -85,6 +85,29 @@ def test_wider_keys_trade_for_narrower_values_and_survive_a_save(
         train_config(dataset="omniglot", memory="conv", keys=128, steps=1)
 
 
+def test_the_prior_energy_adds_a_weighted_reconstruction_gap_and_leaves_the_write() -> None:
+    """`--set prior=true`: E(x) = ½‖θ k(x) − v(x)‖² + w ½‖x − R(x)‖², with w and R slow
+    weights; the write, which sees only keys and values, stores the same θ with or
+    without it; kv-conv refuses it."""
+    model, patterns, queries = _tiny_kv(prior=True)
+    net = model.energy
+    with torch.no_grad():
+        net.prior_weight.fill_(0.5)
+    memory = write_memory(model, patterns).params
+    keys, values = net.associations(queries)
+    (theta,) = memory.values()
+    gap = (queries - net.prior(queries)).pow(2).flatten(1).sum(1)
+    kv = 0.5 * (keys @ theta.T - values).pow(2).sum(1)
+    expected = kv + F.softplus(net.prior_weight) * gap / 2
+    assert torch.allclose(functional_call(net, memory, (queries,)), expected, atol=1e-5)
+    plain = Model(replace(model.config, energy=replace(model.config.energy, prior=False)))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    (without,) = write_memory(plain, patterns).params.values()
+    assert torch.equal(theta, without)
+    with pytest.raises(EbmmError, match="--set prior: is a prior energy for --memory kv"):
+        train_config(dataset="omniglot", memory="kv-conv", prior=True, steps=1)
+
+
 def test_a_kv_write_is_the_delta_rule_on_its_keys_and_values() -> None:
     """Each write step moves θ by (η / λmax) (1/N) Σi (vi − θ ki) kiᵀ (and the β pull to
     θ̄), λmax the largest eigenvalue of (1/N) Σi ki kiᵀ: the paper's write rule on

@@ -37,6 +37,9 @@ class EnergyConfig:
             values. Why a choice: a linear memory's recall of a key near several stored
             ones blends their values, and more key dimensions per stored pattern
             blend less (docs/TRAINING.md, energy descent on the kv energy).
+        prior: kv only: add a learned prior energy w·½‖x − R(x)‖², R a small
+            convolutional autoencoder of slow weights (`KVEnergy`), so that a descent
+            that follows a blended recall stays on what looks like a character.
         signed: rnn only: the written layer reads 2x − 1 (a Hopfield net's ±1 coding)
             instead of x. The same functions (W(2x − 1) + b = 2Wx + b − W1), but each
             write step's update δ(2x − 1)ᵀ pushes towards a pattern's 0-bits as well as
@@ -49,6 +52,7 @@ class EnergyConfig:
     dynamic: int | None = None
     signed: bool = False
     keys: int | None = None
+    prior: bool = False
 
     @property
     def dynamic_units(self) -> int:
@@ -66,6 +70,8 @@ def build_energy(config: EnergyConfig) -> nn.Module:
     d = config.dynamic_units
     if config.keys is not None and config.kind not in ("kv", "kv-conv"):
         raise ValueError(f"keys is a kv and kv-conv option, not {config.kind}'s")
+    if config.prior and config.kind != "kv":
+        raise ValueError(f"prior is a kv option, not {config.kind}'s")
     if config.kind == "rnn":
         if len(config.shape) != 1:
             raise ValueError(f"rnn takes bit strings (D,), not {config.shape}")
@@ -79,7 +85,7 @@ def build_energy(config: EnergyConfig) -> nn.Module:
         if config.kind == "fc":
             net = FCEnergy(channels, size, d)
         elif config.kind == "kv":
-            net = KVEnergy(channels, size, d, keys=config.key_units)
+            net = KVEnergy(channels, size, d, keys=config.key_units, prior=config.prior)
         elif config.kind == "kv-conv":
             net = KVConvEnergy(channels, size, d, keys=config.key_units)
         else:
