@@ -42,7 +42,6 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "shots": (int, "images per class in an episode, 1; 0 ignores classes"),
     "episodes_per_step": (int, "episodes written and read per meta-step (per process), 1"),
     "checkpoint_minutes": (float, "save a checkpoint at least this often, 2 (0: every step)"),
-    "keys": (int, "kv and kv-conv: key width, 64; the memory is keys x --dynamic floats"),
     "prior": (bool, "kv: add a learned prior energy w ½‖x − R(x)‖², R a small autoencoder, false"),
     "rates_see_n": (bool, "over a range of N, scale the learned write rates with N, true"),
 }  # fmt: skip

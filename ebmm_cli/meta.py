@@ -597,16 +597,20 @@ def start_from(model: Model, path: Path) -> None:
     """Copy a trained model's weights into `model` (`ebmm train --init`): slow weights,
     θ̄ and the learned rules. Only the parameters must match, so a model trained at
     another N, distortion or loss can start a run (a curriculum's next stage), one
-    trained at a single N included for a run over a range of N.
+    trained at a single N included for a run over a range of N, and a kv model trained
+    without the prior energy for a run with it.
 
     Raises:
         EbmmError: naming `path`, when its parameters are not this run's.
     """
     theirs = load_model(path).state_dict()
     ours = model.state_dict()
-    # A model trained at one N has no κ (`RuleConfig.sees_n`): a run over a range of N
-    # starts it where a fresh run does, at 0 (the same rates at every N).
-    theirs |= {k: v for k, v in ours.items() if k.endswith("rate_exponent") and k not in theirs}
+    # What a run adds to the model it starts from starts where a fresh run's does: κ
+    # (`RuleConfig.sees_n`) for a run over a range of N from a model trained at one N,
+    # at 0 (the same rates at every N); a prior energy (`--set prior`) for a kv model
+    # trained without one, at its small initial weight.
+    added = ("rules.rate_exponent", "energy.prior")
+    theirs |= {k: v for k, v in ours.items() if k.startswith(added) and k not in theirs}
     match_tensors(
         path,
         theirs,

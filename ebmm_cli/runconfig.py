@@ -262,7 +262,6 @@ def model_config(
     image_size: int | None = None,
     channels: int | None = None,
     dynamic: int | None = None,
-    keys: int | None = None,
     prior: bool = False,
     rules: RuleConfig | None = None,
     distortion: str | None = None,
@@ -290,10 +289,6 @@ def model_config(
         raise EbmmError("--loss", "ssim+mse needs images; use mse for binary strings")
     if dynamic is not None and dynamic < 1:
         raise EbmmError("--dynamic", f"must be at least 1, got {dynamic}")
-    if keys is not None and memory not in KV_MEMORIES:
-        raise EbmmError("--set keys", "is the key width of --memory kv and kv-conv")
-    if keys is not None and keys < 1:
-        raise EbmmError("--set keys", f"must be at least 1, got {keys}")
     if prior and memory != "kv":
         raise EbmmError("--set prior", "is a prior energy for --memory kv")
     if invert and dataset in DATASETS:
@@ -316,7 +311,7 @@ def model_config(
     spec = distortion or defaults.distortion
     Distortion.parse(spec, shape)
     return ModelConfig(
-        energy=EnergyConfig(memory, shape, dynamic, signed=memory == "rnn", keys=keys, prior=prior),
+        energy=EnergyConfig(memory, shape, dynamic, signed=memory == "rnn", prior=prior),
         rules=rules if rules is not None else rule_config(memory=memory),
         distortion=spec,
         loss=loss,
@@ -354,7 +349,6 @@ def train_config(
     distortion: str | None = None,
     loss: str = "mse",
     dynamic: int | None = None,
-    keys: int | None = None,
     prior: bool = False,
     steps: int | None = None,
     minutes: float | None = None,
@@ -427,7 +421,6 @@ def train_config(
         memory=memory,
         image_size=image_size,
         dynamic=dynamic,
-        keys=keys,
         prior=prior,
         rules=rules,
         distortion=distortion,

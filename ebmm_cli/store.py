@@ -245,9 +245,8 @@ def check_config(text: str) -> None:
         _bounded(side, 1, _MAX_SIDE, "shape")
     if len(shape) == 3:
         _bounded(shape[0], 1, 4, "channels")
-    for key in ("dynamic", "keys"):
-        if energy.get(key) is not None:
-            _bounded(energy[key], 1, _MAX_SIDE, key)
+    if energy.get("dynamic") is not None:
+        _bounded(energy["dynamic"], 1, _MAX_SIDE, "dynamic")
 
 
 def _model(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Model:

@@ -29,10 +29,11 @@ from ebmm_cli.memory import (
     write_episodes,
     write_step,
 )
+from ebmm_cli.meta import start_from
 from ebmm_cli.metrics import reconstruction_loss
-from ebmm_cli.model import Memory, Model, ModelConfig, retrieve, unwritten_memory, write_memory
+from ebmm_cli.model import Memory, Model, retrieve, unwritten_memory, write_memory
 from ebmm_cli.runconfig import train_config
-from ebmm_cli.store import load_model, read_header, save_model
+from ebmm_cli.store import _digest, load_model, read_header, save_model
 from tests.conftest import run_ebmm
 
 
@@ -63,26 +64,30 @@ def test_kv_sizes_shapes_and_an_empty_initial_memory(size: int, kind: str, half:
     assert all(torch.count_nonzero(v) == 0 for v in initial_memory(net).values())
 
 
-@pytest.mark.parametrize(("kind", "dynamic"), [("kv", 36), ("kv-conv", 4)])
-def test_wider_keys_trade_for_narrower_values_and_survive_a_save(
-    tmp_path: Path, kind: str, dynamic: int
+@pytest.mark.parametrize(("value", "loads"), [(None, True), (False, True), (128, False)])
+def test_a_removed_network_option_loads_when_it_was_off_and_is_refused_when_set(
+    tmp_path: Path, value: object, loads: bool
 ) -> None:
-    """`--set keys=128` doubles the key width: at half the `dynamic` units the memory
-    keeps its 4,608 floats, the keys the write stores by are 128 wide, and a saved model
-    loads with them; the key width is refused for a memory without keys, and a file
-    from before the field loads with 64."""
-    model, patterns, _ = _tiny_kv(kind, keys=128, dynamic=dynamic)
-    assert memory_floats(model.energy) == 4608
-    keys, _ = model.energy.associations(patterns)
-    assert keys.shape[-1] == 128 * (9 if kind == "kv-conv" else 1)
-    path = tmp_path / "wide.safetensors"
+    """A file made while an energy option existed that ebmm later removed (the key
+    width, `keys`, was one) holds today's network when the option was off (null or
+    false) and loads; set, its network is not today's, and the file is refused with
+    one line naming the option."""
+    model, _, _ = _tiny_kv()
+    path = tmp_path / "trial.safetensors"
     save_model(model, path)
-    assert load_model(path).config.energy.keys == 128
-    old = json.loads(model.config.to_json())
-    del old["energy"]["keys"]
-    assert ModelConfig.from_json(json.dumps(old)).energy.key_units == 64
-    with pytest.raises(EbmmError, match="--set keys: is the key width of --memory kv"):
-        train_config(dataset="omniglot", memory="conv", keys=128, steps=1)
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    config = json.loads(meta["config"])
+    config["energy"]["keys"] = value
+    meta["config"] = json.dumps(config)
+    tensors = load_file(path)
+    meta["checksum"] = _digest(tensors, meta)  # as such a file was written: not damaged
+    path.write_bytes(save(tensors, metadata=meta))
+    if loads:
+        assert load_model(path).config == model.config
+    else:
+        with pytest.raises(EbmmError, match=r"trial.safetensors: .*energy option keys"):
+            load_model(path)
 
 
 def test_the_prior_energy_adds_a_weighted_reconstruction_gap_and_leaves_the_write() -> None:
@@ -106,6 +111,21 @@ def test_the_prior_energy_adds_a_weighted_reconstruction_gap_and_leaves_the_writ
     assert torch.equal(theta, without)
     with pytest.raises(EbmmError, match="--set prior: is a prior energy for --memory kv"):
         train_config(dataset="omniglot", memory="kv-conv", prior=True, steps=1)
+
+
+def test_a_run_with_the_prior_starts_from_a_kv_model_without_it(tmp_path: Path) -> None:
+    """`--init` from a kv model trained without the prior energy: every weight the model
+    has is copied, and the prior starts as in a fresh run (its weight at 0.01)."""
+    trained, _, _ = _tiny_kv()
+    path = tmp_path / "trained.safetensors"
+    save_model(trained, path)
+    model, _, _ = _tiny_kv(prior=True)
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if "prior" in k}
+    start_from(model, path)
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in trained.state_dict().items())
+    assert all(torch.equal(ours[k], v) for k, v in fresh.items())
+    assert float(F.softplus(model.energy.prior_weight.detach())) == pytest.approx(0.01, abs=1e-3)
 
 
 def test_a_kv_write_is_the_delta_rule_on_its_keys_and_values() -> None:

@@ -17,7 +17,6 @@ KINDS = ("conv", "conv-large", "fc", "kv", "kv-conv", "rnn")
 DEFAULT_DYNAMIC = {
     "conv": 4, "conv-large": 8, "fc": 16, "kv": 72, "kv-conv": 8, "rnn": 64
 }  # fmt: skip
-DEFAULT_KEYS = 64
 
 
 @dataclass(frozen=True)
@@ -32,11 +31,6 @@ class EnergyConfig:
         dynamic: written channels (conv) or units (fc, rnn); None takes the default
             (conv 4 = 4,616 floats, conv-large 8 = 18,448, fc 16 = 4,112,
             kv 72 = 4,608, kv-conv 8 = 4,608, rnn 64 = 8,256).
-        keys: kv and kv-conv only: the key width; None takes 64. The written layer is
-            keys × dynamic floats, so at one memory size wider keys mean narrower
-            values. Why a choice: a linear memory's recall of a key near several stored
-            ones blends their values, and more key dimensions per stored pattern
-            blend less (docs/TRAINING.md, energy descent on the kv energy).
         prior: kv only: add a learned prior energy w·½‖x − R(x)‖², R a small
             convolutional autoencoder of slow weights (`KVEnergy`), so that a descent
             that follows a blended recall stays on what looks like a character.
@@ -51,16 +45,11 @@ class EnergyConfig:
     shape: tuple[int, ...] = (1, 28, 28)
     dynamic: int | None = None
     signed: bool = False
-    keys: int | None = None
     prior: bool = False
 
     @property
     def dynamic_units(self) -> int:
         return self.dynamic if self.dynamic is not None else DEFAULT_DYNAMIC[self.kind]
-
-    @property
-    def key_units(self) -> int:
-        return self.keys if self.keys is not None else DEFAULT_KEYS
 
 
 def build_energy(config: EnergyConfig) -> nn.Module:
@@ -68,8 +57,6 @@ def build_energy(config: EnergyConfig) -> nn.Module:
     if config.kind not in KINDS:
         raise ValueError(f"unknown energy {config.kind!r}; ebmm has {', '.join(KINDS)}")
     d = config.dynamic_units
-    if config.keys is not None and config.kind not in ("kv", "kv-conv"):
-        raise ValueError(f"keys is a kv and kv-conv option, not {config.kind}'s")
     if config.prior and config.kind != "kv":
         raise ValueError(f"prior is a kv option, not {config.kind}'s")
     if config.kind == "rnn":
@@ -85,9 +72,9 @@ def build_energy(config: EnergyConfig) -> nn.Module:
         if config.kind == "fc":
             net = FCEnergy(channels, size, d)
         elif config.kind == "kv":
-            net = KVEnergy(channels, size, d, keys=config.key_units, prior=config.prior)
+            net = KVEnergy(channels, size, d, prior=config.prior)
         elif config.kind == "kv-conv":
-            net = KVConvEnergy(channels, size, d, keys=config.key_units)
+            net = KVConvEnergy(channels, size, d)
         else:
             net = ConvEnergy(channels, size, d, large=config.kind == "conv-large")
     he_init(net)

@@ -128,16 +128,15 @@ class RNNEnergy(nn.Module):
 
 class KVEnergy(nn.Module):
     """A key-value energy (ebmm's, not the paper's): E(x; θ) = ½‖θ k(x) − v(x)‖², with a
-    key k(x) (unit length, `keys` floats) and a value v(x) (`dynamic` floats) from one
-    conv encoder, and the written layer θ = `memory`, a Linear(keys → dynamic) without
-    bias.
+    key k(x) (unit length, 64 floats) and a value v(x) (`dynamic` floats) from one conv
+    encoder, and the written layer θ = `memory`, a Linear(64 → dynamic) without bias.
 
     Why: the paper's write rule, gradient steps on the stored patterns' energy, turns
     this energy into a delta-rule associative memory: each step moves θ by η (1/N) Σi
     (vi − θ ki) kiᵀ, so the write stores key → value pairs, and a query's key recalls
     θ k(q), the value of the stored pattern it resembles. The conv energies' writes
     stored nothing a query could find in any variant tried (docs/TRAINING.md); here association
-    is the write's very form. Memory = keys × dynamic floats (64 × 72: 4,608). The
+    is the write's very form. Memory = 64 × dynamic floats (dynamic 72: 4,608). The
     write's rates are in units of 1/λmax of the mean of ki kiᵀ (`kv.delta_write`): below
     2, each step shrinks the residual along every direction, on every episode.
 
@@ -151,17 +150,17 @@ class KVEnergy(nn.Module):
     θ̄ starts at zero: an unwritten memory recalls nothing.
     """
 
+    KEYS = 64
+
     def __init__(
         self,
         channels: int,
         size: int,
         dynamic: int,
         width: int = 32,
-        keys: int = 64,
         prior: bool = False,
     ) -> None:
         super().__init__()
-        self.keys = keys
         self.prior = _prior_autoencoder(channels, width // 2) if prior else None
         # softplus(-4.6) = 0.01: an untrained R draws grey, whose pull at full weight
         # turned the first reads 40 pixels worse than the query; meta-training raises it
@@ -194,9 +193,9 @@ class KVEnergy(nn.Module):
         layer (keys → values) and the decoder's first layer (recalled and own value →
         the encoder's last map)."""
         return (
-            nn.Linear(flat, self.keys),
+            nn.Linear(flat, self.KEYS),
             nn.Linear(flat, dynamic),
-            nn.Linear(self.keys, dynamic, bias=False),
+            nn.Linear(self.KEYS, dynamic, bias=False),
             nn.Linear(2 * dynamic, flat),
         )
 
@@ -214,13 +213,13 @@ class KVEnergy(nn.Module):
         return F.normalize(self.key(h), dim=1)
 
     def addresses(self, x: torch.Tensor) -> torch.Tensor:
-        """The unit keys k(x) (B, keys) by which the memory stores and recalls: after a
+        """The unit keys k(x) (B, KEYS) by which the memory stores and recalls: after a
         write from θ̄ = 0, θ k(q) weighs each stored value by k(q)·k(xi). The same keys
         as `forward`'s, so that identification scores what the recall uses."""
         return self._unit_key(self.encoder(x))
 
     def associations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unit keys (B, keys) and values (B, dynamic) of x, from one encoder pass:
+        """The unit keys (B, KEYS) and values (B, dynamic) of x, from one encoder pass:
         E(x; θ) = ½‖θ k(x) − v(x)‖² with θ = `memory.weight`, so that `memory.write` can
         take its delta-rule steps on them in closed form instead of differentiating the
         encoder at each step."""
@@ -290,10 +289,10 @@ class MapFromWhole(nn.Module):
 
 class KVConvEnergy(KVEnergy):
     """`kv` with a convolutional written layer (`kv-conv`): E(x; θ) = ½ mean over the
-    positions p of ‖(θ ⋆ K(x))p − V(x)p‖², with K(x) a map of unit keys (`keys` channels at
+    positions p of ‖(θ ⋆ K(x))p − V(x)p‖², with K(x) a map of unit keys (64 channels at
     every position of the encoder's last map, 4x4 at 32x32), V(x) a map of values
-    (`dynamic` channels), and θ = `memory`, a 3x3 convolution keys → `dynamic` without
-    bias: 9 × keys × dynamic floats (64 keys, 8: 4,608, the paper's conv budget of 4,616 less its 8
+    (`dynamic` channels), and θ = `memory`, a 3x3 convolution 64 → `dynamic` without
+    bias: 576 × dynamic floats (8: 4,608, the paper's conv budget of 4,616 less its 8
     biases).
 
     Why: a convolutional memory, as the paper's is, where the paper's own (written
@@ -318,9 +317,9 @@ class KVConvEnergy(KVEnergy):
         layer."""
         w, side = 4 * self.width, self.sides[0]
         return (
-            MapFromWhole(w, side, self.keys),
+            MapFromWhole(w, side, self.KEYS),
             MapFromWhole(w, side, dynamic),
-            nn.Conv2d(self.keys, dynamic, 3, padding=1, bias=False),
+            nn.Conv2d(self.KEYS, dynamic, 3, padding=1, bias=False),
             nn.Conv2d(2 * dynamic, w, 3, padding=1),
         )
 
@@ -329,20 +328,20 @@ class KVConvEnergy(KVEnergy):
         return self._encode(x)[1][-1]
 
     def addresses(self, x: torch.Tensor) -> torch.Tensor:
-        """The key maps k(x), flattened (B, keys·s²) and scaled to unit length: the
+        """The key maps k(x), flattened (B, KEYS·s²) and scaled to unit length: the
         mean over positions of the keys' products, by which a write from θ̄ = 0 weighs
         each stored pattern's values (up to the patches' overlap)."""
         keys = self._unit_key(self._last_map(x))  # a unit key at every position
         return F.normalize(keys.flatten(1), dim=1)
 
     def associations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key patches (B·s², keys·9) and values (B·s², dynamic) of x, one row per
+        """The key patches (B·s², KEYS·9) and values (B·s², dynamic) of x, one row per
         pattern and position, from one encoder pass: E's mean over the rows is the mean
-        energy, with θ = `memory.weight` read as a (dynamic, keys·9) matrix (`F.unfold`
+        energy, with θ = `memory.weight` read as a (dynamic, KEYS·9) matrix (`F.unfold`
         orders a patch as the weight does), so that `memory.write` takes its delta-rule
         steps in closed form."""
         h = self._last_map(x)
-        patches = F.unfold(self._unit_key(h), 3, padding=1)  # (B, keys·9, s²)
+        patches = F.unfold(self._unit_key(h), 3, padding=1)  # (B, KEYS·9, s²)
         values = self.value(h).flatten(2)  # (B, dynamic, s²)
         return patches.transpose(1, 2).flatten(0, 1), values.transpose(1, 2).flatten(0, 1)
 
