@@ -42,9 +42,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "omniglot-32-ebmm": {
         "what": "Omniglot 32x32, 64 characters, occlude:16 (the paper's protocol), binarized; "
-                "the paper's mechanism: a delta-rule write, a read by energy descent",
+                "the paper's mechanism: a delta-rule write, a read by energy descent on the "
+                "kv energy and a learned prior energy",
         "train": dict(PAPER_OMNIGLOT, memory="kv", read="gd", rekeys=0, write_refine=0,
-                      read_steps=10, batch_size=(16, 64)),
+                      read_steps=10, batch_size=(16, 64), prior=True),
         "episodes": 20,
     },
     "binary-128": {

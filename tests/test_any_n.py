@@ -142,8 +142,8 @@ def test_train_over_a_range_records_it_and_its_capacity_curve(
     few = run_ebmm("write", "--model", str(small / "model.safetensors"), *three,
                    "-o", str(tmp_path / "f.safetensors"))  # fmt: skip
     assert few.returncode == 0 and "warning" not in few.stderr
-    # and when asked to hold fewer: a descent read trained at 16 to 64 reads one
-    # character to Hamming 544 (docs/TRAINING.md)
+    # and when asked to hold fewer: the descent model trained at 16 to 64 without its
+    # prior energy read one character to Hamming 544 (docs/TRAINING.md)
     below = run_ebmm("write", "--model", str(small / "model.safetensors"), *three[:2],
                      "-o", str(tmp_path / "two.safetensors"))  # fmt: skip
     assert below.returncode == 0, below.stderr

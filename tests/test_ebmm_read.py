@@ -1,6 +1,6 @@
 """The recipe `omniglot-32-ebmm`: the kv energy written by its learned delta-rule steps
-(gradient steps on E in closed form) and read by projected gradient descent on E, not
-by its decoder."""
+(gradient steps on E in closed form) and read by projected gradient descent on E (the
+kv term and a learned prior energy), not by its decoder."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def test_the_ebmm_recipe_reads_by_descending_the_energy() -> None:
     model = Model(config.model)
     rules = model.rules.config
     assert (rules.read, rules.refine, rules.alpha) == ("gd", 0, 0.0) and rules.write_steps <= 5
+    assert model.config.energy.prior  # its R and weight are slow weights, not written
     assert memory_floats(model.energy) <= 4616
     patterns = (torch.rand(4, 1, 16, 16) > 0.7).float()
     queries = model.distortion(patterns, torch.Generator().manual_seed(1))
