@@ -1,4 +1,4 @@
-"""One model for any number of stored patterns (issue 19): training over a range of N,
+"""One model for any number of stored patterns: training over a range of N,
 write rates that see N, held-out evaluation at several N, and the recorded range."""
 
 from __future__ import annotations

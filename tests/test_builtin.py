@@ -1,4 +1,4 @@
-"""Built-in trained models (issue 20): listed by `ebmm models`, usable by name wherever
+"""Built-in trained models: listed by `ebmm models`, usable by name wherever
 a model path is, small, in half precision, with their provenance; the demo uses one."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_the_built_ins_ship_small_in_half_precision_with_provenance() -> None:
         assert m["write"]["seconds"] > 0 and m["write"]["patterns"] > 0, m["name"]
     refines = {m["name"]: m["refine"] for m in listed}
     assert refines["omniglot-32"] == refines["omniglot-32-conv"] == 200
-    conv = next(m for m in listed if m["name"] == "omniglot-32-conv")  # issue 17's memory
+    conv = next(m for m in listed if m["name"] == "omniglot-32-conv")
     assert (conv["memory"], conv["memory_floats"]) == ("kv-conv", 4608)
     table = run_ebmm("models")
     assert table.returncode == 0 and all(name in table.stdout for name in SHIPPED)

@@ -1,4 +1,4 @@
-"""The GPU fast path (`graphs.py`, issue 18): steps that never wait for the device.
+"""The GPU fast path (`graphs.py`): steps that never wait for the device.
 
 On the CPU (CI): a non-finite meta-step is skipped on the device and leaves parameters and
 optimiser state exactly as they were; inference's finiteness checks, read once after the

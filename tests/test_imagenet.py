@@ -1,4 +1,4 @@
-"""Downsampled ImageNet 64x64 (issue 21), on archives generated in the official format:
+"""Downsampled ImageNet 64x64, on archives generated in the official format:
 `train_data_batch_N.npz` and `val_data.npz` with `data` (N, 12288) uint8 channel-first
 rows and `labels` 1..1000, extracted in the release's folders or inside its zips."""
 
