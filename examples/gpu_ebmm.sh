@@ -2,7 +2,7 @@
 # One lent-GPU run of the recipe omniglot-32-ebmm (the paper's mechanism on Omniglot: 16
 # to 64 characters per memory written into the kv energy by its 5 learned delta-rule
 # steps, gradient steps on E in closed form, and read by projected gradient descent on E,
-# not by its decoder), under 8 minutes:
+# the kv term and a learned prior energy, not by its decoder), under 8 minutes:
 #   1. `ebmm train --recipe omniglot-32-ebmm` on CUDA for MINUTES (default 5), from a
 #      fresh model or, with INIT=FILE, from a trained one's weights (`--init`: a CPU
 #      run's model.safetensors copied into the repository, e.g. .gpu-runs/). Not
