@@ -98,8 +98,8 @@ class ModelConfig:
         energy_raw = dict(raw.pop("energy"))
         energy_raw["shape"] = tuple(int(v) for v in energy_raw["shape"])
         for name in energy_raw.keys() - {f.name for f in fields(EnergyConfig)}:
-            # a network option tried and removed: left at its default (null, false)
-            # the network is today's; set, it is not, so the file is refused by name
+            # a network option tried and later removed: left at its default (null,
+            # false), the network is today's; set, it is not, and the file is refused
             if energy_raw.pop(name) not in (None, False):
                 raise ValueError(
                     f"it was trained with the energy option {name}, which ebmm no longer "

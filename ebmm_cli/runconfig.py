@@ -291,6 +291,9 @@ def model_config(
         raise EbmmError("--dynamic", f"must be at least 1, got {dynamic}")
     if prior and memory != "kv":
         raise EbmmError("--set prior", "is a prior energy for --memory kv")
+    if prior and rules is not None and rules.read != "gd":
+        # the redraw and decoder reads do not descend the energy: R would train on nothing
+        raise EbmmError("--set prior", "shapes the energy that --read gd descends")
     if invert and dataset in DATASETS:
         raise EbmmError(
             "--invert",

@@ -94,7 +94,7 @@ def test_the_prior_energy_adds_a_weighted_reconstruction_gap_and_leaves_the_writ
     """`--set prior=true`: E(x) = ½‖θ k(x) − v(x)‖² + w ½‖x − R(x)‖², with w and R slow
     weights; the write, which sees only keys and values, stores the same θ with or
     without it; kv-conv refuses it."""
-    model, patterns, queries = _tiny_kv(prior=True)
+    model, patterns, queries = _tiny_kv(prior=True, read="gd")
     net = model.energy
     with torch.no_grad():
         net.prior_weight.fill_(0.5)
@@ -111,6 +111,8 @@ def test_the_prior_energy_adds_a_weighted_reconstruction_gap_and_leaves_the_writ
     assert torch.equal(theta, without)
     with pytest.raises(EbmmError, match="--set prior: is a prior energy for --memory kv"):
         train_config(dataset="omniglot", memory="kv-conv", prior=True, steps=1)
+    with pytest.raises(EbmmError, match="--set prior: shapes the energy that --read gd"):
+        train_config(dataset="omniglot", memory="kv", read="redraw", prior=True, steps=1)
 
 
 def test_a_run_with_the_prior_starts_from_a_kv_model_without_it(tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ def test_a_run_with_the_prior_starts_from_a_kv_model_without_it(tmp_path: Path) 
     trained, _, _ = _tiny_kv()
     path = tmp_path / "trained.safetensors"
     save_model(trained, path)
-    model, _, _ = _tiny_kv(prior=True)
+    model, _, _ = _tiny_kv(prior=True, read="gd")
     fresh = {k: v.clone() for k, v in model.state_dict().items() if "prior" in k}
     start_from(model, path)
     ours = model.state_dict()

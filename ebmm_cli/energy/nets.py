@@ -162,8 +162,8 @@ class KVEnergy(nn.Module):
     ) -> None:
         super().__init__()
         self.prior = _prior_autoencoder(channels, width // 2) if prior else None
-        # softplus(-4.6) = 0.01: an untrained R draws grey, whose pull at full weight
-        # turned the first reads 40 pixels worse than the query; meta-training raises it
+        # softplus(-4.6) = 0.01: an untrained R draws grey, whose pull at w = 0.1 made
+        # the first reads 40 pixels worse than the query; meta-training tunes w from here
         self.prior_weight = nn.Parameter(torch.tensor(-4.6)) if prior else None
         self.sides = [_halved(size, i) for i in (3, 2, 1, 0)]
         self.width = width
