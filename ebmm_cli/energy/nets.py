@@ -169,13 +169,7 @@ class KVEnergy(nn.Module):
         self.width = width
         flat = 4 * width * self.sides[0] ** 2
         self.encoder = nn.Sequential(
-            nn.Conv2d(channels, width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
+            *_halvings([channels, width, 2 * width, 4 * width]), nn.Flatten()
         )
         self.key, self.value, self.memory, self.expand = self._heads(flat, dynamic)
         widths = [4 * width, 2 * width, width, 8]
@@ -253,17 +247,22 @@ class KVEnergy(nn.Module):
         return torch.sigmoid(self.out(torch.cat([h, x], 1)))
 
 
+def _halvings(widths: list[int]) -> list[nn.Module]:
+    """3x3 stride-2 convolutions, each followed by a ReLU, from `widths[0]` channels
+    through the rest: each halves the map's side (`KVEnergy`'s encoder and its prior's
+    R start alike)."""
+    layers: list[nn.Module] = []
+    for a, b in pairwise(widths):
+        layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU()]
+    return layers
+
+
 def _prior_autoencoder(channels: int, width: int) -> nn.Module:
     """R of `KVEnergy`'s prior energy: three stride-2 convolutions down to a map of a
     sixty-fourth of the pixels, three transposed ones back, a sigmoid: too narrow to copy
     an image, so ‖x − R(x)‖² is small only on what it learned to draw."""
     return nn.Sequential(
-        nn.Conv2d(channels, width, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
-        nn.ReLU(),
+        *_halvings([channels, width, 2 * width, 2 * width]),
         nn.ConvTranspose2d(2 * width, 2 * width, 4, stride=2, padding=1),
         nn.ReLU(),
         nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1),
